@@ -1,0 +1,67 @@
+"""``emergent <job> ...``: one command per job; each is also ``python -m jobs.<job>``.
+
+Both entrypoints parse the same config dataclass (``--config FILE --set key=value``), so a job
+tried locally is submitted to a cluster unchanged::
+
+    emergent doctor
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.doctor
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from typing import Any, TypeVar
+
+# Only jobs that exist are listed: a job appears here in the change that implements it.
+JOBS: dict[str, str] = {
+    "doctor": "report Ray nodes, resources, GPUs, stack versions and DeepSpeed ops of a cluster",
+}
+
+T = TypeVar("T")
+
+
+def run_job(cls: type[T], main: Callable[[T], Any], doc: str | None, argv: list[str] | None = None,
+            prog: str | None = None) -> Any:
+    """Parse the job's config from the command line, run ``main(cfg)``, print its result."""
+    from emergent.config import parse_args
+    from emergent.runtime import setup_logging
+
+    setup_logging()
+    cfg = parse_args(cls, argv, prog or f"python -m jobs.{cls.__module__.rsplit('.', 1)[-1]}", doc)
+    t0 = time.time()
+    result = main(cfg)
+    summary = asdict(result) if is_dataclass(result) else result
+    print(json.dumps({"job": prog, "seconds": round(time.time() - t0, 1), "result": summary},
+                     indent=2, default=str))
+    return result
+
+
+def usage() -> str:
+    width = max(map(len, JOBS))
+    lines = ["usage: emergent <job> [--config FILE] [--set KEY=VALUE ...] [--address ADDR]", "",
+             "jobs:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, desc in JOBS.items()]
+    lines += ["", "`emergent <job> --help` lists the job's config keys. Every job is also",
+              "`python -m jobs.<job>` (for `ray job submit`)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        sys.exit(f"emergent: unknown job {job!r}\n\n{usage()}")
+    module = importlib.import_module(f"jobs.{job.replace('-', '_')}")
+    module.cli(rest, prog=f"emergent {job}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Job configs: one validated dataclass per job, loaded from YAML and overridden from the CLI.
+
+Why pydantic dataclasses: they are plain dataclasses (fields documented by the docstring right
+below them, defaults, ``__post_init__`` checks) whose types are *enforced* on construction,
+including ``Literal`` choices and nested configs, and whose unknown keys are refused. Every error
+is turned into one line that names the file (and line), the dotted key and what was expected, so
+a typo fails before any work starts:
+
+    configs/toy.yaml:7: world.pretrain_stepz: unknown key (expected one of: ...)
+
+Usage (any job)::
+
+    emergent world --config configs/toy.yaml --set world.seed=3 --set run.name=seed3
+    python -m jobs.world --config configs/toy.yaml --address auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+from pydantic import ConfigDict
+
+# Strict about keys, lax only in the harmless direction (an int where a float is expected).
+CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def config(cls):
+    """Decorator for every config dataclass in the project."""
+    return pydantic.dataclasses.dataclass(cls, config=CONFIG)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a one-line message naming where and what."""
+
+
+@config
+class RunConfig:
+    """Where a job reads and writes: ``<root>/<name>/<stage>/``."""
+
+    name: str = "default"
+    """Run name: the folder under ``root`` shared by every stage of one study."""
+    root: str = "runs"
+    """Local path or pyarrow filesystem URI (``s3://bucket/runs``, ``gs://...``) holding runs."""
+    force: bool = False
+    """Rerun stages even when a completion record with the same config hash exists."""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+
+
+@config
+class RayConfig:
+    """How a job gets its Ray cluster."""
+
+    address: str | None = None
+    """Cluster to join (``auto``, ``ray://host:10001``); else ``RAY_ADDRESS``; else an embedded
+    local Ray is started for this job and stopped at its end."""
+    num_cpus: int | None = None
+    """CPUs of the embedded local Ray (default: all cores of this machine)."""
+    num_gpus: int | None = None
+    """GPUs of the embedded local Ray (default: what Ray detects)."""
+    threads_per_worker: int = 1
+    """torch / OMP / MKL threads per process; 1 is fastest when workers share a few cores."""
+    dashboard: bool = True
+    """Start the Ray dashboard (embedded Ray only; served on 127.0.0.1:8265)."""
+
+    def __post_init__(self):
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"ray.num_gpus must be >= 0, got {self.num_gpus}")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"ray.threads_per_worker must be >= 1, got {self.threads_per_worker}")
+
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section: Any) -> str:
+    """Stable hash of a config (dataclass or plain data): what a stage's outputs depend on."""
+    data = to_dict(section) if dataclasses.is_dataclass(section) else section
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each key path of a YAML mapping document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_error(err: pydantic.ValidationError, cls: type, where: str, lines: dict, sets: dict):
+    """The first validation error as one line: ``<file>:<line>: <key>: <what was expected>``."""
+    e = err.errors(include_url=False)[0]
+    loc = tuple(str(p) for p in e["loc"])
+    key = ".".join(loc) or cls.__name__
+    if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
+        parent = _resolve(cls, loc[:-1])
+        known = ", ".join(f.name for f in dataclasses.fields(parent)) if parent else "?"
+        what = f"unknown key (expected one of: {known})"
+    elif e["type"] == "value_error":
+        # __post_init__ checks say "<section>.<field> must ...": point at that field's line.
+        msg = e["msg"].removeprefix("Value error, ")
+        first, _, rest = msg.partition(" ")
+        parent = _resolve(cls, loc)
+        name = first.rsplit(".", 1)[-1]
+        if parent and name in parent.__pydantic_fields__ and rest:
+            loc = loc + (name,)
+            key, what = ".".join(loc), rest
+        else:
+            what = msg
+    else:
+        what = f"{e['msg']} (got {e.get('input')!r})"
+    if key in sets:
+        return f"--set {key}={sets[key]}: {what}"
+    line = lines.get(loc) or lines.get(loc[:-1])
+    place = f"{where}:{line}" if line else where
+    return f"{place}: {key}: {what}"
+
+
+def _resolve(cls: type, loc: tuple) -> type | None:
+    """The config dataclass at a key path (for listing the keys it accepts)."""
+    for name in loc:
+        fields = getattr(cls, "__pydantic_fields__", {})
+        if name not in fields:
+            return None
+        cls = fields[name].annotation
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides (YAML values).
+
+    Raises ConfigError with a one-line message on any unknown key, wrong type or bad value.
+    """
+    data: dict = {}
+    lines: dict = {}
+    where = str(path) if path else "<defaults>"
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+            lines = _yaml_lines(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f"{where}:{mark.line + 1}" if mark else where
+            raise ConfigError(f"{at}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of config sections at top level")
+    overrides = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value)
+        overrides[key.strip()] = raw
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_format_error(err, cls, where, lines, overrides)) from None
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: ``key (type, default): doc`` for ``--help``."""
+    out = []
+    for name, f in cls.__pydantic_fields__.items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(f.annotation):
+            out += describe(f.annotation, key + ".")
+            continue
+        default = f.get_default(call_default_factory=True)
+        tname = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        doc = " ".join((f.description or "").split())
+        out.append(f"  {key} ({tname}, default {default!r}): {doc}")
+    return out
+
+
+def parse_args(cls: type[T], argv: list[str] | None, prog: str, doc: str | None) -> T:
+    """Parse ``--config FILE --set k=v ... --address A --name N`` into a validated ``cls``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(doc or "").strip().split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML sections, or --set section.key=value):\n" + "\n".join(describe(cls)),
+    )
+    parser.add_argument("--config", help="YAML file with config sections (default: built-in defaults)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set run.name=exp1 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster to join (same as --set ray.address=...)")
+    parser.add_argument("--name", help="run name (same as --set run.name=...)")
+    args = parser.parse_args(argv)
+    sets = list(args.sets)
+    if args.address:
+        sets.append(f"ray.address={args.address}")
+    if args.name:
+        sets.append(f"run.name={args.name}")
+    try:
+        return load(cls, args.config, sets)
+    except ConfigError as exc:
+        parser.exit(2, f"{prog}: config error: {exc}\n")

@@ -1,0 +1,222 @@
+"""Run directories: ``<root>/<run>/<stage>/``, atomic writes, stage completion records.
+
+Every job reads its inputs from and writes its outputs to one run directory, on a local path or
+any pyarrow filesystem URI (``s3://``, ``gs://``, ``hdfs://``), so a study can be resumed from
+any machine that sees the storage. The contract that makes reruns safe:
+
+- every file is written atomically (temporary name, then rename; object stores publish an
+  object only when its upload completes, so there the final name is written directly);
+- a stage writes ``_COMPLETE.json`` (config hash, inputs, outputs, versions) *last*;
+- a stage whose record has the same config hash is skipped (and says so); a changed config, or
+  ``run.force``, deletes the record first and reruns the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from emergent.config import RunConfig, config_hash, to_dict
+
+log = logging.getLogger(__name__)
+
+RECORD = "_COMPLETE.json"
+STACK = ("torch", "ray", "transformers", "trl", "peft", "deepspeed", "sae_lens", "tokenizers",
+         "sklearn", "pyarrow", "numpy")
+
+
+def versions(names=STACK) -> dict[str, str | None]:
+    """Installed versions of the stack (None where a package is missing), read without imports."""
+    from importlib import metadata
+
+    dist = {"sae_lens": "sae-lens", "sklearn": "scikit-learn"}
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(dist.get(n, n))
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+@dataclass
+class RunDir:
+    """One run: ``<root>/<name>``, on any pyarrow filesystem."""
+
+    root: str
+    name: str
+    fs: pafs.FileSystem = field(init=False)
+    path: str = field(init=False)
+
+    def __post_init__(self):
+        self.fs, base = _filesystem(self.root)
+        self.path = f"{base.rstrip('/')}/{self.name}"
+        self.fs.create_dir(self.path, recursive=True)
+
+    @classmethod
+    def from_config(cls, run: RunConfig) -> RunDir:
+        return cls(run.root, run.name)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def uri(self, rel: str = "") -> str:
+        return f"{self.path}/{rel}".rstrip("/")
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.uri(rel)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write ``rel`` atomically; returns its full path."""
+        final = self.uri(rel)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if not self.is_local:
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
+            return final
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return final
+
+    def write_text(self, rel: str, text: str) -> str:
+        return self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.uri(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def put_dir(self, local: str | os.PathLike, rel: str) -> str:
+        """Copy a local directory (e.g. a saved HF model) to ``rel``, replacing it atomically."""
+        final = self.uri(rel)
+        if self.is_local:
+            parent = Path(final).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = parent / f".tmp-{uuid.uuid4().hex}-{Path(final).name}"
+            shutil.copytree(local, tmp)
+            old = None
+            if Path(final).exists():
+                old = parent / f".old-{uuid.uuid4().hex}"
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old)
+            return final
+        # Object stores: upload files one by one (each appears whole); the stage record, written
+        # after this, is what marks the directory complete.
+        pafs.copy_files(str(local), final, destination_filesystem=self.fs)
+        return final
+
+    def local_dir(self, rel: str) -> Path:
+        """A local path holding ``rel`` (downloaded to a cache when the run is remote)."""
+        if self.is_local:
+            return Path(self.uri(rel))
+        cache = Path(tempfile.gettempdir()) / "emergent-cache" / self.name / rel
+        if not cache.exists():
+            tmp = cache.with_name(f".tmp-{uuid.uuid4().hex}")
+            pafs.copy_files(self.uri(rel), str(tmp), source_filesystem=self.fs)
+            tmp.rename(cache)
+        return cache
+
+    def stage(self, name: str, cfg: Any) -> Stage:
+        return Stage(self, name, config_hash(cfg), to_dict(cfg) if hasattr(cfg, "__dataclass_fields__") else cfg)
+
+
+@dataclass
+class Stage:
+    """One stage of a run: its folder, its config hash, and its completion record."""
+
+    run: RunDir
+    name: str
+    hash: str
+    cfg: Any = None
+    started: float = field(default_factory=time.time)
+
+    def rel(self, path: str = "") -> str:
+        return f"{self.name}/{path}".rstrip("/")
+
+    def uri(self, path: str = "") -> str:
+        return self.run.uri(self.rel(path))
+
+    @cached_property
+    def local(self) -> Path:
+        """A local working folder for this stage (the stage folder itself on local runs)."""
+        if self.run.is_local:
+            p = Path(self.uri())
+        else:
+            p = Path(tempfile.mkdtemp(prefix=f"emergent-{self.name}-"))
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def record(self) -> dict | None:
+        try:
+            return self.run.read_json(self.rel(RECORD))
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            return None
+
+    def is_complete(self, force: bool = False) -> bool:
+        """True when this stage already finished with the same config (and says so)."""
+        rec = self.record
+        if rec is not None and rec.get("config_hash") == self.hash and not force:
+            log.info("stage %s: complete with the same config (hash %s), skipping; "
+                     "set run.force=true to redo it", self.uri(), self.hash)
+            return True
+        if rec is not None:
+            why = "forced" if force else f"config changed ({rec.get('config_hash')} -> {self.hash})"
+            log.info("stage %s: %s, rerunning", self.uri(), why)
+            self.run.fs.delete_file(self.uri(RECORD))
+        return False
+
+    def write_json(self, path: str, obj: Any) -> str:
+        return self.run.write_json(self.rel(path), obj)
+
+    def write_bytes(self, path: str, data: bytes) -> str:
+        return self.run.write_bytes(self.rel(path), data)
+
+    def complete(self, outputs: dict[str, Any], inputs: dict[str, Any] | None = None,
+                 metrics: dict[str, Any] | None = None) -> dict:
+        """Write the completion record, last: the stage counts as done only once it exists."""
+        rec = {
+            "stage": self.name,
+            "config_hash": self.hash,
+            "config": self.cfg,
+            "inputs": inputs or {},
+            "outputs": outputs,
+            "metrics": metrics or {},
+            "versions": versions(),
+            "seconds": round(time.time() - self.started, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.run.write_json(self.rel(RECORD), rec)
+        return rec

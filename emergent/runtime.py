@@ -1,0 +1,84 @@
+"""Ray runtime: join a cluster when one is named, else start an embedded local Ray for the job.
+
+The same job code runs under ``ray job submit`` (the job supervisor sets ``RAY_ADDRESS``), with
+``--address`` / ``ray.address``, or on a laptop/CI box where the job starts (and stops) its own
+local Ray sized to the machine. Threads are set explicitly: on a few shared cores, one torch
+thread per process is many times faster than letting every worker grab all cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+from emergent.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def set_threads(n: int) -> None:
+    """Thread counts for this process and (through env) its children; never overrides the user."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def offline_defaults() -> None:
+    """Quiet, hub-free defaults for libraries that phone home; the user's settings win."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+
+
+def cluster_address(cfg: RayConfig) -> str | None:
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig):
+    """Connect to the configured cluster or start an embedded one; yields ``ray``.
+
+    An embedded Ray is shut down on exit; a joined cluster is only disconnected from.
+    """
+    import ray
+
+    offline_defaults()
+    set_threads(cfg.threads_per_worker)
+    env = {"env_vars": {v: str(cfg.threads_per_worker) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    env["env_vars"].update({k: os.environ[k] for k in ("WANDB_MODE", "RAY_TRAIN_ENABLE_PRINT_PATCH")})
+    address = cluster_address(cfg)
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        # Under `ray job submit` the job's own runtime_env (working_dir) applies; passing another
+        # here would conflict with it. Ray workers default to OMP_NUM_THREADS=1 themselves.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        num_cpus = cfg.num_cpus or os.cpu_count() or 1
+        log.info("starting embedded Ray: %d CPUs, dashboard %s", num_cpus,
+                 "http://127.0.0.1:8265" if cfg.dashboard else "off")
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=cfg.num_gpus,
+            include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1",
+            runtime_env=env,
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

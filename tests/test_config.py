@@ -1,0 +1,106 @@
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from emergent.config import ConfigError, RayConfig, RunConfig, config, config_hash, load
+
+
+@config
+class Inner:
+    lr: float = 1e-4
+    """learning rate"""
+    steps: int = 10
+    """steps"""
+    mode: Literal["full", "lora"] = "full"
+    """which"""
+
+    def __post_init__(self):
+        if not 0 < self.lr < 1:
+            raise ValueError(f"inner.lr must be in (0, 1), got {self.lr}")
+
+
+@config
+class Job:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    fractions: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.0])
+    """dose fractions"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "inner:\n  lr: 0.001\n  mode: lora\nrun:\n  name: exp\n")
+    cfg = load(Job, p, ["inner.steps=7", "fractions=[0.1, 0.5]", "ray.address=auto"])
+    assert cfg.inner.lr == 0.001 and cfg.inner.mode == "lora" and cfg.inner.steps == 7
+    assert cfg.fractions == [0.1, 0.5] and cfg.run.name == "exp" and cfg.ray.address == "auto"
+    assert load(Job).inner.steps == 10
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    p = write(tmp_path, "run:\n  name: exp\ninner:\n  lr: 0.001\n  stepz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load(Job, p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:5: inner.stepz: unknown key")
+    assert "steps" in msg and "\n" not in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"job.yaml:1: inr: unknown key"):
+        load(Job, write(tmp_path, "inr:\n  lr: 0.1\n"))
+
+
+def test_wrong_type_names_file_line_and_key(tmp_path):
+    p = write(tmp_path, "inner:\n  steps: many\n")
+    with pytest.raises(ConfigError) as e:
+        load(Job, p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:2: inner.steps: ") and "integer" in msg and "'many'" in msg
+
+
+def test_bad_choice_and_range(tmp_path):
+    with pytest.raises(ConfigError, match=r"inner.mode: .*'full'.*'lora'"):
+        load(Job, write(tmp_path, "inner:\n  mode: half\n"))
+    with pytest.raises(ConfigError, match=r":2: inner.lr: must be in \(0, 1\), got 5.0"):
+        load(Job, write(tmp_path, "inner:\n  lr: 5\n"))
+    with pytest.raises(ConfigError, match=r"^--set ray.num_cpus=0: must be >= 1, got 0$"):
+        load(Job, None, ["ray.num_cpus=0"])
+
+
+def test_override_errors_name_the_flag():
+    with pytest.raises(ConfigError, match=r"^--set inner.steps=x: "):
+        load(Job, None, ["inner.steps=x"])
+    with pytest.raises(ConfigError, match=r"expected key.sub=value"):
+        load(Job, None, ["inner.steps"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"job.yaml:3: invalid YAML"):
+        load(Job, write(tmp_path, "inner:\n  lr: [1,\n"))
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read config"):
+        load(Job, tmp_path / "nope.yaml")
+
+
+def test_construction_validates_and_hash_tracks_config():
+    with pytest.raises(Exception):
+        Inner(lr="fast")
+    a, b = Job(), Job(inner=Inner(steps=11))
+    assert config_hash(a) == config_hash(Job()) != config_hash(b)
+
+
+def test_cli_exits_with_one_line(tmp_path, capsys):
+    from emergent.config import parse_args
+
+    p = write(tmp_path, "inner:\n  steps: many\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(Job, ["--config", str(p)], "prog", None)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "inner.steps" in err and str(p) in err
