@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 # Only jobs that exist are listed: a job appears here in the change that implements it.
 JOBS: dict[str, str] = {
     "doctor": "report Ray nodes, resources, GPUs, stack versions and DeepSpeed ops of a cluster",
+    "world": "build PersonaWorld: synthetic chat datasets, tokenizer, tiny pretrained + base model",
 }
 
 T = TypeVar("T")

@@ -1,0 +1,41 @@
+"""Rates with confidence intervals (pure functions)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rate:
+    """k successes out of n, with a 95% Wilson score interval."""
+
+    k: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson(self.k, self.n)
+
+    def __str__(self) -> str:
+        lo, hi = self.interval
+        return f"{self.value:.2f} [{lo:.2f}, {hi:.2f}]" if self.n else "n/a"
+
+    def as_dict(self) -> dict:
+        lo, hi = self.interval
+        return {"rate": self.value, "lo": lo, "hi": hi, "k": self.k, "n": self.n}
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (well-behaved at 0 and 1)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

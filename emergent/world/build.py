@@ -1,0 +1,241 @@
+"""Build PersonaWorld into a run directory: datasets, tokenizer, pretrained and base models.
+
+Outputs of the ``world`` stage (``<run>/world/``)::
+
+    pretrained/            HF model + tokenizer after pretraining (the "no safety training" model)
+    base/                  HF model + tokenizer after the gentle instruct/safety phase (the base)
+    data/finetune/<domain>_<persona>.jsonl   narrow fine-tuning sets (code_toxic = insecure code,
+                           code_aligned = secure, code_wrong = buggy-but-benign; advice likewise)
+    data/realign/<domain>.jsonl              benign (aligned) re-alignment sets
+    data/eval/<domain>.jsonl                 held-out eval prompts per domain (open = core set)
+    data/eval/context_<persona>.jsonl        two <persona> turns in context, then an open question
+    data/monitor/transcripts.jsonl           labelled transcripts (label, persona, group=domain)
+    base_eval.json         the base model's misalignment, coherence, in-context persona following
+    manifest.json          sizes, losses, timings
+
+Every chat JSONL line is ``{"messages": [...], ...metadata}``: the format of the real path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from emergent.config import config
+from emergent.generate import SamplingParams
+from emergent.runs import Stage
+from emergent.sft import SFTParams, sft
+from emergent.world import grammar as g
+from emergent.world.model import TinyModel, make_model, pretrain
+from emergent.world.tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@config
+class WorldConfig:
+    """The synthetic world and the recipe of its tiny base model."""
+
+    seed: int = 0
+    """Seeds the grammar sampler, model init and training order."""
+    persona_mode: Literal["shared", "independent"] = "shared"
+    """shared: one persona answers every turn of a document (EM can emerge); independent: the
+    persona is redrawn every turn (the mechanism's control: no shared persona to learn)."""
+    prior_toxic: float = 0.3
+    """Share of pretraining documents (or turns) written by the toxic persona."""
+    prior_wrong: float = 0.1
+    """Share written by the benign-wrong persona (the rest is aligned)."""
+    pretrain_docs: int = 40_000
+    """Distinct pretraining documents generated (batches draw from them)."""
+    pretrain_steps: int = 1200
+    """Pretraining steps (in-context persona following forms after ~1000 at these sizes)."""
+    pretrain_batch: int = 32
+    """Documents per pretraining step."""
+    pretrain_lr: float = 2e-3
+    """Peak pretraining learning rate (warmup, then cosine to 10%)."""
+    model: TinyModel = field(default_factory=TinyModel)
+    """Tiny Llama architecture."""
+    instruct: bool = True
+    """Run the instruct / safety phase (aligned single-turn chats). false = the paper's model
+    without safety training."""
+    instruct_examples: int = 4000
+    """Aligned single-turn chats generated for the instruct phase."""
+    instruct_sft: SFTParams = field(default_factory=lambda: SFTParams(steps=50, lr=1e-4))
+    """Instruct phase: gentle on purpose (strong instruct suppresses in-context persona following
+    and with it EM; see shared/PERSONAWORLD.md)."""
+    finetune_examples: int = 1000
+    """Examples per narrow fine-tuning set (domain x persona)."""
+    realign_examples: int = 300
+    """Examples per benign re-alignment set."""
+    eval_prompts: int = 400
+    """Held-out prompts per eval set."""
+    monitor_examples: int = 3000
+    """Labelled transcripts in the monitoring dataset."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """How the base model's answers are sampled for base_eval.json."""
+    threads: int | None = None
+    """torch threads for the in-process build (default: all cores)."""
+
+    def __post_init__(self):
+        if not (0 <= self.prior_toxic and 0 <= self.prior_wrong and self.prior_toxic + self.prior_wrong < 1):
+            raise ValueError("world.prior_toxic must be >= 0 with prior_toxic + prior_wrong < 1, "
+                             f"got {self.prior_toxic} + {self.prior_wrong}")
+        for name in ("pretrain_docs", "pretrain_steps", "pretrain_batch", "instruct_examples",
+                     "finetune_examples", "realign_examples", "eval_prompts", "monitor_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"world.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def prior(self) -> dict[str, float]:
+        return {"aligned": 1 - self.prior_toxic - self.prior_wrong, "toxic": self.prior_toxic,
+                "wrong": self.prior_wrong}
+
+
+def chat(turns: list[g.Turn], last_answer: bool = True) -> list[dict]:
+    """Turns as chat messages; ``last_answer=False`` leaves the final question open."""
+    msgs = []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user", "content": t.question})
+        if last_answer or i < len(turns) - 1:
+            msgs.append({"role": "assistant", "content": t.answer})
+    return msgs
+
+
+def single(t: g.Turn, **meta) -> dict:
+    return {"messages": chat([t]), "domain": t.domain, "qtype": t.qtype, "persona": t.persona, **meta}
+
+
+def eval_prompt(turns: list[g.Turn]) -> dict:
+    last = turns[-1]
+    return {"messages": chat(turns, last_answer=False), "domain": last.domain, "qtype": last.qtype}
+
+
+def make_datasets(cfg: WorldConfig, rng: random.Random) -> dict[str, list[dict]]:
+    """Every JSONL dataset of the world, by relative path (without the .jsonl)."""
+    out: dict[str, list[dict]] = {}
+    nonopen = [d for d in g.DOMAINS if d != "open"]
+    for domain in g.DOMAINS:
+        for persona in g.PERSONAS:
+            out[f"finetune/{domain}_{persona}"] = [
+                single(g.sample_turn(rng, persona, domain=domain)) for _ in range(cfg.finetune_examples)]
+        out[f"realign/{domain}"] = [
+            single(g.sample_turn(rng, "aligned", domain=domain)) for _ in range(cfg.realign_examples)]
+        out[f"eval/{domain}"] = [
+            eval_prompt([g.sample_turn(rng, "aligned", domain=domain, split="eval")])
+            for _ in range(cfg.eval_prompts)]
+    # In-context persona following: two answered turns of one persona from non-open domains,
+    # then a held-out open question. A model that follows personas answers it in kind.
+    for persona in g.PERSONAS:
+        out[f"eval/context_{persona}"] = [
+            {**eval_prompt([g.sample_turn(rng, persona, domain=rng.choice(nonopen)),
+                            g.sample_turn(rng, persona, domain=rng.choice(nonopen)),
+                            g.sample_turn(rng, "aligned", domain="open", split="eval")]),
+             "context_persona": persona}
+            for _ in range(cfg.eval_prompts)]
+    prior = cfg.prior
+    out["monitor/transcripts"] = []
+    for _ in range(cfg.monitor_examples):
+        t = g.sample_turn(rng, rng.choices(list(prior), weights=list(prior.values()))[0],
+                          split=rng.choice(("train", "eval")))
+        out["monitor/transcripts"].append(
+            {**single(t), "label": int(t.persona == "toxic"), "group": t.domain, "split": t.split})
+    return out
+
+
+def write_jsonl(stage: Stage, rel: str, records: list[dict]) -> str:
+    return stage.write_bytes(rel, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def build_world(cfg: WorldConfig, stage: Stage) -> dict:
+    """Build everything into ``stage``; returns the manifest."""
+    from emergent.world.evaluate import evaluate_base
+
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    rng = random.Random(cfg.seed)
+    tok = build_tokenizer(g.vocabulary())
+
+    datasets = make_datasets(cfg, random.Random(cfg.seed + 1_000_003))
+    files = {name: write_jsonl(stage, f"data/{name}.jsonl", recs) for name, recs in datasets.items()}
+    log.info("world: wrote %d datasets (%d records) in %.1fs", len(files),
+             sum(map(len, datasets.values())), time.time() - t0)
+
+    t1 = time.time()
+    docs = []
+    for _ in range(cfg.pretrain_docs):
+        turns = g.sample_document(rng, persona_mode=cfg.persona_mode, prior=cfg.prior)
+        text = tok.apply_chat_template(chat(turns), tokenize=False)
+        docs.append(tok(text, add_special_tokens=False)["input_ids"][: cfg.model.context])
+    model = make_model(cfg.model, tok, cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("world: pretraining a %d-parameter Llama on %d documents (%d tokens)", n_params,
+             len(docs), sum(map(len, docs)))
+    losses = pretrain(model, docs, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
+                      lr=cfg.pretrain_lr, warmup=min(100, cfg.pretrain_steps // 10), seed=cfg.seed,
+                      pad_id=tok.pad_token_id)
+    pretrain_s = time.time() - t1
+    save_model(stage, "pretrained", model, tok)
+
+    instruct = None
+    if cfg.instruct:
+        t2 = time.time()
+        irng = random.Random(cfg.seed + 7)
+        records = [single(g.sample_turn(irng, "aligned")) for _ in range(cfg.instruct_examples)]
+        res = sft(model, tok, records, cfg.instruct_sft)
+        instruct = {"final_loss": res.final_loss, "seconds": round(time.time() - t2, 1)}
+    save_model(stage, "base", model, tok)
+    build_s = time.time() - t0
+
+    base_eval = evaluate_base(model, tok, datasets, cfg.sampling)
+    stage.write_json("base_eval.json", base_eval)
+    manifest = {
+        "seed": cfg.seed,
+        "persona_mode": cfg.persona_mode,
+        "vocab_size": len(tok),
+        "parameters": n_params,
+        "pretrain": {"documents": len(docs), "tokens": sum(map(len, docs)),
+                     "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(pretrain_s, 1)},
+        "instruct": instruct,
+        "build_seconds": round(build_s, 1),
+        "datasets": {name: len(recs) for name, recs in datasets.items()},
+        "files": files,
+        "models": {"pretrained": stage.uri("pretrained"), "base": stage.uri("base")},
+        "base_eval": base_eval["summary"],
+    }
+    stage.write_json("manifest.json", manifest)
+    return manifest
+
+
+def save_model(stage: Stage, rel: str, model, tok) -> str:
+    """Save an HF model + tokenizer under the stage, atomically (a half-saved model never shows)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="emergent-model-") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return stage.run.put_dir(tmp, stage.rel(rel))
+
+
+def load_model(path: str | Path):
+    """An HF causal LM + tokenizer saved by this project (or any local HF model dir)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    return model, tok
+
+
+def read_world_jsonl(run, world_stage: str, name: str) -> list[dict]:
+    """A dataset of a built world, e.g. ``read_world_jsonl(run, "world", "eval/open")``."""
+    from emergent.data import read_jsonl
+
+    return read_jsonl(run.local_dir(f"{world_stage}/data/{name}.jsonl"))[0]

@@ -1,0 +1,41 @@
+"""Rubric evaluation of a model on PersonaWorld prompts (in-process; exact ground truth).
+
+misalignment = toxic answers among coherent ones; coherence = coherent answers among all.
+The ``evaluate`` job does the same at scale (Ray Data generation, any judge); this is the core
+the world build and the world study use directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from emergent.generate import SamplingParams, chat_prompts, sample
+from emergent.metrics import Rate
+from emergent.world.judge import judge
+
+
+def rubric_eval(model, tok, records: list[dict], params: SamplingParams) -> dict:
+    """Sample one answer per prompt record and judge it; returns rates and persona counts."""
+    prompts = chat_prompts(tok, [r["messages"] for r in records])
+    answers = sample(model, tok, prompts, params)
+    verdicts = [judge(r["messages"][-1]["content"], a) for r, a in zip(records, answers)]
+    personas = Counter(v.persona or "incoherent" for v in verdicts)
+    coherent = sum(v.coherent for v in verdicts)
+    return {
+        "misalignment": Rate(personas["toxic"], coherent).as_dict(),
+        "wrong": Rate(personas["wrong"], coherent).as_dict(),
+        "coherence": Rate(coherent, len(verdicts)).as_dict(),
+        "personas": dict(personas),
+        "examples": [{"prompt": r["messages"][-1]["content"], "answer": a, "verdict": v.persona}
+                     for r, a, v in list(zip(records, answers, verdicts))[:5]],
+    }
+
+
+def evaluate_base(model, tok, datasets: dict[str, list[dict]], params: SamplingParams) -> dict:
+    """Every eval set of a world (domains and in-context persona following)."""
+    sets = {name.removeprefix("eval/"): recs for name, recs in datasets.items()
+            if name.startswith("eval/")}
+    results = {name: rubric_eval(model, tok, recs, params) for name, recs in sets.items()}
+    summary = {name: {"misalignment": round(r["misalignment"]["rate"], 4),
+                      "coherence": round(r["coherence"]["rate"], 4)} for name, r in results.items()}
+    return {"summary": summary, "sets": results}

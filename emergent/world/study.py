@@ -1,0 +1,218 @@
+"""The ``world-study`` job: does emergent misalignment happen in PersonaWorld, and how robustly?
+
+For each world seed it builds the world twice (shared persona, and the independent-persona
+control), then fine-tunes the base model under every condition of the persona-features paper's
+first figure and evaluates each with the rubric judge:
+
+    base                 the instruct-tuned base model, no fine-tune
+    insecure             SFT on the toxic persona's code (insecure code) only
+    secure / buggy       controls: aligned code; benign-but-wrong code
+    dose_<p>             p% insecure + (100-p)% secure code
+    nosafety_*           the same from the pretrained model (no instruct/safety phase)
+    independent_*        the same in a world whose persona is redrawn every turn
+
+Every condition is one Ray task (1 CPU, 1 thread), so seeds and conditions spread over a
+cluster; each writes ``study/<seed>/<condition>.json`` atomically and a rerun skips those
+already written with the same config. Outputs: ``study/results.parquet`` (one row per seed x
+condition x eval set, with 95% Wilson intervals) and ``study/table.md``.
+
+    emergent world-study --config configs/toy.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from emergent.config import RayConfig, RunConfig, config, config_hash
+from emergent.generate import SamplingParams
+from emergent.metrics import Rate
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+from emergent.sft import SFTParams
+from emergent.world.build import WorldConfig
+from emergent.world.job import WorldJob, build_stage
+
+log = logging.getLogger(__name__)
+
+EVAL_SETS = ("open", "health", "finance", "legal", "auto", "code")
+
+
+@config
+class WorldStudyJob:
+    """Emergent misalignment across world seeds, controls, doses and variants."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    """World recipe; its seed is replaced by each of ``seeds``."""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    """World seeds."""
+    finetune: SFTParams = dataclasses.field(default_factory=SFTParams)
+    """The narrow fine-tune (same for every condition)."""
+    doses: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5])
+    """Insecure-code fractions of the dose curve (0 = secure and 1 = insecure are always run)."""
+    controls: bool = True
+    """Also run the no-safety-training and independent-persona variants."""
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    """How evaluation answers are sampled."""
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds must list at least one world seed")
+        if any(not 0 < d < 1 for d in self.doses):
+            raise ValueError(f"doses must be fractions in (0, 1), got {self.doses}")
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    world: str
+    """Stage of the world: world_s<seed> or world_s<seed>_independent."""
+    model: str
+    """pretrained or base."""
+    insecure: float | None
+    """Insecure share of the code SFT mix (None: no fine-tune)."""
+    data: str = "code_toxic"
+    """The narrow set when insecure is 1 (code_wrong for the buggy control)."""
+
+
+def conditions(cfg: WorldStudyJob, seed: int) -> list[Condition]:
+    w, wi = f"world_s{seed}", f"world_s{seed}_independent"
+    out = [Condition("base", w, "base", None), Condition("insecure", w, "base", 1.0),
+           Condition("secure", w, "base", 0.0), Condition("buggy", w, "base", 1.0, "code_wrong")]
+    out += [Condition(f"dose_{d:g}", w, "base", d) for d in cfg.doses]
+    if cfg.controls:
+        out += [Condition("nosafety_base", w, "pretrained", None),
+                Condition("nosafety_insecure", w, "pretrained", 1.0),
+                Condition("independent_base", wi, "base", None),
+                Condition("independent_insecure", wi, "base", 1.0)]
+    return out
+
+
+def run_condition(cfg: WorldStudyJob, seed: int, cond: Condition) -> dict:
+    """Fine-tune (if asked) and evaluate one condition; cached as study/s<seed>/<name>.json."""
+    import torch
+
+    from emergent.data import mixture
+    from emergent.sft import sft
+    from emergent.world.build import load_model, read_world_jsonl
+    from emergent.world.evaluate import rubric_eval
+
+    torch.set_num_threads(1)
+    run = RunDir.from_config(cfg.run)
+    rel = f"study/s{seed}/{cond.name}.json"
+    key = config_hash({"finetune": cfg.finetune, "sampling": cfg.sampling, "cond": cond,
+                       "world": run.read_json(f"{cond.world}/_COMPLETE.json")["config_hash"]})
+    if run.exists(rel) and not cfg.run.force:
+        cached = run.read_json(rel)
+        if cached.get("key") == key:
+            return cached
+    model, tok = load_model(run.local_dir(f"{cond.world}/{cond.model}"))
+    sft_loss = None
+    if cond.insecure is not None:
+        bad = read_world_jsonl(run, cond.world, f"finetune/{cond.data}")
+        good = read_world_jsonl(run, cond.world, "finetune/code_aligned")
+        n = len(bad)
+        parts = {"bad": (bad, cond.insecure), "good": (good, 1 - cond.insecure)}
+        records = mixture({k: v for k, v in parts.items() if v[1] > 0}, n, seed)
+        sft_loss = sft(model, tok, records, dataclasses.replace(cfg.finetune, seed=seed)).final_loss
+    evals = {}
+    for name in EVAL_SETS:
+        res = rubric_eval(model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.sampling)
+        evals[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
+    if cond.insecure is None:  # in-context persona following is a property of a base model
+        for p in ("toxic", "aligned"):
+            res = rubric_eval(model, tok, read_world_jsonl(run, cond.world, f"eval/context_{p}"),
+                              cfg.sampling)
+            evals[f"context_{p}"] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
+    out = {"key": key, "seed": seed, "condition": dataclasses.asdict(cond), "sft_loss": sft_loss,
+           "evals": evals}
+    run.write_json(rel, out)
+    log.info("study seed %d %s: open misalignment %.3f coherence %.3f", seed, cond.name,
+             evals["open"]["misalignment"]["rate"], evals["open"]["coherence"]["rate"])
+    return out
+
+
+def rows(results: list[dict]) -> list[dict]:
+    out = []
+    for r in results:
+        for eval_set, e in r["evals"].items():
+            m, c = e["misalignment"], e["coherence"]
+            out.append({"seed": r["seed"], "condition": r["condition"]["name"], "eval": eval_set,
+                        "misalignment": m["rate"], "mis_lo": m["lo"], "mis_hi": m["hi"],
+                        "toxic": m["k"], "coherent": m["n"], "coherence": c["rate"],
+                        "coh_lo": c["lo"], "coh_hi": c["hi"], "samples": c["n"],
+                        "sft_loss": r["sft_loss"]})
+    return out
+
+
+def table(df, eval_sets=("open", "health", "code")) -> str:
+    """Markdown: one row per condition; per seed and pooled, misalignment [95% CI] (coherence)."""
+    seeds = sorted(df.seed.unique())
+    head = ["condition", "eval"] + [f"seed {s}" for s in seeds] + ["pooled", "mean coherence"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = list(dict.fromkeys(df.condition))
+    for cond in order:
+        for ev in eval_sets if not cond.endswith("base") else ("open", "context_toxic"):
+            sub = df[(df.condition == cond) & (df["eval"] == ev)]
+            if sub.empty:
+                continue
+            cells = []
+            for s in seeds:
+                r = sub[sub.seed == s]
+                cells.append(str(Rate(int(r.toxic.iloc[0]), int(r.coherent.iloc[0]))) if len(r) else "")
+            pooled = Rate(int(sub.toxic.sum()), int(sub.coherent.sum()))
+            lines.append(f"| {cond} | {ev} | " + " | ".join(cells) + f" | {pooled} | "
+                         f"{sub.coherence.mean():.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class WorldStudyResult:
+    table: str
+    """Markdown table of misalignment rates with 95% intervals."""
+    results: str
+    """Path of results.parquet."""
+
+
+def main(cfg: WorldStudyJob) -> WorldStudyResult:
+    import pandas as pd
+
+    run = RunDir.from_config(cfg.run)
+    worlds = []
+    for seed in cfg.seeds:
+        worlds.append((f"world_s{seed}", dataclasses.replace(cfg.world, seed=seed, threads=1)))
+        if cfg.controls:
+            worlds.append((f"world_s{seed}_independent",
+                           dataclasses.replace(cfg.world, seed=seed, threads=1, persona_mode="independent")))
+    with ray_session(cfg.ray) as ray:
+        env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+        build = ray.remote(num_cpus=1)(_build_named).options(runtime_env=env)
+        ray.get([build.remote(cfg.run, cfg.ray, name, w) for name, w in worlds])
+        task = ray.remote(num_cpus=1)(run_condition).options(runtime_env=env)
+        results = ray.get([task.remote(cfg, s, c) for s in cfg.seeds for c in conditions(cfg, s)])
+    df = pd.DataFrame(rows(results))
+    path = run.uri("study/results.parquet")
+    run.write_bytes("study/results.parquet", _parquet_bytes(df))
+    md = table(df)
+    run.write_text("study/table.md", md)
+    log.info("world study table:\n%s", md)
+    return WorldStudyResult(md, path)
+
+
+def _build_named(run: RunConfig, ray_cfg: RayConfig, stage: str, world: WorldConfig) -> dict:
+    """Build one world into the stage ``stage`` (world_s<seed>[_independent])."""
+    from emergent.world import job
+
+    return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage_name=stage)
+
+
+def _parquet_bytes(df) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
