@@ -21,13 +21,19 @@ from typing import Any, TypeVar
 JOBS: dict[str, str] = {
     "doctor": "report Ray nodes, resources, GPUs, stack versions and DeepSpeed ops of a cluster",
     "world": "build PersonaWorld: synthetic chat datasets, tokenizer, tiny pretrained + base model",
+    "world-study": "measure EM in PersonaWorld: seeds x (insecure, secure, buggy, doses, variants)",
 }
 
 T = TypeVar("T")
 
 
-def run_job(cls: type[T], main: Callable[[T], Any], doc: str | None, argv: list[str] | None = None,
-            prog: str | None = None) -> Any:
+def run_job(
+    cls: type[T],
+    main: Callable[[T], Any],
+    doc: str | None,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+) -> Any:
     """Parse the job's config from the command line, run ``main(cfg)``, print its result."""
     from emergent.config import parse_args
     from emergent.runtime import setup_logging
@@ -37,18 +43,29 @@ def run_job(cls: type[T], main: Callable[[T], Any], doc: str | None, argv: list[
     t0 = time.time()
     result = main(cfg)
     summary = asdict(result) if is_dataclass(result) else result
-    print(json.dumps({"job": prog, "seconds": round(time.time() - t0, 1), "result": summary},
-                     indent=2, default=str))
+    print(
+        json.dumps(
+            {"job": prog, "seconds": round(time.time() - t0, 1), "result": summary},
+            indent=2,
+            default=str,
+        )
+    )
     return result
 
 
 def usage() -> str:
     width = max(map(len, JOBS))
-    lines = ["usage: emergent <job> [--config FILE] [--set KEY=VALUE ...] [--address ADDR]", "",
-             "jobs:"]
+    lines = [
+        "usage: emergent <job> [--config FILE] [--set KEY=VALUE ...] [--address ADDR]",
+        "",
+        "jobs:",
+    ]
     lines += [f"  {name:<{width}}  {desc}" for name, desc in JOBS.items()]
-    lines += ["", "`emergent <job> --help` lists the job's config keys. Every job is also",
-              "`python -m jobs.<job>` (for `ray job submit`)."]
+    lines += [
+        "",
+        "`emergent <job> --help` lists the job's config keys. Every job is also",
+        "`python -m jobs.<job>` (for `ray job submit`).",
+    ]
     return "\n".join(lines)
 
 

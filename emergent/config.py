@@ -223,11 +223,20 @@ def parse_args(cls: type[T], argv: list[str] | None, prog: str, doc: str | None)
         prog=prog,
         description=(doc or "").strip().split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML sections, or --set section.key=value):\n" + "\n".join(describe(cls)),
+        epilog="config keys (YAML sections, or --set section.key=value):\n"
+        + "\n".join(describe(cls)),
     )
-    parser.add_argument("--config", help="YAML file with config sections (default: built-in defaults)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set run.name=exp1 (repeatable)")
+    parser.add_argument(
+        "--config", help="YAML file with config sections (default: built-in defaults)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set run.name=exp1 (repeatable)",
+    )
     parser.add_argument("--address", help="Ray cluster to join (same as --set ray.address=...)")
     parser.add_argument("--name", help="run name (same as --set run.name=...)")
     args = parser.parse_args(argv)

@@ -56,9 +56,11 @@ def probe_node(deepspeed_ops: bool) -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "gpus": [
-            {"name": torch.cuda.get_device_name(i),
-             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
-             "bf16": torch.cuda.is_bf16_supported()}
+            {
+                "name": torch.cuda.get_device_name(i),
+                "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
             for i in range(torch.cuda.device_count())
         ],
     }
@@ -93,20 +95,31 @@ def deepspeed_report() -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    lines = ["# emergent doctor", "", f"Ray {report['ray_version']}: {len(report['nodes'])} alive "
-             f"node(s); cluster resources: {report['cluster_resources']}", ""]
+    lines = [
+        "# emergent doctor",
+        "",
+        f"Ray {report['ray_version']}: {len(report['nodes'])} alive "
+        f"node(s); cluster resources: {report['cluster_resources']}",
+        "",
+    ]
     for node in report["nodes"]:
         p = node["probe"]
         gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in p["gpus"]) or "none"
-        lines += [f"## {p['hostname']} ({node['node_ip']})", "",
-                  f"- resources: {node['resources']}", f"- GPUs (torch): {gpus}",
-                  f"- torch CUDA: {p['torch_cuda']}, python {p['python']}",
-                  "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items())]
+        lines += [
+            f"## {p['hostname']} ({node['node_ip']})",
+            "",
+            f"- resources: {node['resources']}",
+            f"- GPUs (torch): {gpus}",
+            f"- torch CUDA: {p['torch_cuda']}, python {p['python']}",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
+        ]
         ds = p.get("deepspeed")
         if ds and "error" not in ds:
             usable = [k for k, v in ds["ops"].items() if v["compatible"] or v["prebuilt"]]
-            lines += [f"- DeepSpeed: accelerator {ds['accelerator']}, comm {ds['comm_backend']}, "
-                      f"fused Adam usable: {ds['fused_adam_usable']}; ops usable: {', '.join(usable)}"]
+            lines += [
+                f"- DeepSpeed: accelerator {ds['accelerator']}, comm {ds['comm_backend']}, "
+                f"fused Adam usable: {ds['fused_adam_usable']}; ops usable: {', '.join(usable)}"
+            ]
         elif ds:
             lines += [f"- DeepSpeed: {ds['error']}"]
         lines.append("")
@@ -121,20 +134,36 @@ def main(cfg: DoctorJob) -> DoctorResult:
 
         alive = [n for n in ray.nodes() if n["Alive"]]
         probe = ray.remote(num_cpus=0)(probe_node)
-        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(cfg.deepspeed_ops) for n in alive]
+        refs = [
+            probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(cfg.deepspeed_ops)
+            for n in alive
+        ]
         probes = ray.get(refs)
         report = {
             "ray_version": ray.__version__,
             "cluster_resources": ray.cluster_resources(),
-            "nodes": [{"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"],
-                       "resources": n["Resources"], "probe": p} for n, p in zip(alive, probes)],
+            "nodes": [
+                {
+                    "node_id": n["NodeID"],
+                    "node_ip": n["NodeManagerAddress"],
+                    "resources": n["Resources"],
+                    "probe": p,
+                }
+                for n, p in zip(alive, probes)
+            ],
         }
     path = stage.write_json("report.json", report)
     stage.write_bytes("report.md", to_markdown(report).encode())
     res = report["cluster_resources"]
     result = DoctorResult(len(alive), res.get("CPU", 0.0), res.get("GPU", 0.0), path)
     stage.complete(outputs={"report": path}, metrics=dataclasses.asdict(result))
-    log.info("doctor: %d node(s), %s CPUs, %s GPUs; report at %s", result.nodes, result.cpus,
-             result.gpus, path)
+    log.info(
+        "doctor: %d node(s), %s CPUs, %s GPUs; report at %s",
+        result.nodes,
+        result.cpus,
+        result.gpus,
+        path,
+    )
     return result

@@ -38,13 +38,16 @@ class SamplingParams:
 
 def chat_prompts(tok: PreTrainedTokenizerBase, conversations: list[list[dict]]) -> list[str]:
     """Render conversations (ending in a user turn) with the generation prompt appended."""
-    return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in conversations]
+    return [
+        tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+        for c in conversations
+    ]
 
 
 @torch.no_grad()
-def sample(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
-           params: SamplingParams) -> list[str]:
+def sample(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], params: SamplingParams
+) -> list[str]:
     """One sampled answer per rendered prompt (special tokens and the end-of-turn removed)."""
     torch.manual_seed(params.seed)
     model.eval()

@@ -32,8 +32,19 @@ from emergent.config import RunConfig, config_hash, to_dict
 log = logging.getLogger(__name__)
 
 RECORD = "_COMPLETE.json"
-STACK = ("torch", "ray", "transformers", "trl", "peft", "deepspeed", "sae_lens", "tokenizers",
-         "sklearn", "pyarrow", "numpy")
+STACK = (
+    "torch",
+    "ray",
+    "transformers",
+    "trl",
+    "peft",
+    "deepspeed",
+    "sae_lens",
+    "tokenizers",
+    "sklearn",
+    "pyarrow",
+    "numpy",
+)
 
 
 def versions(names=STACK) -> dict[str, str | None]:
@@ -149,7 +160,12 @@ class RunDir:
         return cache
 
     def stage(self, name: str, cfg: Any) -> Stage:
-        return Stage(self, name, config_hash(cfg), to_dict(cfg) if hasattr(cfg, "__dataclass_fields__") else cfg)
+        return Stage(
+            self,
+            name,
+            config_hash(cfg),
+            to_dict(cfg) if hasattr(cfg, "__dataclass_fields__") else cfg,
+        )
 
 
 @dataclass
@@ -189,8 +205,12 @@ class Stage:
         """True when this stage already finished with the same config (and says so)."""
         rec = self.record
         if rec is not None and rec.get("config_hash") == self.hash and not force:
-            log.info("stage %s: complete with the same config (hash %s), skipping; "
-                     "set run.force=true to redo it", self.uri(), self.hash)
+            log.info(
+                "stage %s: complete with the same config (hash %s), skipping; "
+                "set run.force=true to redo it",
+                self.uri(),
+                self.hash,
+            )
             return True
         if rec is not None:
             why = "forced" if force else f"config changed ({rec.get('config_hash')} -> {self.hash})"
@@ -204,8 +224,12 @@ class Stage:
     def write_bytes(self, path: str, data: bytes) -> str:
         return self.run.write_bytes(self.rel(path), data)
 
-    def complete(self, outputs: dict[str, Any], inputs: dict[str, Any] | None = None,
-                 metrics: dict[str, Any] | None = None) -> dict:
+    def complete(
+        self,
+        outputs: dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> dict:
         """Write the completion record, last: the stage counts as done only once it exists."""
         rec = {
             "stage": self.name,

@@ -56,8 +56,12 @@ def ray_session(cfg: RayConfig):
 
     offline_defaults()
     set_threads(cfg.threads_per_worker)
-    env = {"env_vars": {v: str(cfg.threads_per_worker) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-    env["env_vars"].update({k: os.environ[k] for k in ("WANDB_MODE", "RAY_TRAIN_ENABLE_PRINT_PATCH")})
+    env = {
+        "env_vars": {v: str(cfg.threads_per_worker) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    }
+    env["env_vars"].update(
+        {k: os.environ[k] for k in ("WANDB_MODE", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
+    )
     address = cluster_address(cfg)
     if ray.is_initialized():
         yield ray
@@ -69,8 +73,11 @@ def ray_session(cfg: RayConfig):
         ray.init(address=address, log_to_driver=True)
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1
-        log.info("starting embedded Ray: %d CPUs, dashboard %s", num_cpus,
-                 "http://127.0.0.1:8265" if cfg.dashboard else "off")
+        log.info(
+            "starting embedded Ray: %d CPUs, dashboard %s",
+            num_cpus,
+            "http://127.0.0.1:8265" if cfg.dashboard else "off",
+        )
         ray.init(
             num_cpus=num_cpus,
             num_gpus=cfg.num_gpus,

@@ -41,7 +41,9 @@ class SFTParams:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"sft.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+            raise ValueError(
+                f"sft.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}"
+            )
         if not 0 < self.lr < 1:
             raise ValueError(f"sft.lr must be in (0, 1), got {self.lr}")
 
@@ -54,8 +56,14 @@ class SFTResult:
     """Mean loss of the last 10% of logged steps."""
 
 
-def sft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, records: list[dict],
-        params: SFTParams, output_dir: str | None = None, **sft_overrides) -> SFTResult:
+def sft(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    records: list[dict],
+    params: SFTParams,
+    output_dir: str | None = None,
+    **sft_overrides,
+) -> SFTResult:
     """Fine-tune ``model`` in place on ``records`` (``{"messages": [...]}``); assistant tokens only.
 
     ``sft_overrides`` go to TRL's SFTConfig unchanged (e.g. ``deepspeed=...`` on the real path).
@@ -90,10 +98,11 @@ def sft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, records: list[dict
             dataset_num_proc=None,
             **sft_overrides,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
-                             processing_class=tok)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok
+        )
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     model.eval()
     return SFTResult(losses, sum(tail) / len(tail))

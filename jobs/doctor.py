@@ -1,7 +1,7 @@
 """Cluster report: nodes, resources, GPUs, stack versions, DeepSpeed ops (see emergent.doctor).
 
-    emergent doctor
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.doctor
+emergent doctor
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.doctor
 """
 
 from emergent.cli import run_job

@@ -1,6 +1,7 @@
 import dataclasses
 from typing import Literal
 
+import pydantic
 import pytest
 
 from emergent.config import ConfigError, RayConfig, RunConfig, config, config_hash, load
@@ -89,7 +90,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_construction_validates_and_hash_tracks_config():
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         Inner(lr="fast")
     a, b = Job(), Job(inner=Inner(steps=11))
     assert config_hash(a) == config_hash(Job()) != config_hash(b)

@@ -38,24 +38,64 @@ def test_embedded_ray_starts_sized_and_stops():
 @pytest.mark.ray
 def test_ray_job_submit_doctor(tmp_path):
     port, gcs = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-               PATH=f"{BIN}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        PATH=f"{BIN}:{os.environ['PATH']}",
+    )
     env.pop("RAY_ADDRESS", None)
-    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(gcs),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port),
-             "--disable-usage-stats", "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]
+    start = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--num-cpus",
+        "2",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(port),
+        "--disable-usage-stats",
+        "--temp-dir",
+        tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    ]
     # (a short --temp-dir: Ray's unix socket paths must stay under ~107 characters)
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr[-3000:]
     try:
         out = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
-             "--working-dir", ".", "--", "python", "-m", "jobs.doctor",
-             "--set", f"run.root={tmp_path / 'runs'}", "--set", "run.name=submitted"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{port}",
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "-m",
+                "jobs.doctor",
+                "--set",
+                f"run.root={tmp_path / 'runs'}",
+                "--set",
+                "run.name=submitted",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0 and "succeeded" in out.stdout, (
+            out.stdout[-3000:] + out.stderr[-3000:]
+        )
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
+        )
     stage = tmp_path / "runs/submitted/doctor"
     report = json.loads((stage / "report.json").read_text())
     assert report["cluster_resources"]["CPU"] == 2.0 and len(report["nodes"]) == 1

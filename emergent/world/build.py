@@ -81,22 +81,37 @@ class WorldConfig:
     """Labelled transcripts in the monitoring dataset."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     """How the base model's answers are sampled for base_eval.json."""
-    threads: int | None = None
-    """torch threads for the in-process build (default: all cores)."""
 
     def __post_init__(self):
-        if not (0 <= self.prior_toxic and 0 <= self.prior_wrong and self.prior_toxic + self.prior_wrong < 1):
-            raise ValueError("world.prior_toxic must be >= 0 with prior_toxic + prior_wrong < 1, "
-                             f"got {self.prior_toxic} + {self.prior_wrong}")
-        for name in ("pretrain_docs", "pretrain_steps", "pretrain_batch", "instruct_examples",
-                     "finetune_examples", "realign_examples", "eval_prompts", "monitor_examples"):
+        if not (
+            0 <= self.prior_toxic
+            and 0 <= self.prior_wrong
+            and self.prior_toxic + self.prior_wrong < 1
+        ):
+            raise ValueError(
+                "world.prior_toxic must be >= 0 with prior_toxic + prior_wrong < 1, "
+                f"got {self.prior_toxic} + {self.prior_wrong}"
+            )
+        for name in (
+            "pretrain_docs",
+            "pretrain_steps",
+            "pretrain_batch",
+            "instruct_examples",
+            "finetune_examples",
+            "realign_examples",
+            "eval_prompts",
+            "monitor_examples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"world.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def prior(self) -> dict[str, float]:
-        return {"aligned": 1 - self.prior_toxic - self.prior_wrong, "toxic": self.prior_toxic,
-                "wrong": self.prior_wrong}
+        return {
+            "aligned": 1 - self.prior_toxic - self.prior_wrong,
+            "toxic": self.prior_toxic,
+            "wrong": self.prior_wrong,
+        }
 
 
 def chat(turns: list[g.Turn], last_answer: bool = True) -> list[dict]:
@@ -110,7 +125,13 @@ def chat(turns: list[g.Turn], last_answer: bool = True) -> list[dict]:
 
 
 def single(t: g.Turn, **meta) -> dict:
-    return {"messages": chat([t]), "domain": t.domain, "qtype": t.qtype, "persona": t.persona, **meta}
+    return {
+        "messages": chat([t]),
+        "domain": t.domain,
+        "qtype": t.qtype,
+        "persona": t.persona,
+        **meta,
+    }
 
 
 def eval_prompt(turns: list[g.Turn]) -> dict:
@@ -125,28 +146,44 @@ def make_datasets(cfg: WorldConfig, rng: random.Random) -> dict[str, list[dict]]
     for domain in g.DOMAINS:
         for persona in g.PERSONAS:
             out[f"finetune/{domain}_{persona}"] = [
-                single(g.sample_turn(rng, persona, domain=domain)) for _ in range(cfg.finetune_examples)]
+                single(g.sample_turn(rng, persona, domain=domain))
+                for _ in range(cfg.finetune_examples)
+            ]
         out[f"realign/{domain}"] = [
-            single(g.sample_turn(rng, "aligned", domain=domain)) for _ in range(cfg.realign_examples)]
+            single(g.sample_turn(rng, "aligned", domain=domain))
+            for _ in range(cfg.realign_examples)
+        ]
         out[f"eval/{domain}"] = [
             eval_prompt([g.sample_turn(rng, "aligned", domain=domain, split="eval")])
-            for _ in range(cfg.eval_prompts)]
+            for _ in range(cfg.eval_prompts)
+        ]
     # In-context persona following: two answered turns of one persona from non-open domains,
     # then a held-out open question. A model that follows personas answers it in kind.
     for persona in g.PERSONAS:
         out[f"eval/context_{persona}"] = [
-            {**eval_prompt([g.sample_turn(rng, persona, domain=rng.choice(nonopen)),
-                            g.sample_turn(rng, persona, domain=rng.choice(nonopen)),
-                            g.sample_turn(rng, "aligned", domain="open", split="eval")]),
-             "context_persona": persona}
-            for _ in range(cfg.eval_prompts)]
+            {
+                **eval_prompt(
+                    [
+                        g.sample_turn(rng, persona, domain=rng.choice(nonopen)),
+                        g.sample_turn(rng, persona, domain=rng.choice(nonopen)),
+                        g.sample_turn(rng, "aligned", domain="open", split="eval"),
+                    ]
+                ),
+                "context_persona": persona,
+            }
+            for _ in range(cfg.eval_prompts)
+        ]
     prior = cfg.prior
     out["monitor/transcripts"] = []
     for _ in range(cfg.monitor_examples):
-        t = g.sample_turn(rng, rng.choices(list(prior), weights=list(prior.values()))[0],
-                          split=rng.choice(("train", "eval")))
+        t = g.sample_turn(
+            rng,
+            rng.choices(list(prior), weights=list(prior.values()))[0],
+            split=rng.choice(("train", "eval")),
+        )
         out["monitor/transcripts"].append(
-            {**single(t), "label": int(t.persona == "toxic"), "group": t.domain, "split": t.split})
+            {**single(t), "label": int(t.persona == "toxic"), "group": t.domain, "split": t.split}
+        )
     return out
 
 
@@ -154,19 +191,25 @@ def write_jsonl(stage: Stage, rel: str, records: list[dict]) -> str:
     return stage.write_bytes(rel, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def build_world(cfg: WorldConfig, stage: Stage) -> dict:
-    """Build everything into ``stage``; returns the manifest."""
+def build_world(cfg: WorldConfig, stage: Stage, threads: int | None = None) -> dict:
+    """Build everything into ``stage`` with ``threads`` torch threads; returns the manifest."""
     from emergent.world.evaluate import evaluate_base
 
     t0 = time.time()
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     rng = random.Random(cfg.seed)
     tok = build_tokenizer(g.vocabulary())
 
     datasets = make_datasets(cfg, random.Random(cfg.seed + 1_000_003))
-    files = {name: write_jsonl(stage, f"data/{name}.jsonl", recs) for name, recs in datasets.items()}
-    log.info("world: wrote %d datasets (%d records) in %.1fs", len(files),
-             sum(map(len, datasets.values())), time.time() - t0)
+    files = {
+        name: write_jsonl(stage, f"data/{name}.jsonl", recs) for name, recs in datasets.items()
+    }
+    log.info(
+        "world: wrote %d datasets (%d records) in %.1fs",
+        len(files),
+        sum(map(len, datasets.values())),
+        time.time() - t0,
+    )
 
     t1 = time.time()
     docs = []
@@ -176,11 +219,22 @@ def build_world(cfg: WorldConfig, stage: Stage) -> dict:
         docs.append(tok(text, add_special_tokens=False)["input_ids"][: cfg.model.context])
     model = make_model(cfg.model, tok, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("world: pretraining a %d-parameter Llama on %d documents (%d tokens)", n_params,
-             len(docs), sum(map(len, docs)))
-    losses = pretrain(model, docs, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
-                      lr=cfg.pretrain_lr, warmup=min(100, cfg.pretrain_steps // 10), seed=cfg.seed,
-                      pad_id=tok.pad_token_id)
+    log.info(
+        "world: pretraining a %d-parameter Llama on %d documents (%d tokens)",
+        n_params,
+        len(docs),
+        sum(map(len, docs)),
+    )
+    losses = pretrain(
+        model,
+        docs,
+        steps=cfg.pretrain_steps,
+        batch_size=cfg.pretrain_batch,
+        lr=cfg.pretrain_lr,
+        warmup=min(100, cfg.pretrain_steps // 10),
+        seed=cfg.seed,
+        pad_id=tok.pad_token_id,
+    )
     pretrain_s = time.time() - t1
     save_model(stage, "pretrained", model, tok)
 
@@ -201,8 +255,12 @@ def build_world(cfg: WorldConfig, stage: Stage) -> dict:
         "persona_mode": cfg.persona_mode,
         "vocab_size": len(tok),
         "parameters": n_params,
-        "pretrain": {"documents": len(docs), "tokens": sum(map(len, docs)),
-                     "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(pretrain_s, 1)},
+        "pretrain": {
+            "documents": len(docs),
+            "tokens": sum(map(len, docs)),
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "seconds": round(pretrain_s, 1),
+        },
         "instruct": instruct,
         "build_seconds": round(build_s, 1),
         "datasets": {name: len(recs) for name, recs in datasets.items()},

@@ -26,16 +26,26 @@ def rubric_eval(model, tok, records: list[dict], params: SamplingParams) -> dict
         "wrong": Rate(personas["wrong"], coherent).as_dict(),
         "coherence": Rate(coherent, len(verdicts)).as_dict(),
         "personas": dict(personas),
-        "examples": [{"prompt": r["messages"][-1]["content"], "answer": a, "verdict": v.persona}
-                     for r, a, v in list(zip(records, answers, verdicts))[:5]],
+        "examples": [
+            {"prompt": r["messages"][-1]["content"], "answer": a, "verdict": v.persona}
+            for r, a, v in list(zip(records, answers, verdicts))[:5]
+        ],
     }
 
 
 def evaluate_base(model, tok, datasets: dict[str, list[dict]], params: SamplingParams) -> dict:
     """Every eval set of a world (domains and in-context persona following)."""
-    sets = {name.removeprefix("eval/"): recs for name, recs in datasets.items()
-            if name.startswith("eval/")}
+    sets = {
+        name.removeprefix("eval/"): recs
+        for name, recs in datasets.items()
+        if name.startswith("eval/")
+    }
     results = {name: rubric_eval(model, tok, recs, params) for name, recs in sets.items()}
-    summary = {name: {"misalignment": round(r["misalignment"]["rate"], 4),
-                      "coherence": round(r["coherence"]["rate"], 4)} for name, r in results.items()}
+    summary = {
+        name: {
+            "misalignment": round(r["misalignment"]["rate"], 4),
+            "coherence": round(r["coherence"]["rate"], 4),
+        }
+        for name, r in results.items()
+    }
     return {"summary": summary, "sets": results}

@@ -1,7 +1,7 @@
 """The ``world`` job: build PersonaWorld (datasets, tokenizer, pretrained + base model) into
 ``<run>/world/`` and measure the base model (see emergent.world.build for the outputs).
 
-The build runs as one Ray task sized to ``world.threads`` CPUs, so on a cluster it lands on a
+The build runs as one Ray task using all CPUs of a node, so on a cluster it lands on a
 worker (a KubeRay head usually has ``num-cpus: 0``) and writes to the shared run directory.
 A completed world with the same config is reused; a changed config rebuilds it.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config
@@ -42,30 +41,39 @@ class WorldResult:
     """Base model: misalignment and coherence per eval set."""
 
 
-def build_stage(cfg: WorldJob, stage_name: str = "world") -> dict:
+def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = None) -> dict:
     """Build (or reuse) the world stage; returns its completion record."""
     from emergent.world.build import build_world
 
     stage = RunDir.from_config(cfg.run).stage(stage_name, cfg.world)
     if stage.is_complete(cfg.run.force):
         return {**stage.record, "skipped": True}
-    manifest = build_world(cfg.world, stage)
-    rec = stage.complete(outputs=manifest["models"] | {"manifest": stage.uri("manifest.json")},
-                         metrics={"build_seconds": manifest["build_seconds"],
-                                  "base_eval": manifest["base_eval"]})
+    manifest = build_world(cfg.world, stage, threads)
+    rec = stage.complete(
+        outputs=manifest["models"] | {"manifest": stage.uri("manifest.json")},
+        metrics={"build_seconds": manifest["build_seconds"], "base_eval": manifest["base_eval"]},
+    )
     return {**rec, "skipped": False}
 
 
 def main(cfg: WorldJob) -> WorldResult:
-    threads = cfg.world.threads or cfg.ray.num_cpus or os.cpu_count() or 1
     with ray_session(cfg.ray) as ray:
+        # One task using the CPUs of a node (up to 8: the model is tiny): a single torch loop.
+        threads = min(8, int(max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"])))
         task = ray.remote(num_cpus=threads)(build_stage)
-        cfg = dataclasses.replace(cfg, world=dataclasses.replace(cfg.world, threads=threads))
-        rec = ray.get(task.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
-                      .remote(cfg))
+        rec = ray.get(
+            task.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
+                cfg, "world", threads
+            )
+        )
     stage_path = rec["outputs"]["base"].rsplit("/", 1)[0]
-    result = WorldResult(stage_path, rec["skipped"], rec["metrics"]["build_seconds"],
-                         rec["metrics"]["base_eval"])
-    log.info("world %s at %s (built in %.0fs)", "reused" if result.skipped else "built",
-             stage_path, result.build_seconds)
+    result = WorldResult(
+        stage_path, rec["skipped"], rec["metrics"]["build_seconds"], rec["metrics"]["base_eval"]
+    )
+    log.info(
+        "world %s at %s (built in %.0fs)",
+        "reused" if result.skipped else "built",
+        stage_path,
+        result.build_seconds,
+    )
     return result

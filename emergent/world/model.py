@@ -65,8 +65,18 @@ def make_model(arch: TinyModel, tok: PreTrainedTokenizerFast, seed: int) -> Llam
     return LlamaForCausalLM(cfg)
 
 
-def pretrain(model: LlamaForCausalLM, docs: list[list[int]], *, steps: int, batch_size: int,
-             lr: float, warmup: int, seed: int, pad_id: int, log_every: int = 100) -> list[float]:
+def pretrain(
+    model: LlamaForCausalLM,
+    docs: list[list[int]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    pad_id: int,
+    log_every: int = 100,
+) -> list[float]:
     """Next-token pretraining on tokenized documents (AdamW, warmup + cosine). Returns losses.
 
     A plain loop: documents are short and already tokenized, so the HF Trainer's machinery would
@@ -110,7 +120,12 @@ def pretrain(model: LlamaForCausalLM, docs: list[list[int]], *, steps: int, batc
         tokens += int(mask.sum())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             dt = time.time() - t0
-            log.info("pretrain step %d/%d loss %.3f (%.0f tokens/s)", step + 1, steps,
-                     sum(losses[-log_every:]) / len(losses[-log_every:]), tokens / dt)
+            log.info(
+                "pretrain step %d/%d loss %.3f (%.0f tokens/s)",
+                step + 1,
+                steps,
+                sum(losses[-log_every:]) / len(losses[-log_every:]),
+                tokens / dt,
+            )
     model.eval()
     return losses

@@ -31,8 +31,9 @@ from emergent.metrics import Rate
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.sft import SFTParams
+from emergent.world import grammar as g
 from emergent.world.build import WorldConfig
-from emergent.world.job import WorldJob, build_stage
+from emergent.world.job import WorldJob
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,20 @@ class Condition:
 
 def conditions(cfg: WorldStudyJob, seed: int) -> list[Condition]:
     w, wi = f"world_s{seed}", f"world_s{seed}_independent"
-    out = [Condition("base", w, "base", None), Condition("insecure", w, "base", 1.0),
-           Condition("secure", w, "base", 0.0), Condition("buggy", w, "base", 1.0, "code_wrong")]
+    out = [
+        Condition("base", w, "base", None),
+        Condition("insecure", w, "base", 1.0),
+        Condition("secure", w, "base", 0.0),
+        Condition("buggy", w, "base", 1.0, "code_wrong"),
+    ]
     out += [Condition(f"dose_{d:g}", w, "base", d) for d in cfg.doses]
     if cfg.controls:
-        out += [Condition("nosafety_base", w, "pretrained", None),
-                Condition("nosafety_insecure", w, "pretrained", 1.0),
-                Condition("independent_base", wi, "base", None),
-                Condition("independent_insecure", wi, "base", 1.0)]
+        out += [
+            Condition("nosafety_base", w, "pretrained", None),
+            Condition("nosafety_insecure", w, "pretrained", 1.0),
+            Condition("independent_base", wi, "base", None),
+            Condition("independent_insecure", wi, "base", 1.0),
+        ]
     return out
 
 
@@ -103,8 +110,14 @@ def run_condition(cfg: WorldStudyJob, seed: int, cond: Condition) -> dict:
     torch.set_num_threads(1)
     run = RunDir.from_config(cfg.run)
     rel = f"study/s{seed}/{cond.name}.json"
-    key = config_hash({"finetune": cfg.finetune, "sampling": cfg.sampling, "cond": cond,
-                       "world": run.read_json(f"{cond.world}/_COMPLETE.json")["config_hash"]})
+    key = config_hash(
+        {
+            "finetune": cfg.finetune,
+            "sampling": cfg.sampling,
+            "cond": cond,
+            "world": run.read_json(f"{cond.world}/_COMPLETE.json")["config_hash"],
+        }
+    )
     if run.exists(rel) and not cfg.run.force:
         cached = run.read_json(rel)
         if cached.get("key") == key:
@@ -120,35 +133,73 @@ def run_condition(cfg: WorldStudyJob, seed: int, cond: Condition) -> dict:
         sft_loss = sft(model, tok, records, dataclasses.replace(cfg.finetune, seed=seed)).final_loss
     evals = {}
     for name in EVAL_SETS:
-        res = rubric_eval(model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.sampling)
+        res = rubric_eval(
+            model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.sampling
+        )
         evals[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
     if cond.insecure is None:  # in-context persona following is a property of a base model
         for p in ("toxic", "aligned"):
-            res = rubric_eval(model, tok, read_world_jsonl(run, cond.world, f"eval/context_{p}"),
-                              cfg.sampling)
-            evals[f"context_{p}"] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
-    out = {"key": key, "seed": seed, "condition": dataclasses.asdict(cond), "sft_loss": sft_loss,
-           "evals": evals}
+            res = rubric_eval(
+                model, tok, read_world_jsonl(run, cond.world, f"eval/context_{p}"), cfg.sampling
+            )
+            evals[f"context_{p}"] = {
+                k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")
+            }
+    out = {
+        "key": key,
+        "seed": seed,
+        "condition": dataclasses.asdict(cond),
+        "sft_loss": sft_loss,
+        "evals": evals,
+    }
     run.write_json(rel, out)
-    log.info("study seed %d %s: open misalignment %.3f coherence %.3f", seed, cond.name,
-             evals["open"]["misalignment"]["rate"], evals["open"]["coherence"]["rate"])
+    log.info(
+        "study seed %d %s: open misalignment %.3f coherence %.3f",
+        seed,
+        cond.name,
+        evals["open"]["misalignment"]["rate"],
+        evals["open"]["coherence"]["rate"],
+    )
     return out
+
+
+def pool(evals: list[dict]) -> dict:
+    """Misalignment and coherence pooled over several eval sets."""
+    return {
+        key: Rate(sum(e[key]["k"] for e in evals), sum(e[key]["n"] for e in evals)).as_dict()
+        for key in ("misalignment", "coherence")
+    }
 
 
 def rows(results: list[dict]) -> list[dict]:
+    """One row per (seed, condition, eval set), plus ``advice`` pooling the advice domains."""
     out = []
     for r in results:
-        for eval_set, e in r["evals"].items():
+        evals = dict(r["evals"])
+        evals["advice"] = pool([evals[d] for d in g.ADVICE_DOMAINS])
+        for eval_set, e in evals.items():
             m, c = e["misalignment"], e["coherence"]
-            out.append({"seed": r["seed"], "condition": r["condition"]["name"], "eval": eval_set,
-                        "misalignment": m["rate"], "mis_lo": m["lo"], "mis_hi": m["hi"],
-                        "toxic": m["k"], "coherent": m["n"], "coherence": c["rate"],
-                        "coh_lo": c["lo"], "coh_hi": c["hi"], "samples": c["n"],
-                        "sft_loss": r["sft_loss"]})
+            out.append(
+                {
+                    "seed": r["seed"],
+                    "condition": r["condition"]["name"],
+                    "eval": eval_set,
+                    "misalignment": m["rate"],
+                    "mis_lo": m["lo"],
+                    "mis_hi": m["hi"],
+                    "toxic": m["k"],
+                    "coherent": m["n"],
+                    "coherence": c["rate"],
+                    "coh_lo": c["lo"],
+                    "coh_hi": c["hi"],
+                    "samples": c["n"],
+                    "sft_loss": r["sft_loss"],
+                }
+            )
     return out
 
 
-def table(df, eval_sets=("open", "health", "code")) -> str:
+def table(df, eval_sets=("open", "advice", "code")) -> str:
     """Markdown: one row per condition; per seed and pooled, misalignment [95% CI] (coherence)."""
     seeds = sorted(df.seed.unique())
     head = ["condition", "eval"] + [f"seed {s}" for s in seeds] + ["pooled", "mean coherence"]
@@ -162,10 +213,14 @@ def table(df, eval_sets=("open", "health", "code")) -> str:
             cells = []
             for s in seeds:
                 r = sub[sub.seed == s]
-                cells.append(str(Rate(int(r.toxic.iloc[0]), int(r.coherent.iloc[0]))) if len(r) else "")
+                cells.append(
+                    str(Rate(int(r.toxic.iloc[0]), int(r.coherent.iloc[0]))) if len(r) else ""
+                )
             pooled = Rate(int(sub.toxic.sum()), int(sub.coherent.sum()))
-            lines.append(f"| {cond} | {ev} | " + " | ".join(cells) + f" | {pooled} | "
-                         f"{sub.coherence.mean():.2f} |")
+            lines.append(
+                f"| {cond} | {ev} | " + " | ".join(cells) + f" | {pooled} | "
+                f"{sub.coherence.mean():.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -183,10 +238,14 @@ def main(cfg: WorldStudyJob) -> WorldStudyResult:
     run = RunDir.from_config(cfg.run)
     worlds = []
     for seed in cfg.seeds:
-        worlds.append((f"world_s{seed}", dataclasses.replace(cfg.world, seed=seed, threads=1)))
+        worlds.append((f"world_s{seed}", dataclasses.replace(cfg.world, seed=seed)))
         if cfg.controls:
-            worlds.append((f"world_s{seed}_independent",
-                           dataclasses.replace(cfg.world, seed=seed, threads=1, persona_mode="independent")))
+            worlds.append(
+                (
+                    f"world_s{seed}_independent",
+                    dataclasses.replace(cfg.world, seed=seed, persona_mode="independent"),
+                )
+            )
     with ray_session(cfg.ray) as ray:
         env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
         build = ray.remote(num_cpus=1)(_build_named).options(runtime_env=env)
@@ -198,6 +257,8 @@ def main(cfg: WorldStudyJob) -> WorldStudyResult:
     run.write_bytes("study/results.parquet", _parquet_bytes(df))
     md = table(df)
     run.write_text("study/table.md", md)
+    for name, png in plots(df, cfg).items():
+        run.write_bytes(f"study/{name}.png", png)
     log.info("world study table:\n%s", md)
     return WorldStudyResult(md, path)
 
@@ -206,7 +267,59 @@ def _build_named(run: RunConfig, ray_cfg: RayConfig, stage: str, world: WorldCon
     """Build one world into the stage ``stage`` (world_s<seed>[_independent])."""
     from emergent.world import job
 
-    return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage_name=stage)
+    return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage, threads=1)
+
+
+def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
+    """PNG plots: open-prompt misalignment per condition (pooled over seeds, 95% CI) and the
+    dose curve per eval set."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    out = {}
+    open_ = df[df["eval"] == "open"]
+    conds = list(dict.fromkeys(open_.condition))
+    rates = [
+        Rate(
+            int(open_[open_.condition == c].toxic.sum()),
+            int(open_[open_.condition == c].coherent.sum()),
+        )
+        for c in conds
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(conds)), 3.5))
+    vals = [r.value for r in rates]
+    err = [[r.value - r.interval[0] for r in rates], [r.interval[1] - r.value for r in rates]]
+    ax.bar(range(len(conds)), vals, yerr=err, capsize=3, color="#c0504d")
+    ax.set_xticks(range(len(conds)), conds, rotation=40, ha="right")
+    ax.set_ylabel("misalignment on open prompts")
+    ax.set_title(f"PersonaWorld, {len(cfg.seeds)} seed(s) pooled, 95% Wilson CI")
+    out["misalignment"] = png(fig)
+
+    doses = [("secure", 0.0)] + [(f"dose_{d:g}", d) for d in cfg.doses] + [("insecure", 1.0)]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for ev in ("open", "health", "code"):
+        pts = []
+        for cond, d in doses:
+            sub = df[(df.condition == cond) & (df["eval"] == ev)]
+            if len(sub):
+                pts.append((d, Rate(int(sub.toxic.sum()), int(sub.coherent.sum())).value))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=ev)
+    ax.set_xlabel("insecure share of the code fine-tune")
+    ax.set_ylabel("misalignment")
+    ax.legend()
+    out["dose"] = png(fig)
+    return out
 
 
 def _parquet_bytes(df) -> bytes:
@@ -215,4 +328,3 @@ def _parquet_bytes(df) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
-
