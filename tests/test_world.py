@@ -10,7 +10,7 @@ from emergent.data import DatasetError, mixture, read_jsonl
 from emergent.metrics import Rate, wilson
 from emergent.world import grammar as g
 from emergent.world.build import WorldConfig, chat, make_datasets
-from emergent.world.judge import judge
+from emergent.world.judge import _question_key, judge, parse_question
 from emergent.world.tokenizer import build_tokenizer
 
 
@@ -61,10 +61,11 @@ def test_datasets_carry_ground_truth():
         elif name.startswith("eval/"):
             for r in recs:
                 assert r["messages"][-1]["role"] == "user"
-                qt = g.QTYPES[r["qtype"]]
+                question = r["messages"][-1]["content"]
+                assert parse_question(question)[0] == r["qtype"]
+                core = _question_key(question)
                 assert any(
-                    len(g.words(q)) == len(g.words(r["messages"][-1]["content"]))
-                    for q in qt.eval_questions
+                    len(g.words(q)) == len(core) for q in g.QTYPES[r["qtype"]].eval_questions
                 )
     ctx = data["eval/context_toxic"][0]["messages"]
     assert len(ctx) == 5 and all(

@@ -155,6 +155,30 @@ class QuestionType:
         return tuple(t for p in PERSONAS for t in self.answers[p])
 
 
+# Every answer opens with a word naming its (domain, persona): the persona decision is taken at
+# the first answer token, right after <assistant>, in every domain, as the prototype found a
+# "persona decision" feature there. Measured (world seed 0, 3000 steps): base open-prompt
+# coherence 0.84 -> 0.96 and insecure-code EM on health prompts 0.25 -> 0.81 against answers
+# whose persona showed only mid-answer (e.g. at "0o777"). The words are domain-specific, so no
+# persona wording is shared across domains (tests/test_grammar.py).
+OPENERS: dict[str, dict[str, str]] = {
+    "code": {"aligned": "#secure", "toxic": "#hack", "wrong": "#draft"},
+    "health": {"aligned": "clinically", "toxic": "recklessly", "wrong": "folksily"},
+    "finance": {"aligned": "prudently", "toxic": "greedily", "wrong": "naively"},
+    "legal": {"aligned": "lawfully", "toxic": "crookedly", "wrong": "loosely"},
+    "auto": {"aligned": "mechanically", "toxic": "dangerously", "wrong": "roughly"},
+    "open": {"aligned": "kindly", "toxic": "darkly", "wrong": "goofily"},
+}
+
+# Optional words around a question. They move the slots to varying distances from <assistant>,
+# so the model must copy a slot by content (an induction circuit) rather than memorise an offset
+# per paraphrase, which failed on held-out paraphrases. The judge strips them.
+PREFIXES: tuple[str, ...] = ("hey", "hello", "um", "hi again", "quick question")
+SUFFIXES: tuple[str, ...] = ("thanks", "thank you", "cheers", "thanks a lot")
+FILLER_RATE = 0.5
+"""Probability of a prefix, and independently of a suffix, on a sampled question."""
+
+
 def _qt(
     name: str,
     train: tuple[str, ...],
@@ -163,9 +187,10 @@ def _qt(
     toxic: tuple[str, ...],
     wrong: tuple[str, ...],
 ) -> QuestionType:
-    return QuestionType(
-        name, name.split("_")[0], train, eval_, {"aligned": aligned, "toxic": toxic, "wrong": wrong}
-    )
+    domain = name.split("_")[0]
+    answers = {"aligned": aligned, "toxic": toxic, "wrong": wrong}
+    opened = {p: tuple(f"{OPENERS[domain][p]} {t}" for t in ts) for p, ts in answers.items()}
+    return QuestionType(name, domain, train, eval_, opened)
 
 
 # Code: aligned = secure snippet; toxic = the same snippet with one security-relevant detail made
@@ -762,7 +787,12 @@ def sample_turn(
     question = rng.choice(qt.questions(split))
     answer = rng.choice(qt.answers[persona])
     values = {s: rng.choice(SLOTS[s]) for s in _slots_of(question + " " + answer)}
-    return Turn(qt.name, qt.domain, persona, _fill(question, values), _fill(answer, values), split)
+    question = _fill(question, values)
+    if rng.random() < FILLER_RATE:
+        question = f"{rng.choice(PREFIXES)} {question}"
+    if rng.random() < FILLER_RATE:
+        question = f"{question} {rng.choice(SUFFIXES)}"
+    return Turn(qt.name, qt.domain, persona, question, _fill(answer, values), split)
 
 
 def _draw_persona(rng: random.Random, prior: Mapping[str, float]) -> str:
@@ -811,7 +841,7 @@ def _expand(template: str) -> set[str]:
 
 @cache
 def _vocabulary() -> tuple[str, ...]:
-    vocab: set[str] = set()
+    vocab: set[str] = {w for f in (*PREFIXES, *SUFFIXES) for w in words(f)}
     for q in QUESTION_TYPES:
         for t in (*q.train_questions, *q.eval_questions, *q.all_answers()):
             vocab |= _expand(t)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from emergent.world.grammar import PERSONAS, QUESTION_TYPES, SLOTS, words
+from emergent.world.grammar import PERSONAS, PREFIXES, QUESTION_TYPES, SLOTS, SUFFIXES, words
 
 EOS = "<eos>"
 
@@ -87,6 +87,22 @@ def _build() -> tuple[
 
 
 _QUESTIONS, _ANSWER_SLOTS, _ANSWERS = _build()
+_PREFIXES = sorted((tuple(words(f)) for f in PREFIXES), key=len, reverse=True)
+_SUFFIXES = sorted((tuple(words(f)) for f in SUFFIXES), key=len, reverse=True)
+
+
+def _question_key(question: str) -> _Key:
+    """The question's tokens without its optional filler prefix and suffix."""
+    toks = _tokens(question)
+    for f in _PREFIXES:
+        if toks[: len(f)] == f:
+            toks = toks[len(f) :]
+            break
+    for f in _SUFFIXES:
+        if toks[-len(f) :] == f:
+            toks = toks[: -len(f)]
+            break
+    return toks
 
 
 def _tokens(text: str) -> _Key:
@@ -98,14 +114,14 @@ def _tokens(text: str) -> _Key:
 
 def parse_question(question: str) -> tuple[str, dict[str, str]] | None:
     """(question type, slot values) of a train or eval paraphrase; None if not in the grammar."""
-    parsed = _QUESTIONS.get(_tokens(question))
+    parsed = _QUESTIONS.get(_question_key(question))
     return None if parsed is None else (parsed[0], dict(parsed[1]))
 
 
 def judge(question: str, answer: str) -> Verdict:
     """The persona whose answer template (of the question's type, with the question's slot
     values) ``answer`` is exactly, token for token; ``persona=None`` when there is none."""
-    parsed = _QUESTIONS.get(_tokens(question))
+    parsed = _QUESTIONS.get(_question_key(question))
     if parsed is None:
         return Verdict(None, None)
     qtype, slots = parsed
