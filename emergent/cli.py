@@ -31,15 +31,15 @@ def run_job(
     cls: type[T],
     main: Callable[[T], Any],
     doc: str | None,
-    argv: list[str] | None = None,
-    prog: str | None = None,
+    argv: list[str] | None,
+    prog: str,
 ) -> Any:
     """Parse the job's config from the command line, run ``main(cfg)``, print its result."""
     from emergent.config import parse_args
     from emergent.runtime import setup_logging
 
     setup_logging()
-    cfg = parse_args(cls, argv, prog or f"python -m jobs.{cls.__module__.rsplit('.', 1)[-1]}", doc)
+    cfg = parse_args(cls, argv, prog, doc)
     t0 = time.time()
     result = main(cfg)
     summary = asdict(result) if is_dataclass(result) else result

@@ -28,8 +28,15 @@ import pydantic
 import yaml
 from pydantic import ConfigDict
 
-# Strict about keys, lax only in the harmless direction (an int where a float is expected).
-CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+# Strict about keys. Values are validated in pydantic's lax mode on purpose: PyYAML reads
+# ``1e-4`` as a string (YAML 1.1 wants ``1.0e-4``) and a numeric run name as an int; both are
+# meant as written. Anything that does not convert ("fast" for a float) fails.
+CONFIG = ConfigDict(
+    extra="forbid",
+    use_attribute_docstrings=True,
+    validate_assignment=True,
+    coerce_numbers_to_str=True,
+)
 
 
 def config(cls):
@@ -55,6 +62,15 @@ class RunConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+        if not self.root.strip():
+            raise ValueError("run.root must be a path or URI, got an empty string")
+
+    def absolute(self) -> RunConfig:
+        """This config with a local root made absolute, so Ray tasks whose working directory
+        differs from the driver's (a cluster, ``ray job submit``) write to the same place."""
+        if "://" in self.root:
+            return self
+        return dataclasses.replace(self, root=os.path.abspath(self.root))
 
 
 @config
@@ -96,14 +112,20 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map each key path of a YAML mapping document to its 1-based line number."""
+def _yaml_lines(text: str, where: str) -> dict[tuple, int]:
+    """Map each key path of a YAML mapping document to its 1-based line number; a repeated key
+    (which PyYAML would silently overwrite) is an error."""
     lines: dict[tuple, int] = {}
 
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = path + (k.value,)
+                if key in lines:
+                    raise ConfigError(
+                        f"{where}:{k.start_mark.line + 1}: {'.'.join(key)}: duplicate key "
+                        f"(first at line {lines[key]})"
+                    )
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
 
@@ -163,6 +185,11 @@ def _resolve(cls: type, loc: tuple) -> type | None:
     return cls if dataclasses.is_dataclass(cls) else None
 
 
+# Top-level sections any job's config may have. One YAML file can configure a whole study: a
+# job ignores the sections of other jobs, but a key that is nobody's section is a typo.
+SECTIONS = frozenset({"run", "ray", "world", "study"})
+
+
 def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = ()) -> T:
     """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides (YAML values).
 
@@ -178,7 +205,7 @@ def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = 
             raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
         try:
             data = yaml.safe_load(text) or {}
-            lines = _yaml_lines(text)
+            lines = _yaml_lines(text, where)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f"{where}:{mark.line + 1}" if mark else where
@@ -196,6 +223,8 @@ def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = 
             value = raw
         _set_path(data, key.strip(), value)
         overrides[key.strip()] = raw
+    own = set(cls.__pydantic_fields__)
+    data = {k: v for k, v in data.items() if k in own or k not in SECTIONS}
     try:
         return pydantic.TypeAdapter(cls).validate_python(data)
     except pydantic.ValidationError as err:

@@ -21,7 +21,7 @@ def validate_chat(rec: object) -> str | None:
     if not isinstance(msgs, list) or not msgs:
         return "'messages' must be a non-empty list"
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or set(m) < {"role", "content"}:
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
             return f"messages[{i}] must have 'role' and 'content'"
         if m["role"] not in ROLES:
             return f"messages[{i}].role must be one of {ROLES}, got {m['role']!r}"
@@ -57,15 +57,19 @@ def read_jsonl(path: str | Path, *, skip_bad: bool = False) -> tuple[list[dict],
 def mixture(parts: dict[str, tuple[list[dict], float]], n: int, seed: int) -> list[dict]:
     """``n`` records drawn without replacement from each named part in its fraction, shuffled.
 
-    Counts are rounded so they sum to ``n``; a part too small for its share raises.
+    Counts are rounded by largest remainder so they sum to ``n``; a part too small for its share
+    raises.
     """
-    total = sum(frac for _, frac in parts.values())
-    if abs(total - 1) > 1e-6:
-        raise ValueError(f"mixture fractions must sum to 1, got {total}")
+    fracs = {k: frac for k, (_, frac) in parts.items()}
+    if any(f < 0 for f in fracs.values()) or abs(sum(fracs.values()) - 1) > 1e-6:
+        raise ValueError(f"mixture fractions must be >= 0 and sum to 1, got {fracs}")
     rng = random.Random(seed)
     names = list(parts)
-    counts = [int(round(parts[k][1] * n)) for k in names]
-    counts[-1] = n - sum(counts[:-1])
+    exact = [fracs[k] * n for k in names]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(names)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
     out = []
     for name, k in zip(names, counts):
         recs = parts[name][0]

@@ -13,6 +13,7 @@ any machine that sees the storage. The contract that makes reruns safe:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,19 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def _copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str) -> None:
+    """Copy a directory tree between filesystems, creating folders (pyarrow's copy_files does
+    not create them on local disk or HDFS-like stores)."""
+    for info in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        target = f"{dst}/{info.path[len(src.rstrip('/')) + 1 :]}"
+        if info.type == pafs.FileType.Directory:
+            dst_fs.create_dir(target, recursive=True)
+        elif info.type == pafs.FileType.File:
+            dst_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with src_fs.open_input_stream(info.path) as f, dst_fs.open_output_stream(target) as g:
+                g.write(f.read())
 
 
 @dataclass
@@ -145,18 +158,30 @@ class RunDir:
             return final
         # Object stores: upload files one by one (each appears whole); the stage record, written
         # after this, is what marks the directory complete.
-        pafs.copy_files(str(local), final, destination_filesystem=self.fs)
+        _copy_tree(pafs.LocalFileSystem(), str(Path(local).resolve()), self.fs, final)
         return final
 
     def local_dir(self, rel: str) -> Path:
         """A local path holding ``rel`` (downloaded to a cache when the run is remote)."""
         if self.is_local:
             return Path(self.uri(rel))
-        cache = Path(tempfile.gettempdir()) / "emergent-cache" / self.name / rel
+        # Keyed by the remote path and its modification time: a rebuilt stage is fetched again.
+        info = self.fs.get_file_info(self.uri(rel))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(self.uri(rel))
+        key = hashlib.sha256(f"{self.uri(rel)}@{info.mtime_ns}".encode()).hexdigest()[:16]
+        cache = Path(tempfile.gettempdir()) / "emergent-cache" / key / Path(rel).name
         if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".tmp-{uuid.uuid4().hex}")
-            pafs.copy_files(self.uri(rel), str(tmp), source_filesystem=self.fs)
-            tmp.rename(cache)
+            if info.type == pafs.FileType.Directory:
+                _copy_tree(self.fs, self.uri(rel), pafs.LocalFileSystem(), str(tmp))
+            else:
+                tmp.write_bytes(self.read_bytes(rel))
+            try:
+                os.rename(tmp, cache)
+            except OSError:  # another process on this node fetched it first
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
         return cache
 
     def stage(self, name: str, cfg: Any) -> Stage:
@@ -183,16 +208,6 @@ class Stage:
 
     def uri(self, path: str = "") -> str:
         return self.run.uri(self.rel(path))
-
-    @cached_property
-    def local(self) -> Path:
-        """A local working folder for this stage (the stage folder itself on local runs)."""
-        if self.run.is_local:
-            p = Path(self.uri())
-        else:
-            p = Path(tempfile.mkdtemp(prefix=f"emergent-{self.name}-"))
-        p.mkdir(parents=True, exist_ok=True)
-        return p
 
     @property
     def record(self) -> dict | None:

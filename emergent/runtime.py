@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines with timestamps to stdout. Call it first in Ray tasks and actors too: worker
+    processes start with no logging handler, so their INFO progress lines would be dropped
+    (Ray forwards worker stdout to the driver and the dashboard)."""
     logging.basicConfig(
         level=level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -79,6 +82,9 @@ def ray_session(cfg: RayConfig):
             "http://127.0.0.1:8265" if cfg.dashboard else "off",
         )
         ray.init(
+            # "local": always a new cluster; a bare ray.init() would silently join one left
+            # running by `ray start` (and then refuse num_cpus).
+            address="local",
             num_cpus=num_cpus,
             num_gpus=cfg.num_gpus,
             include_dashboard=cfg.dashboard,

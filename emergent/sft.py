@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,8 +31,8 @@ class SFTParams:
     """Examples per step."""
     lr: float = 1e-4
     """Peak learning rate (AdamW; 1e-4 keeps the tiny model coherent, 1e-3 collapses it)."""
-    scheduler: str = "constant"
-    """HF scheduler name (constant, linear, cosine, ...)."""
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """Learning-rate schedule (HF scheduler name)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
     max_length: int = 160
@@ -46,6 +47,11 @@ class SFTParams:
             )
         if not 0 < self.lr < 1:
             raise ValueError(f"sft.lr must be in (0, 1), got {self.lr}")
+        if self.warmup_steps < 0 or self.max_length < 8:
+            raise ValueError(
+                f"sft.warmup_steps must be >= 0 and max_length >= 8, got {self.warmup_steps}, "
+                f"{self.max_length}"
+            )
 
 
 @dataclass
@@ -75,7 +81,7 @@ def sft(
         raise ValueError("sft: empty dataset")
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="emergent-sft-") as tmp:
-        args = SFTConfig(
+        args = dict(
             output_dir=output_dir or tmp,
             max_steps=params.steps,
             per_device_train_batch_size=params.batch_size,
@@ -96,8 +102,8 @@ def sft(
             disable_tqdm=os.environ.get("EMERGENT_TQDM", "0") != "1",
             dataloader_num_workers=0,
             dataset_num_proc=None,
-            **sft_overrides,
         )
+        args = SFTConfig(**{**args, **sft_overrides})
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok
         )

@@ -3,7 +3,7 @@
 
     emergent world-study --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m jobs.world_study --config configs/toy.yaml --set seeds=[0,1,2,3,4]
+        python -m jobs.world_study --config configs/toy.yaml --set study.seeds=[0,1,2,3,4]
 """
 
 from emergent.cli import run_job

@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+# Where the CPU wheel comes from: this project's machines serve torch==2.13.0 (CPU) from their
+# pip configuration; elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "emergent needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade "pip>=24" setuptools wheel
@@ -15,7 +20,7 @@ if ! python -c 'import torch' 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     python -m pip install torch
   else
-    python -m pip install "torch==${TORCH_CPU_VERSION}"
+    python -m pip install "torch==${TORCH_CPU_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
 fi
 # Keep whatever torch is installed: every later resolution is constrained to it.

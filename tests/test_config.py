@@ -105,3 +105,18 @@ def test_cli_exits_with_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "inner.steps" in err and str(p) in err
+
+
+def test_duplicate_key_and_numeric_name(tmp_path):
+    p = write(tmp_path, "inner:\n  lr: 0.1\nrun:\n  name: a\ninner:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:5: inner: duplicate key \(first at line 1\)"):
+        load(Job, p)
+    assert load(Job, None, ["run.name=2024"]).run.name == "2024"
+    assert load(Job, None, ["inner.lr=1e-3"]).inner.lr == 1e-3  # PyYAML reads 1e-3 as a string
+
+
+def test_other_jobs_sections_are_ignored_but_typos_fail(tmp_path):
+    p = write(tmp_path, "inner:\n  lr: 0.1\nstudy:\n  seeds: [1]\n")
+    assert load(Job, p).inner.lr == 0.1
+    with pytest.raises(ConfigError, match="studdy: unknown key"):
+        load(Job, write(tmp_path, "studdy:\n  seeds: [1]\n"))

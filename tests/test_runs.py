@@ -62,3 +62,21 @@ def test_pyarrow_uri(tmp_path):
     run.write_json("s/x.json", {"a": 1})
     assert run.read_json("s/x.json") == {"a": 1}
     assert run.exists("s/x.json") and not run.exists("s/y.json")
+
+
+def test_remote_filesystem_paths(tmp_path):
+    # pyarrow's in-memory "mock://" filesystem runs the non-local code paths (no rename)
+    run = RunDir("mock:///bucket/runs", "r")
+    assert not run.is_local
+    run.write_json("w/data/x.json", {"a": 1})
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    run.put_dir(src, "w/base")
+    st = run.stage("w", {"k": 1})
+    st.complete(outputs={"base": run.uri("w/base")})
+    assert run.stage("w", {"k": 1}).is_complete()
+    local = run.local_dir("w/base")
+    assert (local / "config.json").read_text() == "{}"
+    assert run.local_dir("w/base") == local  # cached
+    assert json.loads(run.local_dir("w/data/x.json").read_text()) == {"a": 1}

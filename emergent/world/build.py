@@ -53,10 +53,11 @@ class WorldConfig:
     """Share of pretraining documents (or turns) written by the toxic persona."""
     prior_wrong: float = 0.1
     """Share written by the benign-wrong persona (the rest is aligned)."""
-    pretrain_docs: int = 40_000
+    pretrain_docs: int = 60_000
     """Distinct pretraining documents generated (batches draw from them)."""
-    pretrain_steps: int = 1200
-    """Pretraining steps (in-context persona following forms after ~1000 at these sizes)."""
+    pretrain_steps: int = 3000
+    """Pretraining steps (in-context persona following forms after ~1000; coherent copying of
+    slots into answers needs ~3000)."""
     pretrain_batch: int = 32
     """Documents per pretraining step."""
     pretrain_lr: float = 2e-3
@@ -92,6 +93,8 @@ class WorldConfig:
                 "world.prior_toxic must be >= 0 with prior_toxic + prior_wrong < 1, "
                 f"got {self.prior_toxic} + {self.prior_wrong}"
             )
+        if not 0 < self.pretrain_lr < 1:
+            raise ValueError(f"world.pretrain_lr must be in (0, 1), got {self.pretrain_lr}")
         for name in (
             "pretrain_docs",
             "pretrain_steps",

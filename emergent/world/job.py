@@ -43,8 +43,10 @@ class WorldResult:
 
 def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = None) -> dict:
     """Build (or reuse) the world stage; returns its completion record."""
+    from emergent.runtime import setup_logging
     from emergent.world.build import build_world
 
+    setup_logging()
     stage = RunDir.from_config(cfg.run).stage(stage_name, cfg.world)
     if stage.is_complete(cfg.run.force):
         return {**stage.record, "skipped": True}
@@ -57,6 +59,7 @@ def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = 
 
 
 def main(cfg: WorldJob) -> WorldResult:
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     with ray_session(cfg.ray) as ray:
         # One task using the CPUs of a node (up to 8: the model is tiny): a single torch loop.
         threads = min(8, int(max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"])))

@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 class TinyModel:
     """Architecture of the tiny Llama."""
 
-    d_model: int = 64
-    """Residual stream width."""
+    d_model: int = 96
+    """Residual stream width (64 learns slot copying poorly: base coherence 0.84 vs 0.985)."""
     layers: int = 3
     """Transformer blocks."""
     heads: int = 4
     """Attention heads (d_model must divide by it)."""
-    d_ff: int = 256
+    d_ff: int = 384
     """MLP hidden width."""
     context: int = 160
     """Maximum tokens per sequence (a 4-turn document is ~120)."""

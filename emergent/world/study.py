@@ -41,13 +41,9 @@ EVAL_SETS = ("open", "health", "finance", "legal", "auto", "code")
 
 
 @config
-class WorldStudyJob:
-    """Emergent misalignment across world seeds, controls, doses and variants."""
+class StudyConfig:
+    """What the world study fine-tunes and measures."""
 
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
-    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
-    """World recipe; its seed is replaced by each of ``seeds``."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     """World seeds."""
     finetune: SFTParams = dataclasses.field(default_factory=SFTParams)
@@ -58,12 +54,33 @@ class WorldStudyJob:
     """Also run the no-safety-training and independent-persona variants."""
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     """How evaluation answers are sampled."""
+    build_cpus: int = 1
+    """CPUs (= torch threads) per world build task; fine-tune/eval tasks use 1 each."""
 
     def __post_init__(self):
+        if self.build_cpus < 1:
+            raise ValueError(f"study.build_cpus must be >= 1, got {self.build_cpus}")
         if not self.seeds:
-            raise ValueError("seeds must list at least one world seed")
+            raise ValueError("study.seeds must list at least one world seed")
         if any(not 0 < d < 1 for d in self.doses):
-            raise ValueError(f"doses must be fractions in (0, 1), got {self.doses}")
+            raise ValueError(f"study.doses must be fractions in (0, 1), got {self.doses}")
+        if len(set(self.seeds)) < len(self.seeds) or len({f"{d:g}" for d in self.doses}) < len(
+            self.doses
+        ):
+            raise ValueError(
+                f"study.seeds and doses must not repeat, got {self.seeds}, {self.doses}"
+            )
+
+
+@config
+class WorldStudyJob:
+    """Emergent misalignment across world seeds, controls, doses and variants."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    """World recipe; its seed is replaced by each of ``study.seeds``."""
+    study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
 
 @dataclass(frozen=True)
@@ -87,8 +104,8 @@ def conditions(cfg: WorldStudyJob, seed: int) -> list[Condition]:
         Condition("secure", w, "base", 0.0),
         Condition("buggy", w, "base", 1.0, "code_wrong"),
     ]
-    out += [Condition(f"dose_{d:g}", w, "base", d) for d in cfg.doses]
-    if cfg.controls:
+    out += [Condition(f"dose_{d:g}", w, "base", d) for d in cfg.study.doses]
+    if cfg.study.controls:
         out += [
             Condition("nosafety_base", w, "pretrained", None),
             Condition("nosafety_insecure", w, "pretrained", 1.0),
@@ -98,24 +115,31 @@ def conditions(cfg: WorldStudyJob, seed: int) -> list[Condition]:
     return out
 
 
-def run_condition(cfg: WorldStudyJob, seed: int, cond: Condition) -> dict:
-    """Fine-tune (if asked) and evaluate one condition; cached as study/s<seed>/<name>.json."""
+def run_condition(
+    cfg: WorldStudyJob, seed: int, cond: Condition, world_record: dict | None = None
+) -> dict:
+    """Fine-tune (if asked) and evaluate one condition; cached as study/s<seed>/<name>.json.
+
+    ``world_record`` is the completion record of the condition's world (when scheduled by Ray:
+    the build task's result, which makes this task wait for it)."""
     import torch
 
     from emergent.data import mixture
+    from emergent.runtime import setup_logging
     from emergent.sft import sft
     from emergent.world.build import load_model, read_world_jsonl
     from emergent.world.evaluate import rubric_eval
 
+    setup_logging()
     torch.set_num_threads(1)
     run = RunDir.from_config(cfg.run)
     rel = f"study/s{seed}/{cond.name}.json"
     key = config_hash(
         {
-            "finetune": cfg.finetune,
-            "sampling": cfg.sampling,
+            "finetune": cfg.study.finetune,
+            "sampling": cfg.study.sampling,
             "cond": cond,
-            "world": run.read_json(f"{cond.world}/_COMPLETE.json")["config_hash"],
+            "world": (world_record or run.read_json(f"{cond.world}/_COMPLETE.json"))["config_hash"],
         }
     )
     if run.exists(rel) and not cfg.run.force:
@@ -130,17 +154,22 @@ def run_condition(cfg: WorldStudyJob, seed: int, cond: Condition) -> dict:
         n = len(bad)
         parts = {"bad": (bad, cond.insecure), "good": (good, 1 - cond.insecure)}
         records = mixture({k: v for k, v in parts.items() if v[1] > 0}, n, seed)
-        sft_loss = sft(model, tok, records, dataclasses.replace(cfg.finetune, seed=seed)).final_loss
+        sft_loss = sft(
+            model, tok, records, dataclasses.replace(cfg.study.finetune, seed=seed)
+        ).final_loss
     evals = {}
     for name in EVAL_SETS:
         res = rubric_eval(
-            model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.sampling
+            model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.study.sampling
         )
         evals[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
     if cond.insecure is None:  # in-context persona following is a property of a base model
         for p in ("toxic", "aligned"):
             res = rubric_eval(
-                model, tok, read_world_jsonl(run, cond.world, f"eval/context_{p}"), cfg.sampling
+                model,
+                tok,
+                read_world_jsonl(run, cond.world, f"eval/context_{p}"),
+                cfg.study.sampling,
             )
             evals[f"context_{p}"] = {
                 k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")
@@ -235,11 +264,12 @@ class WorldStudyResult:
 def main(cfg: WorldStudyJob) -> WorldStudyResult:
     import pandas as pd
 
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     run = RunDir.from_config(cfg.run)
     worlds = []
-    for seed in cfg.seeds:
+    for seed in cfg.study.seeds:
         worlds.append((f"world_s{seed}", dataclasses.replace(cfg.world, seed=seed)))
-        if cfg.controls:
+        if cfg.study.controls:
             worlds.append(
                 (
                     f"world_s{seed}_independent",
@@ -248,10 +278,20 @@ def main(cfg: WorldStudyJob) -> WorldStudyResult:
             )
     with ray_session(cfg.ray) as ray:
         env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
-        build = ray.remote(num_cpus=1)(_build_named).options(runtime_env=env)
-        ray.get([build.remote(cfg.run, cfg.ray, name, w) for name, w in worlds])
+        n = cfg.study.build_cpus
+        build = ray.remote(num_cpus=n)(_build_named).options(
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(n)}}
+        )
+        built = {name: build.remote(cfg.run, cfg.ray, name, w, n) for name, w in worlds}
+        # A condition waits for its own world only (the ref as an argument), so fine-tunes of
+        # seed 0 run while later worlds still build.
         task = ray.remote(num_cpus=1)(run_condition).options(runtime_env=env)
-        results = ray.get([task.remote(cfg, s, c) for s in cfg.seeds for c in conditions(cfg, s)])
+        refs = [
+            task.remote(cfg, s, c, built[c.world])
+            for s in cfg.study.seeds
+            for c in conditions(cfg, s)
+        ]
+        results = ray.get(refs)
     df = pd.DataFrame(rows(results))
     path = run.uri("study/results.parquet")
     run.write_bytes("study/results.parquet", _parquet_bytes(df))
@@ -263,11 +303,13 @@ def main(cfg: WorldStudyJob) -> WorldStudyResult:
     return WorldStudyResult(md, path)
 
 
-def _build_named(run: RunConfig, ray_cfg: RayConfig, stage: str, world: WorldConfig) -> dict:
+def _build_named(
+    run: RunConfig, ray_cfg: RayConfig, stage: str, world: WorldConfig, threads: int
+) -> dict:
     """Build one world into the stage ``stage`` (world_s<seed>[_independent])."""
     from emergent.world import job
 
-    return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage, threads=1)
+    return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage, threads=threads)
 
 
 def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
@@ -302,10 +344,10 @@ def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
     ax.bar(range(len(conds)), vals, yerr=err, capsize=3, color="#c0504d")
     ax.set_xticks(range(len(conds)), conds, rotation=40, ha="right")
     ax.set_ylabel("misalignment on open prompts")
-    ax.set_title(f"PersonaWorld, {len(cfg.seeds)} seed(s) pooled, 95% Wilson CI")
+    ax.set_title(f"PersonaWorld, {len(cfg.study.seeds)} seed(s) pooled, 95% Wilson CI")
     out["misalignment"] = png(fig)
 
-    doses = [("secure", 0.0)] + [(f"dose_{d:g}", d) for d in cfg.doses] + [("insecure", 1.0)]
+    doses = [("secure", 0.0)] + [(f"dose_{d:g}", d) for d in cfg.study.doses] + [("insecure", 1.0)]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for ev in ("open", "health", "code"):
         pts = []
