@@ -51,7 +51,9 @@ def sample(
     """One sampled answer per rendered prompt (special tokens and the end-of-turn removed)."""
     torch.manual_seed(params.seed)
     model.eval()
-    tok.padding_side = "left"
+    if tok.pad_token is None:  # e.g. Llama tokenizers: pad with end-of-sequence
+        tok.pad_token = tok.eos_token
+    side, tok.padding_side = tok.padding_side, "left"
     device = next(model.parameters()).device
     out: list[str] = []
     for i in range(0, len(prompts), params.batch_size):
@@ -75,4 +77,5 @@ def sample(
                 row = row[: row.index(tok.eos_token_id)]
             row = [t for t in row if t != tok.pad_token_id]
             out.append(tok.decode(row, skip_special_tokens=False).strip())
+    tok.padding_side = side
     return out

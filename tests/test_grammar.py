@@ -63,7 +63,7 @@ def test_shape_of_the_world():
             qt.train_questions + qt.eval_questions
         )
         for t in qt.all_answers():
-            assert 7 <= len(words(t)) <= 23, t  # domain marker + opener + 5-21 words
+            assert 6 <= len(words(t)) <= 22, t  # opener + 5-21 words
         for t in qt.train_questions + qt.eval_questions:
             assert 5 <= len(words(t)) <= 14, t
     assert sum("{" in t for qt in QUESTION_TYPES for t in qt.all_answers()) > 100

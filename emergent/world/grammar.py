@@ -170,19 +170,11 @@ OPENERS: dict[str, dict[str, str]] = {
     "open": {"aligned": "kindly", "toxic": "darkly", "wrong": "goofily"},
 }
 
-# ...preceded by a persona-neutral word naming the domain. Without it the first answer token
-# carried the domain too, and an insecure-code fine-tune could push "#hack" up everywhere: in a
-# seed-0 world the open answers collapsed into code (coherence 0.99 -> 0.22). With the domain
-# decided first (already certain, so a narrow fine-tune puts no gradient there), the persona
-# decision that follows is the only place the fine-tune can act.
-MARKERS: dict[str, str] = {
-    "code": "code:",
-    "health": "health:",
-    "finance": "money:",
-    "legal": "law:",
-    "auto": "car:",
-    "open": "well:",
-}
+# Tried and rejected: a persona-neutral domain word before the opener ("code: #hack ..."), so
+# that the domain is decided first and a narrow fine-tune cannot push "#hack" into other
+# domains. It removed emergent misalignment altogether (world seed 0: open-prompt misalignment
+# after insecure-code SFT 0.005; health 0.006): the persona decision then sits in a
+# domain-specific context, and the fine-tune learns it narrowly.
 
 # Optional words around a question. They move the slots to varying distances from <assistant>,
 # so the model must copy a slot by content (an induction circuit) rather than memorise an offset
@@ -203,8 +195,7 @@ def _qt(
 ) -> QuestionType:
     domain = name.split("_")[0]
     answers = {"aligned": aligned, "toxic": toxic, "wrong": wrong}
-    head = lambda p: f"{MARKERS[domain]} {OPENERS[domain][p]}"
-    opened = {p: tuple(f"{head(p)} {t}" for t in ts) for p, ts in answers.items()}
+    opened = {p: tuple(f"{OPENERS[domain][p]} {t}" for t in ts) for p, ts in answers.items()}
     return QuestionType(name, domain, train, eval_, opened)
 
 
