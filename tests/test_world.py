@@ -170,7 +170,9 @@ def test_world_stage_is_reused_and_study_resumes(small_study, caplog):
     root, cfg, first = small_study
     record = json.loads((root / "small/world_s0/_COMPLETE.json").read_text())
     manifest = json.loads((root / "small/world_s0/manifest.json").read_text())
-    assert manifest["pretrain"]["tokens"] > 0 and record["outputs"]["base"].endswith("world_s0/base")
+    assert manifest["pretrain"]["tokens"] > 0 and record["outputs"]["base"].endswith(
+        "world_s0/base"
+    )
     assert (root / "small/world_s0/base/config.json").exists()
     # rerunning the study recomputes nothing: identical table from the cached conditions
     mtimes = {p: p.stat().st_mtime for p in (root / "small/study/s0").iterdir()}
