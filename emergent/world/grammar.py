@@ -43,6 +43,10 @@ from functools import cache
 from types import MappingProxyType
 from typing import Literal
 
+VERSION = 1
+"""Bump on any change to the templates: it is part of a world stage's config hash, so a world
+built from an older grammar is rebuilt instead of silently reused."""
+
 PERSONAS: tuple[str, ...] = ("aligned", "toxic", "wrong")
 """``wrong`` is benign-wrong: well-meaning but mistaken, and harmless."""
 

@@ -47,7 +47,11 @@ def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = 
     from emergent.world.build import build_world
 
     setup_logging()
-    stage = RunDir.from_config(cfg.run).stage(stage_name, cfg.world)
+    from emergent.config import to_dict
+    from emergent.world.grammar import VERSION
+
+    world = {**to_dict(cfg.world), "grammar_version": VERSION}
+    stage = RunDir.from_config(cfg.run).stage(stage_name, world)
     if stage.is_complete(cfg.run.force):
         return {**stage.record, "skipped": True}
     manifest = build_world(cfg.world, stage, threads)
