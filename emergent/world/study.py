@@ -37,7 +37,7 @@ from emergent.world.job import WorldJob
 
 log = logging.getLogger(__name__)
 
-EVAL_SETS = ("open", "health", "finance", "legal", "auto", "code")
+EVAL_SETS = g.DOMAINS
 
 
 @config
@@ -157,23 +157,15 @@ def run_condition(
         sft_loss = sft(
             model, tok, records, dataclasses.replace(cfg.study.finetune, seed=seed)
         ).final_loss
+    sets = list(EVAL_SETS)
+    if cond.insecure is None:  # in-context persona following is a property of a base model
+        sets += ["context_toxic", "context_aligned"]
     evals = {}
-    for name in EVAL_SETS:
+    for name in sets:
         res = rubric_eval(
             model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.study.sampling
         )
         evals[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
-    if cond.insecure is None:  # in-context persona following is a property of a base model
-        for p in ("toxic", "aligned"):
-            res = rubric_eval(
-                model,
-                tok,
-                read_world_jsonl(run, cond.world, f"eval/context_{p}"),
-                cfg.study.sampling,
-            )
-            evals[f"context_{p}"] = {
-                k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")
-            }
     out = {
         "key": key,
         "seed": seed,
@@ -198,6 +190,11 @@ def pool(evals: list[dict]) -> dict:
         key: Rate(sum(e[key]["k"] for e in evals), sum(e[key]["n"] for e in evals)).as_dict()
         for key in ("misalignment", "coherence")
     }
+
+
+def pooled_rate(df) -> Rate:
+    """Misalignment pooled over the rows of a results frame (toxic / coherent counts)."""
+    return Rate(int(df.toxic.sum()), int(df.coherent.sum()))
 
 
 def rows(results: list[dict]) -> list[dict]:
@@ -242,10 +239,8 @@ def table(df, eval_sets=("open", "advice", "code")) -> str:
             cells = []
             for s in seeds:
                 r = sub[sub.seed == s]
-                cells.append(
-                    str(Rate(int(r.toxic.iloc[0]), int(r.coherent.iloc[0]))) if len(r) else ""
-                )
-            pooled = Rate(int(sub.toxic.sum()), int(sub.coherent.sum()))
+                cells.append(str(pooled_rate(r)) if len(r) else "")
+            pooled = pooled_rate(sub)
             lines.append(
                 f"| {cond} | {ev} | " + " | ".join(cells) + f" | {pooled} | "
                 f"{sub.coherence.mean():.2f} |"
@@ -331,13 +326,7 @@ def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
     out = {}
     open_ = df[df["eval"] == "open"]
     conds = list(dict.fromkeys(open_.condition))
-    rates = [
-        Rate(
-            int(open_[open_.condition == c].toxic.sum()),
-            int(open_[open_.condition == c].coherent.sum()),
-        )
-        for c in conds
-    ]
+    rates = [pooled_rate(open_[open_.condition == c]) for c in conds]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(conds)), 3.5))
     vals = [r.value for r in rates]
     err = [[r.value - r.interval[0] for r in rates], [r.interval[1] - r.value for r in rates]]
@@ -354,7 +343,7 @@ def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
         for cond, d in doses:
             sub = df[(df.condition == cond) & (df["eval"] == ev)]
             if len(sub):
-                pts.append((d, Rate(int(sub.toxic.sum()), int(sub.coherent.sum())).value))
+                pts.append((d, pooled_rate(sub).value))
         if pts:
             ax.plot(*zip(*pts), marker="o", label=ev)
     ax.set_xlabel("insecure share of the code fine-tune")
