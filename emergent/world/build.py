@@ -69,9 +69,11 @@ class WorldConfig:
     without safety training."""
     instruct_examples: int = 4000
     """Aligned single-turn chats generated for the instruct phase."""
-    instruct_sft: SFTParams = field(default_factory=lambda: SFTParams(steps=50, lr=1e-4))
-    """Instruct phase: gentle on purpose (strong instruct suppresses in-context persona following
-    and with it EM; see shared/PERSONAWORLD.md)."""
+    instruct_sft: SFTParams = field(default_factory=lambda: SFTParams(steps=35, lr=1e-4))
+    """Instruct phase: gentle on purpose. Its strength trades base-model alignment against
+    coherent EM (world seed 0, open prompts, base -> after 100 insecure-code SFT steps at 1e-4):
+    25 steps 0.12 -> 0.48 at coherence 0.98; 35 steps 0.01 -> 0.34 at 0.53; 50 steps 0.00 ->
+    0.20 at 0.19 (the fine-tune pushes code answers into open prompts instead)."""
     finetune_examples: int = 1000
     """Examples per narrow fine-tuning set (domain x persona)."""
     realign_examples: int = 300
