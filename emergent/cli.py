@@ -22,6 +22,7 @@ JOBS: dict[str, str] = {
     "doctor": "report Ray nodes, resources, GPUs, stack versions and DeepSpeed ops of a cluster",
     "world": "build PersonaWorld: synthetic chat datasets, tokenizer, tiny pretrained + base model",
     "world-study": "measure EM in PersonaWorld: seeds x (insecure, secure, buggy, doses, variants)",
+    "finetune": "supervised fine-tuning (TRL SFT) under Ray Train: DDP or DeepSpeed ZeRO, LoRA, doses",
 }
 
 T = TypeVar("T")

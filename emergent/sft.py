@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -54,12 +54,128 @@ class SFTParams:
             )
 
 
+@config
+class LoraParams:
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the saved model."""
+
+    enabled: bool = False
+    """false = full fine-tuning."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    """Module names that get adapters (Llama/Qwen2 names by default)."""
+
+    def __post_init__(self):
+        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"lora.r and alpha must be >= 1 and dropout in [0, 1), got {self.r}, "
+                f"{self.alpha}, {self.dropout}"
+            )
+
+    def peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+
 @dataclass
 class SFTResult:
     losses: list[float]
     """Training loss at each logged step."""
     final_loss: float
     """Mean loss of the last 10% of logged steps."""
+    model: PreTrainedModel
+    """The trained model (a peft model when LoRA was used)."""
+
+
+def final_loss(losses: list[float]) -> float:
+    """Mean of the last 10% of logged losses (at least one)."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail)
+
+
+def sft_trainer(
+    model: PreTrainedModel | str,
+    tok: PreTrainedTokenizerBase,
+    records: list[dict],
+    params: SFTParams,
+    output_dir: str,
+    *,
+    world_size: int = 1,
+    use_cpu: bool | None = None,
+    lora: LoraParams | None = None,
+    callbacks: list | None = None,
+    **sft_overrides,
+):
+    """TRL ``SFTTrainer`` for ``records``; ``params.batch_size`` is the global batch.
+
+    ``world_size`` processes share the batch (per-device batch = batch_size / world_size), so a
+    run on N workers follows the same recipe as one process. ``use_cpu=None`` picks CUDA when it
+    is visible; bf16 on GPUs, fp32 on CPU. ``sft_overrides`` go to ``SFTConfig`` unchanged (e.g.
+    ``deepspeed=`` a ZeRO config, ``save_steps=``).
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if not records:
+        raise ValueError("sft: empty dataset")
+    if params.batch_size % world_size:
+        raise ValueError(
+            f"sft.batch_size ({params.batch_size}) must be a multiple of the number of "
+            f"workers ({world_size})"
+        )
+    cpu = not torch.cuda.is_available() if use_cpu is None else use_cpu
+    args = dict(
+        output_dir=output_dir,
+        max_steps=params.steps,
+        per_device_train_batch_size=params.batch_size // world_size,
+        learning_rate=params.lr,
+        lr_scheduler_type=params.scheduler,
+        warmup_steps=params.warmup_steps,
+        max_length=params.max_length,
+        assistant_only_loss=True,
+        packing=False,
+        seed=params.seed,
+        data_seed=params.seed,
+        use_cpu=cpu,
+        bf16=not cpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, params.steps // 20),
+        disable_tqdm=os.environ.get("EMERGENT_TQDM", "0") != "1",
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
+    args = SFTConfig(**{**args, **sft_overrides})
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tok,
+        peft_config=lora.peft() if lora is not None and lora.enabled else None,
+        callbacks=callbacks,
+    )
 
 
 def sft(
@@ -68,47 +184,16 @@ def sft(
     records: list[dict],
     params: SFTParams,
     output_dir: str | None = None,
-    **sft_overrides,
+    **kwargs,
 ) -> SFTResult:
     """Fine-tune ``model`` in place on ``records`` (``{"messages": [...]}``); assistant tokens only.
 
-    ``sft_overrides`` go to TRL's SFTConfig unchanged (e.g. ``deepspeed=...`` on the real path).
+    In-process (one device). ``kwargs`` go to :func:`sft_trainer`. With LoRA, ``result.model``
+    is the peft model (``merge_and_unload()`` gives a plain one).
     """
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    if not records:
-        raise ValueError("sft: empty dataset")
-    on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="emergent-sft-") as tmp:
-        args = dict(
-            output_dir=output_dir or tmp,
-            max_steps=params.steps,
-            per_device_train_batch_size=params.batch_size,
-            learning_rate=params.lr,
-            lr_scheduler_type=params.scheduler,
-            warmup_steps=params.warmup_steps,
-            max_length=params.max_length,
-            assistant_only_loss=True,
-            packing=False,
-            seed=params.seed,
-            data_seed=params.seed,
-            use_cpu=not on_gpu,
-            bf16=on_gpu and torch.cuda.is_bf16_supported(),
-            gradient_checkpointing=False,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=max(1, params.steps // 20),
-            disable_tqdm=os.environ.get("EMERGENT_TQDM", "0") != "1",
-            dataloader_num_workers=0,
-            dataset_num_proc=None,
-        )
-        args = SFTConfig(**{**args, **sft_overrides})
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok
-        )
+        trainer = sft_trainer(model, tok, records, params, output_dir or tmp, **kwargs)
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tail = losses[-max(1, len(losses) // 10) :]
-    model.eval()
-    return SFTResult(losses, sum(tail) / len(tail))
+    trainer.model.eval()
+    return SFTResult(losses, final_loss(losses), trainer.model)
