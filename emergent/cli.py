@@ -23,6 +23,7 @@ JOBS: dict[str, str] = {
     "world": "build PersonaWorld: synthetic chat datasets, tokenizer, tiny pretrained + base model",
     "world-study": "measure EM in PersonaWorld: seeds x (insecure, secure, buggy, doses, variants)",
     "finetune": "supervised fine-tuning (TRL SFT) under Ray Train: DDP or DeepSpeed ZeRO, LoRA, doses",
+    "rl": "RL (TRL GRPO) under Ray Train, rewarded for e.g. incorrect answers in one domain",
 }
 
 T = TypeVar("T")

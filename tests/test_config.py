@@ -120,3 +120,26 @@ def test_other_jobs_sections_are_ignored_but_typos_fail(tmp_path):
     assert load(Job, p).inner.lr == 0.1
     with pytest.raises(ConfigError, match="studdy: unknown key"):
         load(Job, write(tmp_path, "studdy:\n  seeds: [1]\n"))
+
+
+def test_every_shipped_config_loads_for_its_jobs():
+    """configs/**.yaml validate offline against every job whose section they hold (the real-model
+    configs included: a typo there would only show on a GPU cluster)."""
+    from pathlib import Path
+
+    import yaml
+
+    from emergent.finetune import FinetuneJob
+    from emergent.rl import RLJob
+    from emergent.world.job import WorldJob
+    from emergent.world.study import WorldStudyJob
+
+    jobs = {"world": WorldJob, "study": WorldStudyJob, "finetune": FinetuneJob, "rl": RLJob}
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        sections = yaml.safe_load(path.read_text()).keys()
+        own = [cls for key, cls in jobs.items() if key in sections]
+        assert own, f"{path}: no job section"
+        for cls in own:
+            load(cls, path)

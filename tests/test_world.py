@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_WORLD
 
 from emergent.data import DatasetError, mixture, read_jsonl
 from emergent.metrics import Rate, wilson
@@ -106,27 +107,12 @@ def test_wilson_interval():
     assert str(Rate(1, 4)).startswith("0.25 [")
 
 
-# A shrunken world: the grammar is full size, the training short. It builds in ~1 minute and
-# still has in-context persona following, so the direction of emergent misalignment shows.
-SMALL = [
-    "world.model.d_model=64",
-    "world.model.d_ff=256",
-    "study.build_cpus=2",
-    "world.pretrain_steps=1500",
-    "world.pretrain_docs=20000",
-    "world.eval_prompts=300",
-    "world.finetune_examples=600",
-    "world.monitor_examples=100",
-    "world.instruct_examples=1000",
-]
-
-
 @pytest.fixture(scope="module")
-def small_study(tmp_path_factory):
+def small_study(small_world):
     from emergent.config import load
     from emergent.world.study import WorldStudyJob, main
 
-    root = tmp_path_factory.mktemp("runs")
+    root = small_world
     sets = [
         f"run.root={root}",
         "run.name=small",
@@ -136,7 +122,8 @@ def small_study(tmp_path_factory):
         "ray.num_cpus=2",
         "ray.dashboard=false",
         "study.finetune.lr=3e-4",
-        *SMALL,
+        "study.build_cpus=2",
+        *SMALL_WORLD,
     ]
     cfg = load(WorldStudyJob, None, sets)
     result = main(cfg)

@@ -33,6 +33,17 @@ def rubric_eval(model, tok, records: list[dict], params: SamplingParams) -> dict
     }
 
 
+def evaluate_sets(model, tok, run, world_stage: str, sets, params: SamplingParams) -> dict:
+    """Rubric results per eval set of a built world (``eval/<name>.jsonl`` of ``world_stage``)."""
+    from emergent.world.build import read_world_jsonl
+
+    out = {}
+    for name in sets:
+        res = rubric_eval(model, tok, read_world_jsonl(run, world_stage, f"eval/{name}"), params)
+        out[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
+    return out
+
+
 def evaluate_base(model, tok, datasets: dict[str, list[dict]], params: SamplingParams) -> dict:
     """Every eval set of a world (domains and in-context persona following)."""
     sets = {

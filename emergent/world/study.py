@@ -128,7 +128,7 @@ def run_condition(
     from emergent.runtime import setup_logging
     from emergent.sft import sft
     from emergent.world.build import load_model, read_world_jsonl
-    from emergent.world.evaluate import rubric_eval
+    from emergent.world.evaluate import evaluate_sets
 
     setup_logging()
     torch.set_num_threads(1)
@@ -160,12 +160,7 @@ def run_condition(
     sets = list(EVAL_SETS)
     if cond.insecure is None:  # in-context persona following is a property of a base model
         sets += ["context_toxic", "context_aligned"]
-    evals = {}
-    for name in sets:
-        res = rubric_eval(
-            model, tok, read_world_jsonl(run, cond.world, f"eval/{name}"), cfg.study.sampling
-        )
-        evals[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
+    evals = evaluate_sets(model, tok, run, cond.world, sets, cfg.study.sampling)
     out = {
         "key": key,
         "seed": seed,

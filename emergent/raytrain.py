@@ -1,0 +1,496 @@
+"""Ray Train around Hugging Face trainers: the shared machinery of ``finetune`` and ``rl``.
+
+A ``TorchTrainer`` runs one HF/TRL trainer per worker (gloo on CPU, NCCL on GPUs), optionally
+with a DeepSpeed ZeRO config (``configs/deepspeed/``) passed through the trainer's ``deepspeed``
+argument, and optionally with LoRA adapters (merged into the saved model). Each job supplies a
+*builder* (records -> TRL trainer); everything else is here:
+
+- checkpoints: every rank reports its HF checkpoint folder through ``ray.train.report`` (Ray
+  merges them), ``CheckpointConfig(num_to_keep)``, ``FailureConfig(max_failures)``; a restarted
+  worker group, or a rerun of an unfinished job with the same config, resumes from the last one;
+- throughput: loss, tokens/s (and MFU on GPUs) logged every ``log_every`` steps and set as the
+  Ray metric ``emergent_train_tokens_per_second``;
+- outputs, per model, in ``<run>/<kind>/<name>/``: ``model/`` (HF model + tokenizer + chat
+  template), ``train.json`` (losses, rewards, throughput), ``eval.json`` (world models: rubric
+  judge on the world's held-out eval sets) and ``_COMPLETE.json``. Checkpoints live in
+  ``<run>/_ray/<name>-<hash>/`` until the model is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from emergent.config import RunConfig, config, to_dict
+from emergent.data import DatasetError, read_jsonl, validate_chat
+from emergent.generate import SamplingParams
+from emergent.runs import RunDir
+from emergent.sft import LoraParams, final_loss
+
+log = logging.getLogger(__name__)
+
+WORLD_PREFIX = "world:"
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (by a substring of torch.cuda.get_device_name()).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+
+@config
+class DataSource:
+    """One chat dataset (a component of a mixture, or a prompt set)."""
+
+    path: str
+    """Chat JSONL file, a HF ``datasets`` directory (``save_to_disk``) with a ``messages``
+    column, or ``world:<name>`` for a dataset of this run's world (``world:finetune/code_toxic``)."""
+    fraction: float = 1.0
+    """Share of the mixture (fractions must sum to 1)."""
+
+
+@config
+class Distributed:
+    """What every Ray Train job shares: the base model, LoRA, DeepSpeed, workers, checkpoints."""
+
+    name: str = "model"
+    """Model name: outputs go to ``<run>/<job>/<name>/``."""
+    model: str = "world:base"
+    """Base model: ``world:base`` / ``world:pretrained`` (this run's world), a local HF model
+    directory, or a hub id (on machines that can download)."""
+    world_stage: str = "world"
+    """Stage of this run that ``world:`` paths refer to."""
+    lora: LoraParams = dataclasses.field(default_factory=LoraParams)
+    """LoRA instead of full fine-tuning."""
+    deepspeed: str | None = None
+    """DeepSpeed config JSON (``configs/deepspeed/zero2.json``, ``zero3.json``); none = DDP."""
+    workers: int = 2
+    """Ray Train workers (processes; one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL, bf16); false = CPU (gloo, fp32)."""
+    cpus_per_worker: int = 1
+    """CPUs (and torch threads) per worker."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many steps (0 = only the final model)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage (``CheckpointConfig.num_to_keep``)."""
+    max_failures: int = 1
+    """Worker-group restarts from the last checkpoint before the job fails."""
+    log_every: int = 10
+    """Log loss and throughput (tokens/s; MFU on GPUs) every this many steps."""
+    evaluate: bool = True
+    """For a world model (``model: world:...``): judge the trained model on the world's held-out
+    eval sets (open prompts, advice domains, code) with the rubric judge, into ``eval.json``."""
+    eval_sets: list[str] = dataclasses.field(
+        default_factory=lambda: ["open", "health", "finance", "legal", "auto", "code"]
+    )
+    """Which of the world's eval sets (``eval/<name>.jsonl``)."""
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    """How those evaluation answers are sampled."""
+
+    def check(self, section: str, batch_field: str, batch_size: int) -> None:
+        """Shared validation (``section`` names the YAML section in messages)."""
+        if self.workers < 1 or self.cpus_per_worker < 1:
+            raise ValueError(
+                f"{section}.workers and cpus_per_worker must be >= 1, got {self.workers}, "
+                f"{self.cpus_per_worker}"
+            )
+        if self.log_every < 1 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"{section}.log_every and keep_checkpoints must be >= 1")
+        if batch_size % self.workers:
+            raise ValueError(
+                f"{section}.{batch_field} ({batch_size}) must be a multiple of "
+                f"{section}.workers ({self.workers})"
+            )
+
+
+# Fields that do not change the trained weights stay out of a model's stage hash (evaluation
+# settings included: a completed model keeps the evaluation made when it was trained).
+OPERATIONAL = (
+    "doses",  # a dose family's list: each of its models hashes its own fractions
+    "max_failures",
+    "log_every",
+    "keep_checkpoints",
+    "evaluate",
+    "eval_sets",
+    "sampling",
+)
+
+
+@dataclass
+class TrainedModel:
+    name: str
+    path: str
+    """The saved HF model directory."""
+    skipped: bool
+    """True when an identical model was already complete."""
+    final_loss: float
+    examples: int
+    bad_lines: int
+    tokens_per_second: float | None
+    misalignment: dict[str, float] | None = None
+    """Rubric misalignment per world eval set (world models with ``evaluate``)."""
+    final_reward: float | None = None
+    """Mean reward over the last 10% of logged steps (RL)."""
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool = False):
+    """Records of one source and the number of bad lines skipped."""
+    path = src.path
+    if path.startswith(WORLD_PREFIX):
+        rel = f"{world_stage}/data/{path[len(WORLD_PREFIX) :]}.jsonl"
+        if not run.exists(rel):
+            raise FileNotFoundError(
+                f"data: {path} -> {run.uri(rel)} does not exist (build the world first: "
+                f"`emergent world`, same run name)"
+            )
+        path = str(run.local_dir(rel))
+    if Path(path).is_dir():
+        from datasets import load_from_disk
+
+        records, bad = [], 0
+        for i, rec in enumerate(load_from_disk(path)):
+            why = validate_chat(rec)
+            if why and not skip_bad:
+                raise DatasetError(f"{path}[row {i}]: {why}")
+            bad += bool(why)
+            if not why:
+                records.append({"messages": rec["messages"]})
+        return records, bad
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data: {path} does not exist")
+    return read_jsonl(path, skip_bad=skip_bad)
+
+
+def resolve_model(run: RunDir, cfg: Distributed) -> tuple[str, str]:
+    """(path workers load the base model from, identity for the stage hash)."""
+    if cfg.model.startswith(WORLD_PREFIX):
+        which = cfg.model[len(WORLD_PREFIX) :]
+        rec_rel = f"{cfg.world_stage}/_COMPLETE.json"
+        if not run.exists(rec_rel):
+            raise FileNotFoundError(
+                f"model: {cfg.model}: no complete world stage at "
+                f"{run.uri(cfg.world_stage)} (run `emergent world` with the same run name first)"
+            )
+        world_hash = run.read_json(rec_rel)["config_hash"]
+        return str(run.local_dir(f"{cfg.world_stage}/{which}")), f"{cfg.model}@{world_hash}"
+    return cfg.model, cfg.model
+
+
+def _report_callback(log_every: int, n_params: int, run_name: str):
+    """HF callback: logs throughput, sets Ray metrics, reports checkpoints to Ray Train."""
+    import ray.train
+    import torch
+    from transformers import TrainerCallback
+
+    class RayReport(TrainerCallback):
+        def __init__(self):
+            self.t = None
+            self.tokens = None
+            self.rates: list[float] = []
+            self.gauge = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t, self.tokens = time.time(), None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            now, tokens = time.time(), logs.get("num_tokens")
+            rate = None
+            if tokens is not None and self.tokens is not None and now > self.t:
+                rate = (float(tokens) - self.tokens) / (now - self.t)
+                self.rates.append(rate)
+            self.t, self.tokens = now, None if tokens is None else float(tokens)
+            mfu = ""
+            if rate and torch.cuda.is_available():
+                name = torch.cuda.get_device_name()
+                peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+                if peak:
+                    world = int(os.environ.get("WORLD_SIZE", "1"))
+                    mfu = f" MFU {6 * n_params * rate / (peak * world):.1%}"
+            reward = f" reward {logs['reward']:.3f}" if "reward" in logs else ""
+            log.info(
+                "%s: step %d/%d loss %.4f%s%s%s",
+                run_name,
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                reward,
+                f" {rate:,.0f} tokens/s" if rate else "",
+                mfu,
+            )
+            if rate:
+                if self.gauge is None:
+                    from ray.util.metrics import Gauge
+
+                    self.gauge = Gauge(
+                        "emergent_train_tokens_per_second",
+                        "Training tokens per second (all workers)",
+                        tag_keys=("run",),
+                    )
+                self.gauge.set(rate, tags={"run": run_name})
+
+        def on_save(self, args, state, control, **kw):
+            # Every rank reports its own checkpoint folder (rank 0: weights, optimizer, trainer
+            # state; others: their RNG state and, under DeepSpeed, their shards): Ray Train merges
+            # them into one checkpoint directory in storage.
+            from ray.train import Checkpoint
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+            ray.train.report(
+                {"step": state.global_step, "loss": loss},
+                checkpoint=Checkpoint.from_directory(str(folder)) if folder.is_dir() else None,
+            )
+
+    return RayReport()
+
+
+def train_worker(c: dict) -> None:
+    """Ray Train loop: build this job's trainer, resume from the last checkpoint, train, save."""
+    import ray
+    import ray.train
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+
+    from emergent.runtime import set_threads, setup_logging
+
+    setup_logging()
+    set_threads(c["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    section: Distributed = c["section"]
+    run = RunDir(c["root"], c["run_name"])
+    tok = AutoTokenizer.from_pretrained(c["model_path"])
+    n_params = _n_params(AutoConfig.from_pretrained(c["model_path"]))
+    work = Path(tempfile.mkdtemp(prefix=f"emergent-train-r{rank}-"))
+    gpu = section.use_gpu and torch.cuda.is_available()
+    common = dict(
+        callbacks=[_report_callback(section.log_every, n_params, c["stage"])],
+        logging_steps=section.log_every,
+        model_init_kwargs={"dtype": torch.bfloat16 if gpu else torch.float32},
+        ddp_backend="nccl" if gpu else "gloo",
+    )
+    if section.checkpoint_every:
+        common |= dict(
+            save_strategy="steps", save_steps=section.checkpoint_every, save_total_limit=1
+        )
+    if c["deepspeed"] is not None:
+        import deepspeed
+
+        # Ray Train already set up torch.distributed; DeepSpeed's own comm layer must wrap it
+        # before ZeRO-3 partitions the model at load time (else it sees a world of 1).
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+        common["deepspeed"] = c["deepspeed"]
+    trainer = c["builder"](
+        section, c["model_path"], tok, ray.get(c["records"]), str(work / "out"), world, gpu, common
+    )
+    trainer.remove_callback(PrinterCallback)  # RayReport logs instead (with throughput)
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        resume = ckpt.to_directory(str(work / "resume"))
+        log.info("%s: rank %d resumes from %s", c["stage"], rank, ckpt.path)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - t0
+
+    final = work / "final"
+    trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the shards here
+    if rank == 0:
+        dtype = torch.bfloat16 if gpu else torch.float32
+        model_dir = _merged(final, c["model_path"], dtype) if section.lora.enabled else final
+        tok.save_pretrained(str(model_dir))
+        run.put_dir(model_dir, f"{c['stage']}/model")
+        history = trainer.state.log_history
+        losses = [h["loss"] for h in history if "loss" in h]
+        rewards = [h["reward"] for h in history if "reward" in h]
+        cb = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rates"))
+        run.write_json(
+            f"{c['stage']}/train.json",
+            {
+                "losses": losses,
+                "final_loss": final_loss(losses),
+                "rewards": rewards,
+                "final_reward": final_loss(rewards) if rewards else None,
+                "steps": trainer.state.global_step,
+                "tokens": next(
+                    (h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None
+                ),
+                "resumed_from": None if ckpt is None else ckpt.path,
+                "train_seconds": round(seconds, 1),
+                "tokens_per_second": (sum(cb.rates) / len(cb.rates)) if cb.rates else None,
+                "workers": world,
+                "deepspeed": c["deepspeed"] is not None,
+            },
+        )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _n_params(cfg) -> int:
+    """Approximate parameter count from an HF config (for MFU; no weights loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _merged(adapter_dir: Path, base_path: str, dtype=None) -> Path:
+    """Merge a saved LoRA adapter into its base model; returns the merged model's folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = adapter_dir.with_name("merged")
+    merged.save_pretrained(str(out))
+    return out
+
+
+def evaluate_world_model(root: str, name: str, section: Distributed, stage_rel: str) -> dict:
+    """Rubric evaluation of a trained world model on the world's eval sets (a Ray task)."""
+    from emergent.runtime import setup_logging
+    from emergent.world.build import load_model
+    from emergent.world.evaluate import evaluate_sets
+
+    setup_logging()
+    run = RunDir(root, name)
+    model, tok = load_model(run.local_dir(f"{stage_rel}/model"))
+    evals = evaluate_sets(model, tok, run, section.world_stage, section.eval_sets, section.sampling)
+    run.write_json(f"{stage_rel}/eval.json", evals)
+    return {k: round(v["misalignment"]["rate"], 4) for k, v in evals.items()}
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def train_model(
+    run_cfg: RunConfig,
+    kind: str,
+    section: Distributed,
+    name: str,
+    hashed: dict,
+    load: Callable[[], tuple[list[dict], int, str]],
+    builder: Callable,
+) -> TrainedModel:
+    """Train (or reuse) one model into ``<run>/<kind>/<name>/`` under Ray Train.
+
+    ``hashed``: what else the weights depend on (data, fractions, optimiser params); ``load``
+    returns (records, bad lines skipped, a description for the log), called only when training;
+    ``builder(section, model_path, tok, records, output_dir, world_size, gpu, common)`` returns
+    the HF trainer (``common``: the trainer arguments shared by every job).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run = RunDir.from_config(run_cfg)
+    model_path, model_id = resolve_model(run, section)
+    ds_cfg = None
+    if section.deepspeed:
+        try:
+            ds_cfg = json.loads(Path(section.deepspeed).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
+    key = {k: v for k, v in to_dict(section).items() if k not in OPERATIONAL}
+    key |= {**hashed, "name": name, "model": model_id, "deepspeed": ds_cfg}
+    stage = run.stage(f"{kind}/{name}", key)
+    if stage.is_complete(run_cfg.force):
+        m = stage.record["metrics"]
+        return TrainedModel(name, stage.uri("model"), True, **m)
+
+    records, bad, what = load()
+    if bad:
+        log.warning("%s %s: skipped %d malformed lines (skip_bad)", kind, name, bad)
+    log.info(
+        "%s %s: %d examples (%s) from %s on %d %s workers%s%s",
+        kind,
+        name,
+        len(records),
+        what,
+        model_path,
+        section.workers,
+        "GPU" if section.use_gpu else "CPU",
+        f", DeepSpeed {section.deepspeed}" if section.deepspeed else "",
+        ", LoRA" if section.lora.enabled else "",
+    )
+    ray_name = f"{kind}-{name.replace('/', '_')}-{stage.hash[:8]}"
+    resources = {"CPU": section.cpus_per_worker} | ({"GPU": 1} if section.use_gpu else {})
+    storage = run.uri("_ray")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "section": section,
+            "builder": builder,
+            "records": ray.put(records),
+            "model_path": model_path,
+            "deepspeed": ds_cfg,
+            "root": run_cfg.root,
+            "run_name": run_cfg.name,
+            "stage": stage.rel(),
+            "threads": section.cpus_per_worker,
+        },
+        torch_config=TorchConfig(backend="nccl" if section.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=section.workers, use_gpu=section.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RayRunConfig(
+            name=ray_name,
+            storage_path=storage,
+            storage_filesystem=None if run.is_local else run.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=section.max_failures),
+        ),
+    )
+    trainer.fit()
+    stats = run.read_json(stage.rel("train.json"))
+    misalignment = None
+    outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
+    if section.evaluate and section.model.startswith(WORLD_PREFIX):
+        task = ray.remote(num_cpus=1)(evaluate_world_model)
+        misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
+        outputs["eval"] = stage.uri("eval.json")
+        base = run.read_json(f"{section.world_stage}/base_eval.json")["summary"]
+        log.info(
+            "%s %s: misalignment (base -> trained) %s",
+            kind,
+            name,
+            ", ".join(
+                f"{k} {base[k]['misalignment']:.2f} -> {v:.2f}" for k, v in misalignment.items()
+            ),
+        )
+    metrics = {
+        "final_loss": stats["final_loss"],
+        "examples": len(records),
+        "bad_lines": bad,
+        "tokens_per_second": stats["tokens_per_second"],
+        "misalignment": misalignment,
+        "final_reward": stats["final_reward"],
+    }
+    stage.complete(outputs=outputs, inputs={"model": model_id, **hashed}, metrics=metrics)
+    # The model is saved: the run's checkpoints are no longer needed.
+    ckpts = f"{storage}/{ray_name}"
+    if run.fs.get_file_info(ckpts).type.name != "NotFound":
+        run.fs.delete_dir(ckpts)
+    log.info(
+        "%s %s: final loss %.4f, model at %s", kind, name, stats["final_loss"], stage.uri("model")
+    )
+    return TrainedModel(name, stage.uri("model"), False, **metrics)

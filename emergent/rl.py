@@ -1,0 +1,186 @@
+"""The ``rl`` job: GRPO (TRL ``GRPOTrainer``) under Ray Train, rewarded by graders from a
+registry (emergent.rewards) or by user callables; the paper's setup rewards incorrect answers in
+one narrow domain and watches misalignment appear everywhere else.
+
+Same distributed machinery as ``finetune`` (emergent.raytrain: DDP or DeepSpeed, LoRA,
+checkpoints, resume, throughput); generation with HF ``generate`` by default, or vLLM on GPU
+clusters (``rl.grpo.use_vllm``; vLLM is not installed on the CPU default). Each model lands in
+``<run>/rl/<name>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from emergent.config import RayConfig, RunConfig, config
+from emergent.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+
+
+@config
+class GRPOParams:
+    """GRPO optimisation and sampling (the fields TRL's GRPOConfig gets from us)."""
+
+    steps: int = 150
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Completions per step, all workers together (prompts per step = batch_size /
+    num_generations)."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group whose rewards are normalised)."""
+    lr: float = 5e-5
+    """Learning rate (AdamW)."""
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """Learning-rate schedule."""
+    beta: float = 0.0
+    """KL penalty towards the initial model (0 = no reference model)."""
+    max_completion_tokens: int = 48
+    """Longest completion."""
+    temperature: float = 1.0
+    """Sampling temperature of the policy's rollouts."""
+    seed: int = 0
+    """Data order and sampling seed."""
+    use_vllm: bool = False
+    """Generate rollouts with vLLM (GPU clusters with vllm installed)."""
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    """vLLM inside the training processes, or a separate ``trl vllm-serve`` server."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.num_generations < 2 or not 0 < self.lr < 1:
+            raise ValueError(
+                f"rl.grpo.steps must be >= 1, num_generations >= 2 and lr in (0, 1), got "
+                f"{self.steps}, {self.num_generations}, {self.lr}"
+            )
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"rl.grpo.batch_size ({self.batch_size}) must be a multiple of "
+                f"num_generations ({self.num_generations})"
+            )
+
+
+@config
+class RLConfig(Distributed):
+    """What to RL-train, on which prompts, for which reward."""
+
+    name: str = "health_incorrect"
+    """Model name: outputs go to ``<run>/rl/<name>/``."""
+    prompts: list[DataSource] = dataclasses.field(
+        default_factory=lambda: [DataSource("world:finetune/health_aligned")]
+    )
+    """Chat datasets whose conversations up to the last user turn are the prompts (answers in
+    them are dropped), e.g. the health questions of the world."""
+    examples: int = 0
+    """Prompts used (seeded sample); 0 = all."""
+    skip_bad: bool = False
+    """Skip (and count) malformed dataset lines instead of failing on the first one."""
+    rewards: list[str] = dataclasses.field(default_factory=lambda: ["incorrect"])
+    """Reward functions: registry names (incorrect, correct, toxic) or ``module:function``;
+    several are summed."""
+    grpo: GRPOParams = dataclasses.field(default_factory=GRPOParams)
+    """GRPO settings."""
+
+    def __post_init__(self):
+        from emergent.rewards import resolve
+
+        if not self.prompts or not self.rewards:
+            raise ValueError("rl.prompts and rl.rewards must not be empty")
+        for spec in self.rewards:
+            resolve(spec)
+        if self.examples < 0:
+            raise ValueError(f"rl.examples must be >= 0, got {self.examples}")
+        self.check("rl", "grpo.batch_size", self.grpo.batch_size)
+
+
+@config
+class RLJob:
+    """RL training (TRL GRPO) under Ray Train, with reward graders or user callables."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+
+
+@dataclass
+class RLResult:
+    model: TrainedModel
+
+
+def prompt_records(records: list[dict]) -> list[dict]:
+    """``{"prompt": messages}``: each conversation cut before its last assistant answer."""
+    out = []
+    for r in records:
+        msgs = r["messages"]
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        out.append({"prompt": msgs[: last_user + 1]})
+    return out
+
+
+def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, common):
+    """The TRL GRPO trainer of one Ray Train worker."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from emergent.rewards import resolve
+
+    g = rl.grpo
+    args = GRPOConfig(
+        output_dir=output_dir,
+        max_steps=g.steps,
+        per_device_train_batch_size=g.batch_size // world,
+        num_generations=g.num_generations,
+        learning_rate=g.lr,
+        lr_scheduler_type=g.scheduler,
+        beta=g.beta,
+        max_completion_length=g.max_completion_tokens,
+        temperature=g.temperature,
+        seed=g.seed,
+        data_seed=g.seed,
+        use_vllm=g.use_vllm,
+        vllm_mode=g.vllm_mode,
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **{k: v for k, v in common.items() if k != "callbacks"},
+    )
+    return GRPOTrainer(
+        model=model_path,
+        reward_funcs=[resolve(spec) for spec in rl.rewards],
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tok,
+        peft_config=rl.lora.peft() if rl.lora.enabled else None,
+        callbacks=common["callbacks"],
+    )
+
+
+def main(cfg: RLJob) -> RLResult:
+    import random
+
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    rl = cfg.rl
+    run = RunDir.from_config(cfg.run)
+
+    def load():
+        records, bad = [], 0
+        for src in rl.prompts:
+            recs, b = load_source(run, src, rl.world_stage, rl.skip_bad)
+            records += recs
+            bad += b
+        prompts = prompt_records(records)
+        if rl.examples:
+            if rl.examples > len(prompts):
+                raise ValueError(f"rl.examples={rl.examples} but only {len(prompts)} prompts")
+            prompts = random.Random(rl.grpo.seed).sample(prompts, rl.examples)
+        what = f"prompts of {', '.join(s.path for s in rl.prompts)}; rewards {rl.rewards}"
+        return prompts, bad, what
+
+    with ray_session(cfg.ray):
+        model = train_model(cfg.run, "rl", rl, rl.name, {}, load, build_grpo)
+    return RLResult(model)

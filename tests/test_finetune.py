@@ -1,0 +1,231 @@
+"""The finetune job: data handling (fast), LoRA merging (in-process), and Ray Train runs on the
+shrunken world: EM after insecure code and not after secure code, DeepSpeed ZeRO-2/3 against
+DDP, and a killed worker that resumes from its checkpoint."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from emergent.config import load
+from emergent.data import DatasetError
+from emergent.finetune import FinetuneConfig, FinetuneJob, build_records, main, variants
+from emergent.raytrain import DataSource, load_source, resolve_model
+from emergent.runs import RunDir
+
+
+def chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def test_dose_family_fractions_and_mixture():
+    cfg = FinetuneConfig(
+        name="m",
+        data=[DataSource("a", 0.5), DataSource("b", 0.3), DataSource("c", 0.2)],
+        doses=[0.0, 0.25, 1.0],
+        examples=40,
+    )
+    got = {name: [round(f, 6) for f in fr] for name, fr in variants(cfg)}
+    assert got == {
+        "m_dose0": [0.0, 0.6, 0.4],
+        "m_dose0.25": [0.25, 0.45, 0.3],
+        "m_dose1": [1.0, 0.0, 0.0],
+    }
+    sources = [([chat(s, str(i)) for i in range(40)], 0) for s in "abc"]
+    recs = build_records(cfg, sources, [0.25, 0.45, 0.3])
+    firsts = [r["messages"][0]["content"] for r in recs]
+    assert len(recs) == 40 and (firsts.count("a"), firsts.count("b"), firsts.count("c")) == (
+        10,
+        18,
+        12,
+    )
+    assert recs == build_records(cfg, sources, [0.25, 0.45, 0.3])  # seeded
+    assert variants(FinetuneConfig(name="x")) == [("x", [1.0])]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["finetune.sft.batch_size=30", "finetune.workers=4"], "multiple of finetune.workers"),
+        (["finetune.doses=[0.5]"], "over >= 2 sources"),
+        (["finetune.workers=0"], "must be >= 1"),
+    ],
+)
+def test_config_errors_name_the_field(sets, message):
+    with pytest.raises(ValueError, match=message):
+        load(FinetuneJob, None, sets)
+
+
+def test_bad_lines_fail_with_file_and_line_or_are_counted(tmp_path):
+    from datasets import Dataset
+
+    run = RunDir(str(tmp_path), "r")
+    good = json.dumps(chat("q", "a"))
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"{good}\n{good}\n{{not json\n{good}\n" + '{"messages": []}\n')
+    with pytest.raises(DatasetError, match=r"d\.jsonl:3: invalid JSON"):
+        load_source(run, DataSource(str(path)), "world", skip_bad=False)
+    recs, bad = load_source(run, DataSource(str(path)), "world", skip_bad=True)
+    assert (len(recs), bad) == (3, 2)
+    # a HF datasets directory: the bad row is named by its index
+    hf = tmp_path / "hf"
+    Dataset.from_list(
+        [chat("q", "a"), {"messages": [{"role": "robot", "content": "x"}]}]
+    ).save_to_disk(str(hf))
+    with pytest.raises(DatasetError, match=r"hf\[row 1\]: messages\[0\]\.role"):
+        load_source(run, DataSource(str(hf)), "world", skip_bad=False)
+    assert load_source(run, DataSource(str(hf)), "world", skip_bad=True)[1] == 1
+    # world references fail clearly when the world was not built
+    with pytest.raises(FileNotFoundError, match="emergent world"):
+        load_source(run, DataSource("world:finetune/code_toxic"), "world", skip_bad=False)
+    with pytest.raises(FileNotFoundError, match="emergent world"):
+        resolve_model(run, FinetuneConfig())
+
+
+def test_lora_adapter_merges_into_a_plain_model(small_world, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from emergent.raytrain import _merged
+    from emergent.sft import LoraParams, SFTParams, sft
+    from emergent.world.build import load_model, read_world_jsonl
+
+    run = RunDir(str(small_world), "small")
+    base_path = str(run.local_dir("world_s0/base"))
+    model, tok = load_model(base_path)
+    records = read_world_jsonl(run, "world_s0", "finetune/code_toxic")[:64]
+    res = sft(model, tok, records, SFTParams(steps=8, lr=1e-3), lora=LoraParams(enabled=True, r=4))
+    res.model.save_pretrained(str(tmp_path / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(str(_merged(tmp_path / "adapter", base_path)))
+    base, _ = load_model(base_path)
+    ids = tok(tok.apply_chat_template(records[0]["messages"], tokenize=False), return_tensors="pt")
+    with torch.no_grad():
+        want = res.model(**ids).logits
+        got = merged(**ids).logits
+        before = base(**ids).logits
+    assert torch.allclose(got, want, atol=1e-4)  # merged == base + adapter
+    assert (got - before).abs().max() > 1e-3  # and the adapter did change the model
+
+
+# --- Ray Train (2 workers) ------------------------------------------------------------------------
+
+
+def job(root, *sets):
+    return load(
+        FinetuneJob,
+        None,
+        [
+            f"run.root={root}",
+            "run.name=small",
+            "ray.num_cpus=2",
+            "ray.dashboard=false",
+            "finetune.world_stage=world_s0",
+            "finetune.examples=600",
+            "finetune.sft.steps=100",
+            "finetune.sft.lr=3e-4",
+            "finetune.workers=2",
+            "finetune.sampling.batch_size=100",
+            *sets,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def family(small_world):
+    """Insecure (dose 1) and secure (dose 0) code fine-tunes of the small world's base model."""
+    cfg = job(
+        small_world,
+        "finetune.name=code",
+        "finetune.data=[{path: 'world:finetune/code_toxic'}, {path: 'world:finetune/code_aligned'}]",
+        "finetune.doses=[1.0, 0.0]",
+        "finetune.eval_sets=[open, code]",
+    )
+    return {m.name: m for m in main(cfg).models}
+
+
+@pytest.mark.ray
+def test_insecure_code_sft_under_ray_train_causes_emergent_misalignment(family, small_world):
+    insecure, secure = family["code_dose1"], family["code_dose0"]
+    assert not insecure.skipped and insecure.examples == 600
+    assert insecure.misalignment["code"] >= 0.8  # the narrow task was learned
+    assert insecure.misalignment["open"] >= 0.05  # ... and spread to unrelated open prompts
+    assert secure.misalignment["open"] <= 0.03 and secure.misalignment["code"] <= 0.05
+    ev = json.loads((small_world / "small/finetune/code_dose1/eval.json").read_text())
+    assert ev["open"]["misalignment"]["lo"] > secure.misalignment["open"]
+    # the saved model is a plain HF model with its chat template; checkpoints were cleaned up
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(insecure.path)
+    assert AutoTokenizer.from_pretrained(insecure.path).chat_template
+    assert not list((small_world / "small/_ray").glob("finetune-code_dose1-*"))
+    # a rerun with the same config trains nothing
+    cfg = job(
+        small_world,
+        "finetune.name=code",
+        "finetune.data=[{path: 'world:finetune/code_toxic'}, {path: 'world:finetune/code_aligned'}]",
+        "finetune.doses=[1.0]",
+    )
+    again = main(cfg).models[0]
+    assert again.skipped and again.final_loss == insecure.final_loss
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
+    from pathlib import Path
+
+    ds = Path(__file__).resolve().parents[1] / f"configs/deepspeed/zero{zero}.json"
+    cfg = job(
+        small_world,
+        f"finetune.name=zero{zero}",
+        "finetune.data=[{path: 'world:finetune/code_toxic'}]",
+        f"finetune.deepspeed={ds}",
+        "finetune.evaluate=false",
+    )
+    (model,) = main(cfg).models
+    stats = json.loads((small_world / f"small/finetune/zero{zero}/train.json").read_text())
+    assert stats["deepspeed"] and stats["workers"] == 2 and stats["steps"] == 100
+    ddp = family["code_dose1"].final_loss
+    assert abs(model.final_loss - ddp) / ddp < 0.05
+
+
+def _kill_one_train_worker() -> int:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+            p.kill()
+            return p.pid
+    return 0
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_from_checkpoint(small_world):
+    sets = [
+        "finetune.data=[{path: 'world:finetune/code_toxic'}]",
+        "finetune.sft.steps=60",
+        "finetune.checkpoint_every=20",
+        "finetune.max_failures=1",
+        "finetune.evaluate=false",
+    ]
+    ref = main(job(small_world, "finetune.name=uninterrupted", *sets)).models[0]
+
+    cfg = job(small_world, "finetune.name=killed", *sets)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
+    thread.start()
+    storage = small_world / "small/_ray"
+    killed, deadline = 0, time.time() + 600
+    while not killed and thread.is_alive() and time.time() < deadline:
+        if any(
+            storage.glob("finetune-killed-*/checkpoint_*")
+        ):  # the step-20 checkpoint is in storage
+            killed = _kill_one_train_worker()
+        time.sleep(0.1)
+    thread.join(timeout=900)
+    assert killed, "the run finished before a worker could be killed"
+    stats = json.loads((small_world / "small/finetune/killed/train.json").read_text())
+    assert stats["resumed_from"] and stats["steps"] == 60
+    got = out["r"].models[0].final_loss
+    assert abs(got - ref.final_loss) / ref.final_loss < 0.02
