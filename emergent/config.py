@@ -241,7 +241,11 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.get_default(call_default_factory=True)
         tname = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        doc = " ".join((f.description or "").split())
+        # A field inherited from a base config keeps its docstring on the base class only.
+        docs = [f.description] + [
+            getattr(b, "__pydantic_fields__", {}).get(name, f).description for b in cls.__mro__[1:]
+        ]
+        doc = " ".join((next((d for d in docs if d), "")).split())
         out.append(f"  {key} ({tname}, default {default!r}): {doc}")
     return out
 

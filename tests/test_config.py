@@ -143,3 +143,14 @@ def test_every_shipped_config_loads_for_its_jobs():
         assert own, f"{path}: no job section"
         for cls in own:
             load(cls, path)
+
+
+def test_every_job_key_is_documented_in_help():
+    from emergent.cli import JOBS
+    from emergent.config import describe
+
+    for job in JOBS:
+        module = __import__(f"jobs.{job.replace('-', '_')}", fromlist=["cli"])
+        cls = next(v for k, v in vars(module).items() if k.endswith("Job") and isinstance(v, type))
+        for line in describe(cls):
+            assert not line.rstrip().endswith("):"), f"{job}: undocumented key {line.strip()}"
