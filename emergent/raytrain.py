@@ -178,7 +178,9 @@ def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool =
 
 
 def resolve_model(run: RunDir, cfg: Distributed) -> tuple[str, str]:
-    """(path workers load the base model from, identity for the stage hash)."""
+    """(where the base model is, identity for the stage hash): a path relative to the run for a
+    world model (each worker fetches it: the run may be on an object store), else an HF path
+    or hub id."""
     if cfg.model.startswith(WORLD_PREFIX):
         which = cfg.model[len(WORLD_PREFIX) :]
         rec_rel = f"{cfg.world_stage}/_COMPLETE.json"
@@ -188,7 +190,7 @@ def resolve_model(run: RunDir, cfg: Distributed) -> tuple[str, str]:
                 f"{run.uri(cfg.world_stage)} (run `emergent world` with the same run name first)"
             )
         world_hash = run.read_json(rec_rel)["config_hash"]
-        return str(run.local_dir(f"{cfg.world_stage}/{which}")), f"{cfg.model}@{world_hash}"
+        return f"{cfg.world_stage}/{which}", f"{cfg.model}@{world_hash}"
     return cfg.model, cfg.model
 
 
@@ -277,8 +279,11 @@ def train_worker(c: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     section: Distributed = c["section"]
     run = RunDir(c["root"], c["run_name"])
-    tok = AutoTokenizer.from_pretrained(c["model_path"])
-    n_params = _n_params(AutoConfig.from_pretrained(c["model_path"]))
+    model_path = c["model_path"]
+    if section.model.startswith(WORLD_PREFIX):
+        model_path = str(run.local_dir(model_path))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    n_params = _n_params(AutoConfig.from_pretrained(model_path))
     work = Path(tempfile.mkdtemp(prefix=f"emergent-train-r{rank}-"))
     gpu = section.use_gpu and torch.cuda.is_available()
     common = dict(
@@ -299,7 +304,7 @@ def train_worker(c: dict) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
         common["deepspeed"] = c["deepspeed"]
     trainer = c["builder"](
-        section, c["model_path"], tok, ray.get(c["records"]), str(work / "out"), world, gpu, common
+        section, model_path, tok, ray.get(c["records"]), str(work / "out"), world, gpu, common
     )
     trainer.remove_callback(PrinterCallback)  # RayReport logs instead (with throughput)
     resume = None
@@ -315,7 +320,7 @@ def train_worker(c: dict) -> None:
     trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the shards here
     if rank == 0:
         dtype = torch.bfloat16 if gpu else torch.float32
-        model_dir = _merged(final, c["model_path"], dtype) if section.lora.enabled else final
+        model_dir = _merged(final, model_path, dtype) if section.lora.enabled else final
         tok.save_pretrained(str(model_dir))
         run.put_dir(model_dir, f"{c['stage']}/model")
         history = trainer.state.log_history
@@ -426,7 +431,7 @@ def train_model(
         name,
         len(records),
         what,
-        model_path,
+        model_id,
         section.workers,
         "GPU" if section.use_gpu else "CPU",
         f", DeepSpeed {section.deepspeed}" if section.deepspeed else "",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from emergent.config import RayConfig, RunConfig, config
+from emergent.data import DatasetError
 from emergent.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -111,9 +112,12 @@ class RLResult:
 def prompt_records(records: list[dict]) -> list[dict]:
     """``{"prompt": messages}``: each conversation cut before its last assistant answer."""
     out = []
-    for r in records:
+    for n, r in enumerate(records):
         msgs = r["messages"]
-        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            raise DatasetError(f"rl.prompts: record {n} has no user turn to prompt with")
+        last_user = users[-1]
         out.append({"prompt": msgs[: last_user + 1]})
     return out
 
