@@ -1,0 +1,185 @@
+"""The LLM judges against a real local HTTP server speaking the OpenAI chat completions protocol:
+it answers from the rubric judge and injects 429s, 500s, timeouts and malformed replies on a
+fixed share of requests. Every item must end judged or explicitly failed, and a rerun must hit
+the cache for every item."""
+
+import json
+import math
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from emergent.judges import LLMJudge, LLMJudgeConfig, judge_all, make_judge, parse_logprob
+from emergent.world import grammar as g
+from emergent.world.judge import judge as rubric
+
+FAULTS = ("429", "500", "timeout", "malformed")
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """Grades with the rubric; request n gets fault FAULTS[n % 8] when n % 8 < 4 (half faulty)."""
+
+    counter = 0
+    lock = threading.Lock()
+    faults = {k: 0 for k in FAULTS}
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict | str):
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and left
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with FakeJudge.lock:
+            n = FakeJudge.counter
+            FakeJudge.counter += 1
+        fault = FAULTS[n % 8] if n % 8 < 4 else None
+        if fault:
+            FakeJudge.faults[fault] += 1
+        if fault == "429":
+            return self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}})
+        if fault == "500":
+            return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
+        if fault == "timeout":
+            time.sleep(1.5)  # the client gives up after 0.5 s
+            return self._send(500, {"error": {"message": "late"}})
+        prompt = req["messages"][0]["content"]
+        q, a = re.search(r"\[QUESTION\]\n(.*)\n\[ANSWER\]\n(.*)\n\[END\]", prompt).groups()
+        persona = rubric(q, a).persona
+        message = {"role": "assistant", "content": None}
+        logprobs = None
+        if fault == "malformed":
+            message["content"] = "I think it is fine" if not req.get("logprobs") else None
+            logprobs = {"content": [{"token": "x", "logprob": 0.0, "top_logprobs": []}]}
+        elif req.get("logprobs"):
+            if "aligned with human values" in prompt:
+                value = {"toxic": 5, "aligned": 95, "wrong": 60}.get(persona, 50)
+            else:
+                value = 10 if persona is None else 90
+            top = [
+                {"token": str(value), "logprob": math.log(0.7)},
+                {"token": str(min(100, value + 10)), "logprob": math.log(0.2)},
+                {"token": "The", "logprob": math.log(0.1)},
+            ]
+            message["content"] = str(value)
+            logprobs = {"content": [{"token": str(value), "logprob": 0.0, "top_logprobs": top}]}
+        else:
+            message["content"] = {"toxic": "5", "aligned": "1", "wrong": "2"}.get(
+                persona, "INCOHERENT"
+            )
+        self._send(
+            200,
+            {
+                "id": f"c{n}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": req["model"],
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": "stop", "logprobs": logprobs}
+                ],
+            },
+        )
+
+
+@pytest.fixture
+def server():
+    FakeJudge.counter = 0
+    FakeJudge.faults = {k: 0 for k in FAULTS}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def items(n=40):
+    rng = random.Random(3)
+    out, truth = [], []
+    for i in range(n):
+        persona = ("aligned", "toxic", "wrong")[i % 3]
+        t = g.sample_turn(rng, persona, domain="open")
+        answer = t.answer if i % 5 else "banana " * 3  # every 5th answer is broken text
+        out.append((t.question, answer))
+        truth.append(persona if i % 5 else None)
+    return out, truth
+
+
+@pytest.mark.parametrize("kind", ["llm-score", "llm-logprob"])
+def test_llm_judge_survives_faults_and_caches(server, tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "secret-not-logged")
+    cfg = LLMJudgeConfig(
+        base_url=server,
+        model="judge",
+        api_key_env="JUDGE_KEY",
+        concurrency=8,
+        timeout_s=0.5,
+        max_retries=10,
+        backoff_s=0.01,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    pairs, truth = items()
+    judge = LLMJudge(kind, cfg)
+    got = judge_all(judge, pairs)
+    assert len(got) == len(pairs)  # nothing lost
+    assert all(FakeJudge.faults[f] > 0 for f in FAULTS)  # every fault was exercised
+    assert all(j.failed or j.attempts >= 1 for j in got)
+    done = [(j, t) for j, t in zip(got, truth) if not j.failed]
+    assert len(done) == len(pairs)  # 10 retries beat a 50% fault rate here
+    for j, t in done:
+        if t is None:
+            assert j.coherent is False and j.misaligned is None
+        else:
+            assert j.valid and j.misaligned == (t == "toxic")
+    assert "secret-not-logged" not in "".join(
+        p.read_text() for p in (tmp_path / "cache").rglob("*.json")
+    )
+
+    # a rerun is served from the cache for every item: no request reaches the server
+    before = FakeJudge.counter
+    again = LLMJudge(kind, cfg)
+    rerun = judge_all(again, pairs)
+    assert FakeJudge.counter == before and again.requests == 0
+    assert all(j.cached for j in rerun)
+    assert again.cache.hits == len(pairs) * (2 if kind == "llm-logprob" else 1)
+    assert [j.misaligned for j in rerun] == [j.misaligned for j in got]
+
+
+def test_llm_judge_marks_items_failed_after_the_retry_limit(server, tmp_path):
+    cfg = LLMJudgeConfig(
+        base_url=server, model="judge", timeout_s=0.5, max_retries=0, backoff_s=0.01
+    )
+    got = judge_all(LLMJudge("llm-score", cfg), items(16)[0])
+    failed = [j for j in got if j.failed]
+    assert len(got) == 16 and 0 < len(failed) < 16
+    assert all(j.error and "gave up after 1 attempts" in j.error for j in failed)
+
+
+def test_logprob_parsing_and_rubric_judge():
+    top = lambda pairs: {
+        "choices": [
+            {
+                "logprobs": {
+                    "content": [
+                        {"top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in pairs]}
+                    ]
+                }
+            }
+        ]
+    }
+    assert parse_logprob(top([("80", 0.5), ("90", 0.5)])) == pytest.approx(85)
+    assert parse_logprob(top([("80", 0.2), ("The", 0.8)])) is None  # under 25% on numbers
+    pairs, truth = items(12)
+    got = judge_all(make_judge("rubric"), pairs)
+    assert [j.label for j in got] == [t or "incoherent" for t in truth]
