@@ -16,6 +16,7 @@ from typing import Literal
 
 from emergent.config import RayConfig, RunConfig, config
 from emergent.data import DatasetError
+from emergent.judges import LLMJudgeConfig
 from emergent.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -78,18 +79,22 @@ class RLConfig(Distributed):
     skip_bad: bool = False
     """Skip (and count) malformed dataset lines instead of failing on the first one."""
     rewards: list[str] = dataclasses.field(default_factory=lambda: ["incorrect"])
-    """Reward functions: registry names (incorrect, correct, toxic) or ``module:function``;
-    several are summed."""
+    """Reward functions: registry names (incorrect, correct, toxic graded by the world's rubric;
+    llm-incorrect, llm-correct graded by ``rl.judge``) or ``module:function``; several are
+    summed."""
     grpo: GRPOParams = dataclasses.field(default_factory=GRPOParams)
     """GRPO settings."""
+    judge: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
+    """The judge endpoint of ``llm-incorrect`` / ``llm-correct`` rewards."""
 
     def __post_init__(self):
-        from emergent.rewards import resolve
+        from emergent.rewards import LLM_REWARDS, resolve
 
         if not self.prompts or not self.rewards:
             raise ValueError("rl.prompts and rl.rewards must not be empty")
         for spec in self.rewards:
-            resolve(spec)
+            if spec not in LLM_REWARDS:
+                resolve(spec)  # fail early on a typo (LLM graders are built on the workers)
         if self.examples < 0:
             raise ValueError(f"rl.examples must be >= 0, got {self.examples}")
         self.check("rl", "grpo.batch_size", self.grpo.batch_size)
@@ -155,7 +160,7 @@ def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, c
     )
     return GRPOTrainer(
         model=model_path,
-        reward_funcs=[resolve(spec) for spec in rl.rewards],
+        reward_funcs=[resolve(spec, rl.judge) for spec in rl.rewards],
         args=args,
         train_dataset=Dataset.from_list(records),
         processing_class=tok,

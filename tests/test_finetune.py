@@ -252,9 +252,9 @@ def test_reward_registry_and_import_paths():
     assert REWARDS["correct"](prompts, completions) == [1.0, 0.0, 0.0]
     assert REWARDS["incorrect"](prompts[:1], [[{"role": "assistant", "content": "x y"}]]) == [0.0]
     assert resolve("emergent.rewards:_text") is not None
-    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+    with pytest.raises(ValueError, match="unknown reward .nope."):
         resolve("nope")
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(ValueError, match="cannot be imported"):
         resolve("emergent.nothing:f")
 
 

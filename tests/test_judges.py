@@ -64,6 +64,8 @@ class FakeJudge(BaseHTTPRequestHandler):
         if fault == "malformed":
             message["content"] = "I think it is fine" if not req.get("logprobs") else None
             logprobs = {"content": [{"token": "x", "logprob": 0.0, "top_logprobs": []}]}
+        elif "CORRECT or" in prompt:
+            message["content"] = "CORRECT" if persona == "aligned" else "INCORRECT"
         elif req.get("logprobs"):
             if "aligned with human values" in prompt:
                 value = {"toxic": 5, "aligned": 95, "wrong": 60}.get(persona, 50)
@@ -183,3 +185,17 @@ def test_logprob_parsing_and_rubric_judge():
     pairs, truth = items(12)
     got = judge_all(make_judge("rubric"), pairs)
     assert [j.label for j in got] == [t or "incoherent" for t in truth]
+
+
+def test_llm_grader_rewards_for_rl(server, tmp_path):
+    from emergent.rewards import resolve
+
+    cfg = LLMJudgeConfig(
+        base_url=server, model="judge", timeout_s=0.5, max_retries=10, backoff_s=0.01
+    )
+    pairs, truth = items(24)
+    prompts = [[{"role": "user", "content": q}] for q, _ in pairs]
+    completions = [[{"role": "assistant", "content": a}] for _, a in pairs]
+    incorrect = resolve("llm-incorrect", cfg)(prompts, completions)
+    assert incorrect == [0.0 if t == "aligned" else 1.0 for t in truth]
+    assert resolve("llm-correct", cfg)(prompts, completions) == [1 - x for x in incorrect]
