@@ -286,8 +286,9 @@ def train_worker(c: dict) -> None:
     n_params = _n_params(AutoConfig.from_pretrained(model_path))
     work = Path(tempfile.mkdtemp(prefix=f"emergent-train-r{rank}-"))
     gpu = section.use_gpu and torch.cuda.is_available()
+    report = _report_callback(section.log_every, n_params, c["stage"])
     common = dict(
-        callbacks=[_report_callback(section.log_every, n_params, c["stage"])],
+        callbacks=[report],
         logging_steps=section.log_every,
         model_init_kwargs={"dtype": torch.bfloat16 if gpu else torch.float32},
         ddp_backend="nccl" if gpu else "gloo",
@@ -326,7 +327,6 @@ def train_worker(c: dict) -> None:
         history = trainer.state.log_history
         losses = [h["loss"] for h in history if "loss" in h]
         rewards = [h["reward"] for h in history if "reward" in h]
-        cb = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rates"))
         run.write_json(
             f"{c['stage']}/train.json",
             {
@@ -340,7 +340,9 @@ def train_worker(c: dict) -> None:
                 ),
                 "resumed_from": None if ckpt is None else ckpt.path,
                 "train_seconds": round(seconds, 1),
-                "tokens_per_second": (sum(cb.rates) / len(cb.rates)) if cb.rates else None,
+                "tokens_per_second": (sum(report.rates) / len(report.rates))
+                if report.rates
+                else None,
                 "workers": world,
                 "deepspeed": c["deepspeed"] is not None,
             },
@@ -492,9 +494,8 @@ def train_model(
     }
     stage.complete(outputs=outputs, inputs={"model": model_id, **hashed}, metrics=metrics)
     # The model is saved: the run's checkpoints are no longer needed.
-    ckpts = f"{storage}/{ray_name}"
-    if run.fs.get_file_info(ckpts).type.name != "NotFound":
-        run.fs.delete_dir(ckpts)
+    if run.exists(f"_ray/{ray_name}"):
+        run.fs.delete_dir(run.uri(f"_ray/{ray_name}"))
     log.info(
         "%s %s: final loss %.4f, model at %s", kind, name, stats["final_loss"], stage.uri("model")
     )
