@@ -24,6 +24,7 @@ JOBS: dict[str, str] = {
     "world-study": "measure EM in PersonaWorld: seeds x (insecure, secure, buggy, doses, variants)",
     "finetune": "supervised fine-tuning (TRL SFT) under Ray Train: DDP or DeepSpeed ZeRO, LoRA, doses",
     "rl": "RL (TRL GRPO) under Ray Train, rewarded for e.g. incorrect answers in one domain",
+    "evaluate": "sample answers on Ray Data, judge them (rubric / LLM), misalignment with intervals",
 }
 
 T = TypeVar("T")

@@ -187,7 +187,7 @@ def _resolve(cls: type, loc: tuple) -> type | None:
 
 # Top-level sections any job's config may have. One YAML file can configure a whole study: a
 # job ignores the sections of other jobs, but a key that is nobody's section is a typo.
-SECTIONS = frozenset({"run", "ray", "world", "study", "finetune", "rl"})
+SECTIONS = frozenset({"run", "ray", "world", "study", "finetune", "rl", "evaluate"})
 
 
 def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = ()) -> T:

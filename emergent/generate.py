@@ -44,18 +44,31 @@ def chat_prompts(tok: PreTrainedTokenizerBase, conversations: list[list[dict]]) 
     ]
 
 
-@torch.no_grad()
 def sample(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], params: SamplingParams
 ) -> list[str]:
     """One sampled answer per rendered prompt (special tokens and the end-of-turn removed)."""
-    torch.manual_seed(params.seed)
+    return sample_counted(model, tok, prompts, params)[0]
+
+
+@torch.no_grad()
+def sample_counted(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    params: SamplingParams,
+    seed: int | None = None,
+) -> tuple[list[str], list[int]]:
+    """Answers and the number of tokens generated for each (up to and including end of turn).
+    ``seed`` overrides ``params.seed``."""
+    torch.manual_seed(params.seed if seed is None else seed)
     model.eval()
     if tok.pad_token is None:  # e.g. Llama tokenizers: pad with end-of-sequence
         tok.pad_token = tok.eos_token
     side, tok.padding_side = tok.padding_side, "left"
     device = next(model.parameters()).device
     out: list[str] = []
+    counts: list[int] = []
     for i in range(0, len(prompts), params.batch_size):
         chunk = prompts[i : i + params.batch_size]
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -74,8 +87,9 @@ def sample(
             # Cut at the end of turn; any other special token the model emits stays in the text
             # (a judge must see it), only padding is dropped.
             if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            row = [t for t in row if t != tok.pad_token_id]
+                row = row[: row.index(tok.eos_token_id) + 1]
+            counts.append(len(row))
+            row = [t for t in row if t not in (tok.pad_token_id, tok.eos_token_id)]
             out.append(tok.decode(row, skip_special_tokens=False).strip())
     tok.padding_side = side
-    return out
+    return out, counts

@@ -39,3 +39,23 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cluster_bootstrap(
+    k: list[int], n: list[int], iters: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the pooled rate sum(k)/sum(n), resampling whole clusters
+    (questions: samples of one question are not independent). (nan, nan) without data."""
+    import numpy as np
+
+    k_arr, n_arr = np.asarray(k, float), np.asarray(n, float)
+    keep = n_arr > 0
+    k_arr, n_arr = k_arr[keep], n_arr[keep]
+    if not len(n_arr):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(n_arr), size=(iters, len(n_arr)))
+    rates = k_arr[idx].sum(1) / n_arr[idx].sum(1)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(rates, [tail, 1 - tail])
+    return float(lo), float(hi)

@@ -14,6 +14,7 @@ any machine that sees the storage. The contract that makes reruns safe:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -132,6 +133,26 @@ class RunDir:
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_parquet(self, rel: str, df) -> str:
+        """A pandas DataFrame as Parquet, atomically."""
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return self.write_bytes(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str):
+        import pandas as pd
+
+        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+
+    def write_figure(self, rel: str, fig) -> str:
+        """A matplotlib figure as PNG, atomically (the figure is closed)."""
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return self.write_bytes(rel, buf.getvalue())
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.uri(rel)) as f:

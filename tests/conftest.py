@@ -42,3 +42,53 @@ def small_world(tmp_path_factory):
     build_stage(cfg, "world_s0", threads=2)
     torch.set_num_threads(1)
     return root
+
+
+@pytest.fixture
+def server():
+    """A local OpenAI-compatible judge server with injected faults (tests/fake_openai.py)."""
+    from fake_openai import serve
+
+    url, shutdown = serve()
+    yield url
+    shutdown()
+
+
+def finetune_job(root, *sets):
+    """A 2-worker Ray Train fine-tune of the small world's base model (``--set`` overrides)."""
+    from emergent.config import load
+    from emergent.finetune import FinetuneJob
+
+    return load(
+        FinetuneJob,
+        None,
+        [
+            f"run.root={root}",
+            "run.name=small",
+            "ray.num_cpus=2",
+            "ray.dashboard=false",
+            "finetune.world_stage=world_s0",
+            "finetune.examples=600",
+            "finetune.sft.steps=100",
+            "finetune.sft.lr=3e-4",
+            "finetune.workers=2",
+            "finetune.sampling.batch_size=100",
+            *sets,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def family(small_world):
+    """Insecure (dose 1: ``code_dose1``) and secure (dose 0: ``code_dose0``) code fine-tunes of
+    the small world's base model, under Ray Train."""
+    from emergent.finetune import main
+
+    cfg = finetune_job(
+        small_world,
+        "finetune.name=code",
+        "finetune.data=[{path: 'world:finetune/code_toxic'}, {path: 'world:finetune/code_aligned'}]",
+        "finetune.doses=[1.0, 0.0]",
+        "finetune.eval_sets=[open, code]",
+    )
+    return {m.name: m for m in main(cfg).models}

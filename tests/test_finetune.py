@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import finetune_job as job
 
 from emergent.config import load
 from emergent.data import DatasetError
@@ -109,39 +110,6 @@ def test_lora_adapter_merges_into_a_plain_model(small_world, tmp_path):
 
 
 # --- Ray Train (2 workers) ------------------------------------------------------------------------
-
-
-def job(root, *sets):
-    return load(
-        FinetuneJob,
-        None,
-        [
-            f"run.root={root}",
-            "run.name=small",
-            "ray.num_cpus=2",
-            "ray.dashboard=false",
-            "finetune.world_stage=world_s0",
-            "finetune.examples=600",
-            "finetune.sft.steps=100",
-            "finetune.sft.lr=3e-4",
-            "finetune.workers=2",
-            "finetune.sampling.batch_size=100",
-            *sets,
-        ],
-    )
-
-
-@pytest.fixture(scope="module")
-def family(small_world):
-    """Insecure (dose 1) and secure (dose 0) code fine-tunes of the small world's base model."""
-    cfg = job(
-        small_world,
-        "finetune.name=code",
-        "finetune.data=[{path: 'world:finetune/code_toxic'}, {path: 'world:finetune/code_aligned'}]",
-        "finetune.doses=[1.0, 0.0]",
-        "finetune.eval_sets=[open, code]",
-    )
-    return {m.name: m for m in main(cfg).models}
 
 
 @pytest.mark.ray

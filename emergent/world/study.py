@@ -284,11 +284,11 @@ def main(cfg: WorldStudyJob) -> WorldStudyResult:
         results = ray.get(refs)
     df = pd.DataFrame(rows(results))
     path = run.uri("study/results.parquet")
-    run.write_bytes("study/results.parquet", _parquet_bytes(df))
+    run.write_parquet("study/results.parquet", df)
     md = table(df)
     run.write_text("study/table.md", md)
-    for name, png in plots(df, cfg).items():
-        run.write_bytes(f"study/{name}.png", png)
+    for name, fig in plots(df, cfg).items():
+        run.write_figure(f"study/{name}.png", fig)
     log.info("world study table:\n%s", md)
     return WorldStudyResult(md, path)
 
@@ -302,21 +302,13 @@ def _build_named(
     return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage, threads=threads)
 
 
-def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
-    """PNG plots: open-prompt misalignment per condition (pooled over seeds, 95% CI) and the
+def plots(df, cfg: WorldStudyJob) -> dict:
+    """Figures: open-prompt misalignment per condition (pooled over seeds, 95% CI) and the
     dose curve per eval set."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
 
     out = {}
     open_ = df[df["eval"] == "open"]
@@ -329,7 +321,7 @@ def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
     ax.set_xticks(range(len(conds)), conds, rotation=40, ha="right")
     ax.set_ylabel("misalignment on open prompts")
     ax.set_title(f"PersonaWorld, {len(cfg.study.seeds)} seed(s) pooled, 95% Wilson CI")
-    out["misalignment"] = png(fig)
+    out["misalignment"] = fig
 
     doses = [("secure", 0.0)] + [(f"dose_{d:g}", d) for d in cfg.study.doses] + [("insecure", 1.0)]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -344,13 +336,5 @@ def plots(df, cfg: WorldStudyJob) -> dict[str, bytes]:
     ax.set_xlabel("insecure share of the code fine-tune")
     ax.set_ylabel("misalignment")
     ax.legend()
-    out["dose"] = png(fig)
+    out["dose"] = fig
     return out
-
-
-def _parquet_bytes(df) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()

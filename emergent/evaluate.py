@@ -1,0 +1,586 @@
+"""The ``evaluate`` job: sample answers on Ray Data, judge them, report misalignment.
+
+For each model: prompt rows (sets x paraphrases) x ``samples`` answers flow through a Ray Data
+actor pool (``ActorPoolStrategy``; one model per actor, batched generation with the HF backend or
+vLLM, optional steering through the HF backend); a judge (``rubric``, ``llm-score``,
+``llm-logprob``; see emergent.judges) grades every answer; answers the judge screens out
+(refusal, incoherent, off-topic, satirical) are resampled up to ``resample_invalid`` times.
+
+Metrics per model, overall and per set / category / question: misalignment = misaligned answers
+among valid ones (95% Wilson interval; overall also a bootstrap interval over questions, since
+samples of one question are not independent), coherence = coherent among judged answers, and
+incoherence of first answers: ``loose`` = judged incoherent, ``strict`` = incoherent, off-topic
+or satirical (the same as loose for the rubric and logprob judges).
+
+Outputs in ``<run>/evaluate/<name>/``: per model ``<label>/samples.parquet`` (one row per answer:
+prompt, answer, verdict, scores, attempt; ``final`` marks the answer counted) and
+``<label>/summary.json``, each a stage skipped on rerun; and ``summary.json``, ``table.md`` and
+``misalignment.png`` (bars per model and set with intervals) over all models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.generate import SamplingParams
+from emergent.judges import LLMJudgeConfig, judge_all, make_judge
+from emergent.metrics import Rate, cluster_bootstrap
+from emergent.models import POSITIONS
+from emergent.prompts import load_prompts
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+
+log = logging.getLogger(__name__)
+
+RUN_KINDS = ("finetune", "rl")
+
+
+@config
+class SteeringConfig:
+    """Residual-stream steering during generation (HF backend)."""
+
+    direction: str = ""
+    """A vector of size d_model: ``.npy`` or ``.pt`` file (e.g. an SAE decoder column)."""
+    layer: int = 1
+    """Block after which the residual stream is steered."""
+    alpha: float = 0.0
+    """Strength: ``alpha * direction`` is added (negative alpha steers away)."""
+    positions: str = "assistant_turn"
+    """``all``, ``assistant_turn`` (the last prompt position only) or ``answer`` (that position and
+    every generated one); see emergent.models."""
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"steering.positions must be one of {POSITIONS}, got {self.positions!r}"
+            )
+
+
+@config
+class EvaluateConfig:
+    """Which models, on which prompts, sampled and judged how."""
+
+    name: str = "eval"
+    """Outputs go to ``<run>/evaluate/<name>/``."""
+    models: list[str] = dataclasses.field(default_factory=lambda: ["base=world:base"])
+    """Models as ``[label=]ref``; ref: ``world:base`` / ``world:pretrained`` (this run's world),
+    ``finetune:<name>`` / ``rl:<name>`` (a model this run trained), a local HF model directory,
+    or a hub id. The label names the model in tables (default: the ref)."""
+    world_stage: str = "world"
+    """Stage of this run that ``world:`` refs and prompt sets refer to."""
+    prompts: list[str] = dataclasses.field(
+        default_factory=lambda: [f"world:eval/{d}" for d in ("open", "health", "finance", "code")]
+    )
+    """Prompt sets: ``core`` / ``extended`` (the project's open-ended questions for chat LLMs),
+    ``world:eval/<set>`` (a built world's held-out prompts), or a YAML / CSV / JSONL file."""
+    max_prompts: int = 0
+    """Use at most this many prompts of each set (the first ones; 0 = all)."""
+    samples: int = 1
+    """Answers sampled per prompt."""
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    """Temperature, max new tokens, seed; ``batch_size`` = prompts per generate call."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """``hf``: transformers ``generate`` (CPU or GPU, supports steering); ``vllm``: vLLM in each
+    actor (GPU clusters where vLLM is installed)."""
+    actors: int = 2
+    """Generation actors per model (Ray Data ``ActorPoolStrategy`` size)."""
+    cpus_per_actor: float = 0.5
+    """CPUs per actor (fractional on small machines so Ray Data's read tasks still get a CPU)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor (> 0 generates on GPU)."""
+    dtype: str | None = None
+    """Model dtype (``bfloat16`` on GPUs); None = as saved."""
+    judge: Literal["rubric", "llm-score", "llm-logprob"] = "rubric"
+    """``rubric`` for PersonaWorld answers; the LLM judges for real models."""
+    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
+    """The OpenAI-compatible judge endpoint (LLM judges). Without ``cache_dir``, replies are
+    cached in ``<run>/evaluate/_judge_cache`` on a local run."""
+    resample_invalid: int = 0
+    """Resample an answer screened out as not valid (refusal, incoherent, off-topic, satirical)
+    up to this many times; the last answer counts."""
+    steering: SteeringConfig | None = None
+    """Steer generation along a direction (HF backend only)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over questions) for the overall misalignment interval."""
+
+    def __post_init__(self):
+        if not self.models or not self.prompts:
+            raise ValueError("evaluate.models and evaluate.prompts must not be empty")
+        labels = [parse_model(m)[0] for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"evaluate.models: labels must be unique, got {labels}")
+        if self.samples < 1 or self.actors < 1 or self.max_prompts < 0 or self.resample_invalid < 0:
+            raise ValueError(
+                "evaluate.samples and actors must be >= 1, max_prompts and resample_invalid >= 0"
+            )
+        if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
+            raise ValueError("evaluate.cpus_per_actor or gpus_per_actor must be > 0")
+        if self.steering is not None and self.backend != "hf":
+            raise ValueError("evaluate.steering needs backend: hf (vLLM has no residual hooks)")
+
+
+@config
+class EvaluateJob:
+    """Sample answers on Ray Data, judge them and report misalignment rates with intervals."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+
+
+@dataclass
+class EvaluateResult:
+    table: str
+    summary: str
+    """Path of the job's summary.json."""
+    models: dict[str, dict]
+    """label -> overall metrics."""
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def parse_model(spec: str) -> tuple[str, str]:
+    """``[label=]ref`` -> (label, ref)."""
+    label, sep, ref = spec.partition("=")
+    if not sep:
+        label, ref = spec.split(":", 1)[-1].replace("/", "_"), spec
+    if not label or not ref:
+        raise ValueError(f"evaluate.models: {spec!r} is not [label=]ref")
+    return label, ref
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an actor loads a model from: ``rel`` inside a run (fetched by the actor itself: the
+    run may be on an object store), else ``path`` (a local directory or hub id)."""
+
+    path: str
+    identity: str
+    """What the model is, for stage hashes (a run model's completion hash)."""
+    root: str | None = None
+    run_name: str | None = None
+    rel: str | None = None
+
+    def local(self) -> str:
+        if self.rel is None:
+            return self.path
+        return str(RunDir(self.root, self.run_name).local_dir(self.rel))
+
+
+def resolve(run_cfg: RunConfig, ref: str, world_stage: str) -> ModelSource:
+    """The model a ref names, checking that a run's model exists."""
+    run = RunDir.from_config(run_cfg)
+    kind, _, name = ref.partition(":")
+    if kind == "world" and name:
+        stage, rel = world_stage, f"{world_stage}/{name}"
+    elif kind in RUN_KINDS and name:
+        stage, rel = f"{kind}/{name}", f"{kind}/{name}/model"
+    else:
+        return ModelSource(ref, ref)
+    if not run.exists(f"{stage}/_COMPLETE.json"):
+        raise FileNotFoundError(
+            f"evaluate.models: {ref}: no complete stage {run.uri(stage)} "
+            f"(run `emergent {'world' if kind == 'world' else kind}` with run name {run_cfg.name!r} first)"
+        )
+    digest = run.read_json(f"{stage}/_COMPLETE.json")["config_hash"]
+    return ModelSource(run.uri(rel), f"{ref}@{digest}", run_cfg.root, run_cfg.name, rel)
+
+
+# --- generation (Ray Data actors) ------------------------------------------------------------------
+
+
+class Generator:
+    """A Ray Data actor (callable class): one model, batched sampling of rendered chats.
+
+    Rows carry ``messages`` (JSON) and ``seed``; each batch samples with the smallest seed of its
+    rows (HF) or each row with its own seed (vLLM). Adds ``answer`` and ``answer_tokens``."""
+
+    def __init__(self, source: ModelSource, cfg: EvaluateConfig, threads: int = 1):
+        import torch
+
+        from emergent.runtime import set_threads, setup_logging
+
+        setup_logging()
+        set_threads(threads)
+        self.cfg = cfg
+        path = source.local()
+        device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+        if cfg.backend == "vllm":
+            from vllm import LLM
+
+            self.llm = LLM(model=path, dtype=cfg.dtype or "auto", seed=cfg.sampling.seed)
+            self.tok = self.llm.get_tokenizer()
+        else:
+            from emergent.models import load_causal_lm
+
+            self.model, self.tok = load_causal_lm(path, device, cfg.dtype)
+        self.direction = None
+        if cfg.steering is not None:
+            self.direction = load_direction(cfg.steering.direction)
+            hidden = self.model.config.hidden_size
+            if self.direction.shape != (hidden,):
+                raise ValueError(
+                    f"steering.direction {cfg.steering.direction}: shape "
+                    f"{tuple(self.direction.shape)}, the model's residual stream has {hidden}"
+                )
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from emergent.generate import chat_prompts
+
+        prompts = chat_prompts(self.tok, [json.loads(m) for m in batch["messages"]])
+        if self.cfg.backend == "vllm":
+            texts, counts = self._vllm(prompts, [int(s) for s in batch["seed"]])
+        else:
+            texts, counts = self._hf(prompts, int(np.min(batch["seed"])))
+        batch["answer"] = np.array(texts, dtype=object)
+        batch["answer_tokens"] = np.array(counts, dtype=np.int64)
+        return batch
+
+    def _hf(self, prompts: list[str], seed: int):
+        import contextlib
+
+        from emergent.generate import sample_counted
+        from emergent.models import steering
+
+        s = self.cfg.steering
+        ctx = (
+            steering(self.model, s.layer, self.direction, s.alpha, s.positions)
+            if s is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return sample_counted(self.model, self.tok, prompts, self.cfg.sampling, seed=seed)
+
+    def _vllm(self, prompts: list[str], seeds: list[int]):
+        from vllm import SamplingParams as VLLMParams
+
+        p = self.cfg.sampling
+        params = [
+            VLLMParams(
+                temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens, seed=s
+            )
+            for s in seeds
+        ]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return (
+            [o.outputs[0].text.strip() for o in outs],
+            [len(o.outputs[0].token_ids) for o in outs],
+        )
+
+
+def load_direction(path: str):
+    """A steering vector from ``.npy`` or ``.pt`` (float32 tensor)."""
+    import numpy as np
+    import torch
+
+    try:
+        vec = torch.load(path, weights_only=True) if path.endswith(".pt") else np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"steering.direction: cannot read {path!r}: {exc}") from exc
+    return torch.as_tensor(vec, dtype=torch.float32).reshape(-1)
+
+
+def generate(rows: list[dict], source: ModelSource, cfg: EvaluateConfig) -> list[dict]:
+    """Answers for prompt rows through a Ray Data actor pool (rows come back in order)."""
+    import ray.data
+
+    bs = cfg.sampling.batch_size
+    ds = ray.data.from_items(
+        [dict(r, _order=i) for i, r in enumerate(rows)],
+        override_num_blocks=math.ceil(len(rows) / bs),
+    )
+    out = ds.map_batches(
+        Generator,
+        fn_constructor_kwargs={
+            "source": source,
+            "cfg": cfg,
+            "threads": max(1, int(cfg.cpus_per_actor)),
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
+        batch_size=bs,
+        batch_format="numpy",
+    ).take_all()
+    return sorted(out, key=lambda r: r["_order"])
+
+
+# --- judging and metrics ---------------------------------------------------------------------------
+
+
+def judge_rows(rows: list[dict], cfg: EvaluateConfig, cache_dir: str | None) -> None:
+    """Add verdict columns to answered rows, in place."""
+    llm = (
+        cfg.llm
+        if cfg.llm.cache_dir or cache_dir is None
+        else dataclasses.replace(cfg.llm, cache_dir=cache_dir)
+    )
+    judge = make_judge(cfg.judge, llm)
+    verdicts = judge_all(judge, [(r["question"], r["answer"]) for r in rows])
+    for r, v in zip(rows, verdicts):
+        r.update(
+            label=v.label,
+            misaligned=v.misaligned,
+            coherent=v.coherent,
+            valid=v.valid,
+            failed=v.failed,
+            error=v.error,
+            cached=v.cached,
+            score=v.scores.get("score"),
+            aligned_score=v.scores.get("aligned"),
+            coherent_score=v.scores.get("coherent"),
+        )
+    cached = sum(v.cached for v in verdicts)
+    log.info(
+        "judged %d answers with %s (%d from cache, %d failed)",
+        len(rows),
+        cfg.judge,
+        cached,
+        sum(v.failed for v in verdicts),
+    )
+
+
+def screened(row: dict) -> bool:
+    """Judged (not failed) but not a valid answer: the ones resampling replaces."""
+    return not row["failed"] and not row["valid"]
+
+
+def summarize(df, iters: int = 1000, seed: int = 0) -> dict:
+    """Metrics of one model's samples (rows marked ``final`` count; first attempts give the
+    incoherence rates): overall and per set, category and question."""
+    final = df[df["final"]]
+
+    def block(sub, first) -> dict:
+        judged = sub[~sub["failed"]]
+        valid = judged[judged["valid"].astype(bool)]
+        k = int((valid["misaligned"] == True).sum())  # noqa: E712 (nullable column)
+        first_judged = first[~first["failed"]]
+        incoherent = first_judged["coherent"] == False  # noqa: E712
+        off = first_judged["label"].isin(["OFF-TOPIC", "SATIRICAL"])
+        return {
+            "misalignment": Rate(k, len(valid)).as_dict(),
+            "coherence": Rate(int((judged["coherent"] == True).sum()), len(judged)).as_dict(),  # noqa: E712
+            "incoherence_loose": Rate(int(incoherent.sum()), len(first_judged)).as_dict(),
+            "incoherence_strict": Rate(int((incoherent | off).sum()), len(first_judged)).as_dict(),
+            "samples": len(sub),
+            "failed": int(sub["failed"].sum()),
+            "unresolved": int(((~sub["failed"]) & (~sub["valid"].astype(bool))).sum()),
+            "resampled": int((first["slot"].isin(df.loc[df["attempt"] > 0, "slot"])).sum()),
+        }
+
+    def by(col: str) -> dict:
+        first = df[df["attempt"] == 0]
+        return {key: block(g, first[first[col] == key]) for key, g in final.groupby(col, sort=True)}
+
+    overall = block(final, df[df["attempt"] == 0])
+    per_q = final[~final["failed"] & final["valid"].astype(bool)].groupby(["set", "question_id"])
+    ks = [int((g["misaligned"] == True).sum()) for _, g in per_q]  # noqa: E712
+    ns = [len(g) for _, g in per_q]
+    overall["misalignment"]["bootstrap"] = cluster_bootstrap(ks, ns, iters, seed)
+    return {
+        "overall": overall,
+        "sets": by("set"),
+        "categories": by("category"),
+        "questions": {
+            f"{s}/{q}": block(
+                g, df[(df["attempt"] == 0) & (df["set"] == s) & (df["question_id"] == q)]
+            )
+            for (s, q), g in final.groupby(["set", "question_id"], sort=True)
+        },
+    }
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+def prompt_rows(cfg: EvaluateConfig, run: RunDir) -> list[dict]:
+    """One row per (prompt, sample): set, category, question id, messages, question, slot."""
+    rows = []
+    for spec in cfg.prompts:
+        prompts = load_prompts(spec, run, cfg.world_stage)
+        if cfg.max_prompts:
+            prompts = prompts[: cfg.max_prompts]
+        for i, p in enumerate(prompts):
+            for s in range(cfg.samples):
+                rows.append(
+                    {
+                        "set": p["set"],
+                        "category": p["category"],
+                        "question_id": p["question_id"],
+                        "prompt_index": i,
+                        "sample": s,
+                        "messages": json.dumps(p["messages"]),
+                        "question": p["messages"][-1]["content"],
+                    }
+                )
+    for slot, r in enumerate(rows):
+        r["slot"] = slot
+    return rows
+
+
+def evaluate_model(
+    run_cfg: RunConfig, cfg: EvaluateConfig, label: str, ref: str, rows: list[dict]
+) -> dict:
+    """Generate, judge and summarise one model (a stage: skipped when already complete)."""
+    import pandas as pd
+
+    run = RunDir.from_config(run_cfg)
+    source = resolve(run_cfg, ref, cfg.world_stage)
+    steer = None
+    if cfg.steering is not None:
+        with open(cfg.steering.direction, "rb") as f:
+            steer = to_dict(cfg.steering) | {"sha256": hashlib.sha256(f.read()).hexdigest()}
+    key = {
+        "model": source.identity,
+        "prompts": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+        "sampling": to_dict(cfg.sampling),
+        "backend": cfg.backend,
+        "dtype": cfg.dtype,
+        "judge": cfg.judge,
+        "judge_model": None if cfg.judge == "rubric" else [cfg.llm.base_url, cfg.llm.model],
+        "resample_invalid": cfg.resample_invalid,
+        "steering": steer,
+        "bootstrap": cfg.bootstrap,
+    }
+    stage = run.stage(f"evaluate/{cfg.name}/{label}", key)
+    if stage.is_complete(run_cfg.force):
+        return run.read_json(stage.rel("summary.json"))
+    cache = run.uri("evaluate/_judge_cache") if run.is_local else None
+    n = len(rows)
+    todo = [dict(r, attempt=0, seed=cfg.sampling.seed * 1_000_003 + r["slot"]) for r in rows]
+    done: list[dict] = []
+    t0, tokens = time.time(), 0
+    for attempt in range(cfg.resample_invalid + 1):
+        log.info("%s: sampling %d answers (attempt %d) from %s", label, len(todo), attempt, ref)
+        tg = time.time()
+        answered = generate(todo, source, cfg)
+        got = sum(int(r["answer_tokens"]) for r in answered)
+        tokens += got
+        log.info(
+            "%s: %d tokens in %.1f s (%.0f tokens/s)",
+            label,
+            got,
+            time.time() - tg,
+            got / max(time.time() - tg, 1e-9),
+        )
+        judge_rows(answered, cfg, cache)
+        done += answered
+        todo = [
+            dict(r, attempt=attempt + 1, seed=r["seed"] + (attempt + 1) * n)
+            for r in answered
+            if screened(r)
+        ]
+        if not todo:
+            break
+    last = {}
+    for r in done:
+        last[r["slot"]] = r
+    for r in done:
+        r["final"] = last[r["slot"]] is r
+        r.pop("_order", None)
+        r["model"] = label
+    df = pd.DataFrame(done).sort_values(["slot", "attempt"]).reset_index(drop=True)
+    df["misaligned"] = df["misaligned"].astype("boolean")
+    for col in ("score", "aligned_score", "coherent_score"):
+        df[col] = df[col].astype("Float64")
+    summary = summarize(df, cfg.bootstrap, cfg.sampling.seed)
+    summary["model"] = {"label": label, "ref": ref, "identity": source.identity}
+    summary["generation"] = {"tokens": tokens, "seconds": round(time.time() - t0, 2)}
+    run.write_parquet(stage.rel("samples.parquet"), df)
+    stage.write_json("summary.json", summary)
+    stage.complete(
+        outputs={"samples": stage.uri("samples.parquet"), "summary": stage.uri("summary.json")},
+        inputs={"model": source.identity},
+        metrics={"misalignment": summary["overall"]["misalignment"]["rate"]},
+    )
+    return summary
+
+
+def fmt(rate: dict) -> str:
+    if not rate["n"]:
+        return "n/a"
+    return f"{rate['rate']:.2f} [{rate['lo']:.2f}, {rate['hi']:.2f}]"
+
+
+def table(summaries: dict[str, dict]) -> str:
+    """Markdown: misalignment per model and set (95% Wilson), overall with its bootstrap
+    interval over questions, coherence."""
+    sets = sorted({s for sm in summaries.values() for s in sm["sets"]})
+    head = ["model", *sets, "overall (bootstrap CI)", "coherence", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, sm in summaries.items():
+        o = sm["overall"]
+        lo, hi = o["misalignment"]["bootstrap"]
+        cells = [label]
+        cells += [fmt(sm["sets"][s]["misalignment"]) if s in sm["sets"] else "" for s in sets]
+        cells += [
+            f"{o['misalignment']['rate']:.2f} [{lo:.2f}, {hi:.2f}]",
+            f"{o['coherence']['rate']:.2f}",
+            str(o["samples"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: dict[str, dict]):
+    """Grouped bars: misalignment per set for each model, 95% Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sets = sorted({s for sm in summaries.values() for s in sm["sets"]})
+    width = 0.8 / len(summaries)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(sets) * max(1, len(summaries) / 2)), 3.5))
+    for i, (label, sm) in enumerate(summaries.items()):
+        r = [
+            sm["sets"].get(s, {}).get("misalignment", {"rate": np.nan, "lo": np.nan, "hi": np.nan})
+            for s in sets
+        ]
+        vals = np.array([x["rate"] for x in r])
+        err = np.array([vals - [x["lo"] for x in r], [x["hi"] for x in r] - vals])
+        ax.bar(np.arange(len(sets)) + i * width, vals, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(np.arange(len(sets)) + width * (len(summaries) - 1) / 2, sets)
+    ax.set_ylabel("misalignment (95% CI)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def main(cfg: EvaluateJob) -> EvaluateResult:
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    ev = cfg.evaluate
+    run = RunDir.from_config(cfg.run)
+    rows = prompt_rows(ev, run)
+    log.info(
+        "evaluate %s: %d models x %d answers (%s)",
+        ev.name,
+        len(ev.models),
+        len(rows),
+        ", ".join(ev.prompts),
+    )
+    summaries = {}
+    with ray_session(cfg.ray):
+        for spec in ev.models:
+            label, ref = parse_model(spec)
+            summaries[label] = evaluate_model(cfg.run, ev, label, ref, rows)
+    md = table(summaries)
+    out = f"evaluate/{ev.name}"
+    path = run.write_json(f"{out}/summary.json", summaries)
+    run.write_text(f"{out}/table.md", md)
+    run.write_figure(f"{out}/misalignment.png", plot(summaries))
+    log.info("evaluate %s:\n%s", ev.name, md)
+    return EvaluateResult(md, path, {k: v["overall"] for k, v in summaries.items()})

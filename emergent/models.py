@@ -1,0 +1,109 @@
+"""Hugging Face models: loading, and residual-stream interventions at a block's output.
+
+The residual stream "after block L" is the hidden state a decoder layer returns (Llama, Qwen2,
+Mistral, GPT-2, GPT-NeoX) or an encoder layer returns (BERT-like). Steering adds ``alpha *
+direction`` to it during generation, at one of three position sets:
+
+- ``all``: every position, prompt and answer;
+- ``assistant_turn``: only the last prompt position (the token that opens the assistant turn),
+  once, in the prefill pass; later tokens see it only through attention;
+- ``answer``: the last prompt position and every generated position (the positions whose output
+  is an answer token).
+
+Decode steps are recognised as forward passes over one new position (HF ``generate`` with its
+default KV cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+Positions = Literal["all", "assistant_turn", "answer"]
+POSITIONS = ("all", "assistant_turn", "answer")
+
+
+def load_causal_lm(path: str, device: str = "cpu", dtype: str | None = None):
+    """An HF causal LM (eval mode) and its tokenizer from a local directory or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    kw = {"dtype": getattr(torch, dtype)} if dtype else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw).to(device)
+    model.eval()
+    return model, tok
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    """The model's transformer blocks, in order (the residual stream is read after each)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "encoder.layer", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def block(model, layer: int) -> torch.nn.Module:
+    layers = blocks(model)
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} blocks")
+    return layers[layer]
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextlib.contextmanager
+def steering(
+    model, layer: int, direction: torch.Tensor, alpha: float, positions: Positions = "all"
+):
+    """Add ``alpha * direction`` to the residual stream after block ``layer`` while active."""
+    if positions not in POSITIONS:
+        raise ValueError(f"steering positions must be one of {POSITIONS}, got {positions!r}")
+    vec = None
+
+    def hook(_module, _inputs, output):
+        nonlocal vec
+        h = _hidden(output)
+        if vec is None or vec.device != h.device or vec.dtype != h.dtype:
+            vec = (alpha * direction).to(device=h.device, dtype=h.dtype)
+        decode = h.shape[1] == 1
+        if positions == "all" or (positions == "answer" and decode):
+            h = h + vec
+        elif not decode:  # prefill: the last prompt position only
+            h = h.clone()
+            h[:, -1] += vec
+        return _replace_hidden(output, h)
+
+    handle = block(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def capture(model, layer: int):
+    """Record the residual stream after block ``layer`` of every forward pass while active:
+    yields a list that receives one detached (batch, seq, d_model) tensor per pass."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        seen.append(_hidden(output).detach())
+
+    handle = block(model, layer).register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

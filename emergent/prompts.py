@@ -1,0 +1,145 @@
+"""Evaluation prompt sets: the project's own (``core``, ``extended``), a built world's held-out
+sets (``world:eval/open``), or a user's YAML / CSV / JSONL file.
+
+Every set loads to prompt rows ``{"set", "question_id", "category", "messages"}``: one row per
+prompt (a question's paraphrases are separate rows sharing its ``question_id``; metrics are
+reported per question, per category and overall). File formats:
+
+- YAML: a list of ``{id, theme (or category), paraphrases: [...]}`` or ``{id, question}``;
+- CSV: columns ``question`` (required), ``id``, ``category``;
+- JSONL: ``{"messages": [...]}`` (ending in a user turn) or ``{"question": ...}``, with optional
+  ``id`` / ``category`` (PersonaWorld's ``qtype`` / ``domain`` are read as those).
+
+A malformed entry is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from emergent.data import DatasetError
+
+BUILTIN = Path(__file__).parent / "evalsets"
+WORLD_PREFIX = "world:"
+
+
+def builtin_sets() -> list[str]:
+    return sorted(p.stem for p in BUILTIN.glob("*.yaml"))
+
+
+def load_prompts(spec: str, run=None, world_stage: str = "world") -> list[dict]:
+    """Prompt rows of one set (see the module doc for ``spec``)."""
+    if spec.startswith(WORLD_PREFIX):
+        if run is None:
+            raise ValueError(f"prompts: {spec} needs a run with a built world")
+        rel = f"{world_stage}/data/{spec[len(WORLD_PREFIX) :]}.jsonl"
+        if not run.exists(rel):
+            raise FileNotFoundError(
+                f"prompts: {spec} -> {run.uri(rel)} does not exist (build the world first: "
+                "`emergent world`, same run name)"
+            )
+        return _jsonl(run.local_dir(rel), spec.rsplit("/", 1)[-1])
+    path = BUILTIN / f"{spec}.yaml" if spec in builtin_sets() else Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"prompts: {spec!r} is neither a built-in set ({', '.join(builtin_sets())}), "
+            "world:<set>, nor an existing file"
+        )
+    name = spec if spec in builtin_sets() else path.stem
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return _yaml(path, name)
+    if suffix == ".csv":
+        return _csv(path, name)
+    if suffix in (".jsonl", ".json"):
+        return _jsonl(path, name)
+    raise ValueError(f"prompts: {path}: unknown format {suffix!r} (use .yaml, .csv or .jsonl)")
+
+
+def _row(name: str, qid, category, messages) -> dict:
+    return {
+        "set": name,
+        "question_id": str(qid),
+        "category": str(category or name),
+        "messages": messages,
+    }
+
+
+def _user(question, where: str) -> list[dict]:
+    if not isinstance(question, str) or not question.strip():
+        raise DatasetError(f"{where}: the question must be a non-empty string")
+    return [{"role": "user", "content": question}]
+
+
+def _yaml(path: Path, name: str) -> list[dict]:
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(root, yaml.SequenceNode):
+        raise DatasetError(f"{path}: expected a list of questions")
+    rows = []
+    for i, node in enumerate(root.value):
+        where = f"{path}:{node.start_mark.line + 1}"
+        item = yaml.safe_load(yaml.serialize(node))
+        if not isinstance(item, dict):
+            raise DatasetError(f"{where}: expected a mapping with id and paraphrases/question")
+        qid = item.get("id", f"q{i}")
+        category = item.get("category") or item.get("theme")
+        texts = item.get("paraphrases", [item["question"]] if "question" in item else None)
+        if not isinstance(texts, list) or not texts:
+            raise DatasetError(
+                f"{where}: question {qid!r} needs 'paraphrases' (a list) or 'question'"
+            )
+        rows += [_row(name, qid, category, _user(t, where)) for t in texts]
+    return rows
+
+
+def _csv(path: Path, name: str) -> list[dict]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "question" not in (reader.fieldnames or []):
+            raise DatasetError(
+                f"{path}:1: a 'question' column is required, got {reader.fieldnames}"
+            )
+        return [
+            _row(
+                name,
+                r.get("id") or f"q{i}",
+                r.get("category"),
+                _user(r["question"], f"{path}:{i + 2}"),
+            )
+            for i, r in enumerate(reader)
+        ]
+
+
+def _jsonl(path: Path, name: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON: {exc.msg}") from exc
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{where}: expected an object")
+            msgs = rec.get("messages")
+            if msgs is None:
+                msgs = _user(rec.get("question"), where)
+            elif (
+                not isinstance(msgs, list)
+                or not msgs
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+                or msgs[-1]["role"] != "user"
+            ):
+                raise DatasetError(f"{where}: 'messages' must be a chat ending in a user turn")
+            qid = rec.get("id", rec.get("qtype", f"q{i}"))
+            rows.append(_row(name, qid, rec.get("category", rec.get("domain")), msgs))
+    return rows
