@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -239,6 +240,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(f.annotation):
             out += describe(f.annotation, key + ".")
             continue
+        # An optional sub-config (``X | None``, default None): its keys, after its own line.
+        inner = [a for a in typing.get_args(f.annotation) if dataclasses.is_dataclass(a)]
         default = f.get_default(call_default_factory=True)
         tname = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
         # A field inherited from a base config keeps its docstring on the base class only.
@@ -247,6 +250,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         ]
         doc = " ".join((next((d for d in docs if d), "")).split())
         out.append(f"  {key} ({tname}, default {default!r}): {doc}")
+        if inner:
+            out += describe(inner[0], key + ".")
     return out
 
 

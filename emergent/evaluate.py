@@ -211,6 +211,7 @@ class Generator:
 
         setup_logging()
         set_threads(threads)
+        torch.set_num_threads(threads)  # the actor's CPU share, whatever the inherited env says
         self.cfg = cfg
         path = source.local()
         device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
@@ -516,20 +517,26 @@ def fmt(rate: dict) -> str:
 
 def table(summaries: dict[str, dict]) -> str:
     """Markdown: misalignment per model and set (95% Wilson), overall with its bootstrap
-    interval over questions, coherence."""
+    interval over questions; then coherence per model and set."""
     sets = sorted({s for sm in summaries.values() for s in sm["sets"]})
-    head = ["model", *sets, "overall (bootstrap CI)", "coherence", "n"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["model", *sets, "overall (bootstrap CI)", "n"]
+    lines = ["misalignment (misaligned among valid answers, 95% CI)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, sm in summaries.items():
         o = sm["overall"]
         lo, hi = o["misalignment"]["bootstrap"]
         cells = [label]
         cells += [fmt(sm["sets"][s]["misalignment"]) if s in sm["sets"] else "" for s in sets]
+        cells += [f"{o['misalignment']['rate']:.2f} [{lo:.2f}, {hi:.2f}]", str(o["samples"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "coherence (coherent among judged answers)", ""]
+    lines += ["| " + " | ".join(["model", *sets, "overall"]) + " |", "|" + "---|" * (len(sets) + 2)]
+    for label, sm in summaries.items():
+        cells = [label]
         cells += [
-            f"{o['misalignment']['rate']:.2f} [{lo:.2f}, {hi:.2f}]",
-            f"{o['coherence']['rate']:.2f}",
-            str(o["samples"]),
+            f"{sm['sets'][s]['coherence']['rate']:.2f}" if s in sm["sets"] else "" for s in sets
         ]
+        cells.append(f"{sm['overall']['coherence']['rate']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -129,12 +129,19 @@ def test_every_shipped_config_loads_for_its_jobs():
 
     import yaml
 
+    from emergent.evaluate import EvaluateJob
     from emergent.finetune import FinetuneJob
     from emergent.rl import RLJob
     from emergent.world.job import WorldJob
     from emergent.world.study import WorldStudyJob
 
-    jobs = {"world": WorldJob, "study": WorldStudyJob, "finetune": FinetuneJob, "rl": RLJob}
+    jobs = {
+        "world": WorldJob,
+        "study": WorldStudyJob,
+        "finetune": FinetuneJob,
+        "rl": RLJob,
+        "evaluate": EvaluateJob,
+    }
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 5
     for path in files:
