@@ -25,6 +25,8 @@ JOBS: dict[str, str] = {
     "finetune": "supervised fine-tuning (TRL SFT) under Ray Train: DDP or DeepSpeed ZeRO, LoRA, doses",
     "rl": "RL (TRL GRPO) under Ray Train, rewarded for e.g. incorrect answers in one domain",
     "evaluate": "sample answers on Ray Data, judge them (rubric / LLM), misalignment with intervals",
+    "harvest": "residual-stream activations of a model over a corpus on Ray Data, to Parquet shards",
+    "train-sae": "sparse autoencoder (sae-lens TopK/BatchTopK/L1/JumpReLU) under Ray Train, streamed or cached",
 }
 
 T = TypeVar("T")

@@ -188,7 +188,9 @@ def _resolve(cls: type, loc: tuple) -> type | None:
 
 # Top-level sections any job's config may have. One YAML file can configure a whole study: a
 # job ignores the sections of other jobs, but a key that is nobody's section is a typo.
-SECTIONS = frozenset({"run", "ray", "world", "study", "finetune", "rl", "evaluate"})
+SECTIONS = frozenset(
+    {"run", "ray", "world", "study", "finetune", "rl", "evaluate", "harvest", "train_sae"}
+)
 
 
 def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = ()) -> T:

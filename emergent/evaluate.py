@@ -233,7 +233,6 @@ class Generator:
                     f"steering.direction {cfg.steering.direction}: shape "
                     f"{tuple(self.direction.shape)}, the model's residual stream has {hidden}"
                 )
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np

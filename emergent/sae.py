@@ -1,0 +1,617 @@
+"""The ``train-sae`` job: a sparse autoencoder (sae-lens architectures) on a model's residual
+stream, trained by Ray Train workers from activations harvested on Ray Data.
+
+Data: ``source: stream`` harvests while training (the activation dataset of emergent.harvest is
+split across the workers with ``ray.train.get_dataset_shard``; nothing touches disk) and
+``source: cache`` trains on the Parquet shards of the ``harvest`` job (run first if missing,
+reused otherwise). Either way each worker draws from a local shuffle buffer, so a batch mixes
+many documents.
+
+Training: the SAE module and its losses are sae-lens' (``TopKTrainingSAE`` by default, also
+BatchTopK, standard ReLU + L1, JumpReLU), in a small loop of ours: DDP (gradients all-reduced),
+Adam with gradient clipping, activations scaled so their mean norm is sqrt(d_model) (factor
+estimated on the first batches of every worker, averaged; folded into the saved weights), the
+TopK decoder effectively unit-norm (sae-lens rescales activations by decoder norms), dead
+latents (no activation for ``dead_window`` steps on any worker) fed to TopK's auxiliary loss.
+Checkpoints every ``checkpoint_every`` steps; a restarted worker group resumes from the last one
+(in stream mode the data stream restarts; SAE steps continue from the checkpoint).
+
+Outputs in ``<run>/sae/<name>/``: ``sae/`` in sae-lens format (``SAE.load_from_disk``; works on
+raw activations), ``norm.json``, ``harvest.json`` (what was harvested), ``train.json`` (loss
+curve, throughput), ``metrics.json`` (held-out FVU, L0, dead and dense fractions, CE increase
+when the reconstruction is spliced into the model vs zero-ablation) and ``top_examples.parquet``
+(each latent's top activations with their token contexts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.evaluate import ModelSource, resolve
+from emergent.harvest import HarvestConfig, activations, corpus, harvest_docs, load_any
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
+
+
+@config
+class SAEParams:
+    """Architecture and optimisation."""
+
+    architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
+    """sae-lens training SAE class."""
+    d_sae: int = 768
+    """Latents."""
+    k: int = 16
+    """Active latents per token (topk, batchtopk)."""
+    l1_coefficient: float = 5.0
+    """Sparsity penalty (standard)."""
+    l0_coefficient: float = 1.0
+    """Sparsity penalty (jumprelu)."""
+    aux_coefficient: float = 1.0 / 32
+    """Weight of the auxiliary loss that revives dead latents (topk, batchtopk)."""
+    lr: float = 1e-3
+    """Adam learning rate (constant after warm-up)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up."""
+    batch_size: int = 1024
+    """Activations per step, over all workers."""
+    steps: int = 2000
+    """Training steps (fewer when the data runs out first)."""
+    dead_window: int = 200
+    """A latent with no activation for this many steps counts as dead."""
+    normalize: bool = True
+    """Scale activations to mean norm sqrt(d_model) (folded into the saved SAE)."""
+    norm_batches: int = 5
+    """Batches per worker for the norm estimate."""
+    seed: int = 0
+    """Initialisation seed."""
+
+    def __post_init__(self):
+        if self.d_sae < 1 or self.k < 1 or self.batch_size < 1 or self.steps < 1:
+            raise ValueError("sae.d_sae, k, batch_size and steps must be >= 1")
+
+
+@config
+class TrainSAEConfig:
+    """Which activations, which SAE, and how training is distributed."""
+
+    name: str = "base"
+    """Outputs go to ``<run>/sae/<name>/``."""
+    source: Literal["stream", "cache"] = "stream"
+    """``stream``: harvest while training; ``cache``: train on the ``harvest`` job's shards."""
+    harvest: HarvestConfig = dataclasses.field(default_factory=HarvestConfig)
+    """The activations (model, layer, corpus, positions; see ``emergent harvest --help``)."""
+    sae: SAEParams = dataclasses.field(default_factory=SAEParams)
+    """The SAE."""
+    workers: int = 2
+    """Ray Train workers (DDP)."""
+    cpus_per_worker: float = 0.5
+    """CPUs per worker (fractional so stream-mode harvest actors fit beside them)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL)."""
+    shuffle_buffer: int = 16_384
+    """Rows in each worker's local shuffle buffer."""
+    checkpoint_every: int = 250
+    """Checkpoint every this many steps (0 = never)."""
+    max_failures: int = 1
+    """Worker-group restarts from the last checkpoint before the job fails."""
+    log_every: int = 100
+    """Log losses and activations/s every this many steps."""
+    top_examples: int = 10
+    """Top-activating held-out tokens kept per latent."""
+
+    def __post_init__(self):
+        if self.workers < 1 or self.sae.batch_size % self.workers:
+            raise ValueError(
+                f"sae.batch_size ({self.sae.batch_size}) must be a multiple of workers ({self.workers})"
+            )
+
+
+@config
+class TrainSAEJob:
+    """Train a sparse autoencoder on residual-stream activations under Ray Train."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    train_sae: TrainSAEConfig = dataclasses.field(default_factory=TrainSAEConfig)
+
+
+@dataclass
+class SAEResult:
+    path: str
+    """The SAE in sae-lens format."""
+    metrics: dict
+    skipped: bool
+
+
+# --- sae-lens modules ------------------------------------------------------------------------------
+
+
+def make_sae(p: SAEParams, d_in: int):
+    """A sae-lens training SAE (float32, CPU; moved by the caller)."""
+    import sae_lens
+
+    common = dict(d_in=d_in, d_sae=p.d_sae, normalize_activations="none")
+    if p.architecture == "topk":
+        cfg = sae_lens.TopKTrainingSAEConfig(
+            k=p.k, aux_loss_coefficient=p.aux_coefficient, **common
+        )
+        return sae_lens.TopKTrainingSAE(cfg)
+    if p.architecture == "batchtopk":
+        cfg = sae_lens.BatchTopKTrainingSAEConfig(
+            k=p.k, aux_loss_coefficient=p.aux_coefficient, **common
+        )
+        return sae_lens.BatchTopKTrainingSAE(cfg)
+    if p.architecture == "standard":
+        cfg = sae_lens.StandardTrainingSAEConfig(l1_coefficient=p.l1_coefficient, **common)
+        return sae_lens.StandardTrainingSAE(cfg)
+    cfg = sae_lens.JumpReLUTrainingSAEConfig(l0_coefficient=p.l0_coefficient, **common)
+    return sae_lens.JumpReLUTrainingSAE(cfg)
+
+
+def coefficients(sae) -> dict[str, float]:
+    return {k: float(getattr(v, "value", v)) for k, v in sae.get_coefficients().items()}
+
+
+def _step_module(sae):
+    """An nn.Module whose forward is sae-lens' training step, so DDP can wrap it."""
+    import torch
+    from sae_lens.saes.sae import TrainStepInput
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sae = sae
+            self.coefficients = coefficients(sae)
+
+        def forward(self, x, dead, step: int):
+            out = self.sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients=self.coefficients,
+                    dead_neuron_mask=dead,
+                    n_training_steps=step,
+                    is_logging_step=False,
+                )
+            )
+            return out.loss, out.feature_acts, out.losses["mse_loss"]
+
+    return Step()
+
+
+# --- the Ray Train loop ----------------------------------------------------------------------------
+
+
+def _batches(c: dict):
+    """This worker's shuffled activation batches (float32 tensors)."""
+    import ray.train
+    import torch
+
+    shard = ray.train.get_dataset_shard("train")
+    per = c["cfg"].sae.batch_size // c["world"]
+    for b in shard.iter_torch_batches(
+        batch_size=per,
+        local_shuffle_buffer_size=c["cfg"].shuffle_buffer,
+        local_shuffle_seed=c["cfg"].sae.seed + c["rank"],
+        drop_last=True,
+        dtypes=torch.float32,
+    ):
+        yield b["act"]
+
+
+def sae_worker(c: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from emergent.runtime import setup_logging
+
+    setup_logging()
+    torch.set_num_threads(c["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    c = c | {"rank": rank, "world": world}
+    cfg: TrainSAEConfig = c["cfg"]
+    p = cfg.sae
+    distributed = dist.is_available() and dist.is_initialized() and world > 1
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(p.seed)
+    sae = make_sae(p, c["d_model"]).to(device)
+    step_mod = _step_module(sae)
+    model = ray.train.torch.prepare_model(step_mod) if distributed else step_mod
+    opt = torch.optim.Adam(sae.parameters(), lr=p.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, p.warmup_steps))
+    )
+    since_fired = torch.zeros(p.d_sae, device=device)
+    step, scale, history = 0, 1.0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        since_fired = state["since_fired"].to(device)
+        step, scale, history = state["step"], state["scale"], state["history"]
+        log.info("train-sae %s: rank %d resumes at step %d", c["stage"], rank, step)
+
+    def all_mean(x: float) -> float:
+        if not distributed:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.item() / world
+
+    it = _batches(c)
+    first = []
+    if ckpt is None and p.normalize:
+        first = [b for _, b in zip(range(p.norm_batches), it)]
+        local = torch.cat(first).norm(dim=1).mean().item() if first else 1.0
+        scale = math.sqrt(c["d_model"]) / all_mean(local)
+    pending = iter(first)
+    t0, seen, rates = time.time(), 0, []
+    while step < p.steps:
+        x = next(pending, None)
+        if x is None:
+            x = next(it, None)
+        # every worker stops as soon as one runs out (they all-reduce every step)
+        if all_mean(0.0 if x is None else 1.0) < 1.0:
+            log.info("train-sae: the data ran out at step %d of %d", step, p.steps)
+            break
+        x = x.to(device) * scale
+        dead = since_fired >= p.dead_window
+        loss, acts, mse = model(x, dead, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            fired = (acts > 0).any(0).float()
+            if distributed:
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            since_fired += 1
+            since_fired[fired > 0] = 0
+        step += 1
+        seen += len(x)
+        if step % cfg.log_every == 0 or step == p.steps:
+            rate = seen * world / (time.time() - t0)
+            rates.append(rate)
+            row = {
+                "step": step,
+                "loss": all_mean(loss.item()),
+                "mse": all_mean(mse.item()),
+                "l0": all_mean((acts > 0).float().sum(1).mean().item()),
+                "dead_fraction": float(dead.float().mean()),
+                "activations_per_second": rate,
+            }
+            history.append(row)
+            if rank == 0:
+                log.info(
+                    "train-sae step %d/%d: loss %.4f, L0 %.1f, dead %.3f, %.0f activations/s",
+                    step,
+                    p.steps,
+                    row["loss"],
+                    row["l0"],
+                    row["dead_fraction"],
+                    rate,
+                )
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < p.steps:
+            _report(
+                c,
+                rank,
+                step,
+                {
+                    "sae": sae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "since_fired": since_fired.cpu(),
+                    "step": step,
+                    "scale": scale,
+                    "history": history,
+                },
+            )
+    if rank == 0:
+        run = RunDir(c["root"], c["run_name"])
+        out = Path(tempfile.mkdtemp(prefix="emergent-sae-"))
+        sae = sae.cpu()
+        if p.normalize:
+            sae.fold_activation_norm_scaling_factor(scale)
+        sae.save_inference_model(str(out / "sae"))
+        run.put_dir(out / "sae", f"{c['stage']}/sae")
+        run.write_json(
+            f"{c['stage']}/norm.json",
+            {
+                "scaling_factor": scale,
+                "folded": p.normalize,
+                "target_norm": math.sqrt(c["d_model"]),
+            },
+        )
+        run.write_json(
+            f"{c['stage']}/train.json",
+            {
+                "history": history,
+                "steps": step,
+                "workers": world,
+                "seconds": round(time.time() - t0, 1),
+                "activations_per_second": rates[-1] if rates else None,
+                "resumed": ckpt is not None,
+            },
+        )
+        shutil.rmtree(out, ignore_errors=True)
+    ray.train.report({"step": step, "done": 1})
+
+
+def _report(c: dict, rank: int, step: int, state: dict) -> None:
+    """Report a checkpoint (rank 0 writes it; every rank reports)."""
+    import ray.train
+    import torch
+
+    if rank != 0:
+        ray.train.report({"step": step})
+        return
+    d = Path(tempfile.mkdtemp(prefix="emergent-sae-ckpt-"))
+    torch.save(state, d / "state.pt")
+    ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# --- held-out metrics and top examples -------------------------------------------------------------
+
+
+def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: list[dict], top: int):
+    """Held-out metrics of a saved SAE, and its top-activating examples (a DataFrame)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sae_lens import SAE
+
+    from emergent.models import block
+
+    model, tok = load_any(source.local())
+    sae = SAE.load_from_disk(sae_dir, device="cpu")
+    acts, feats, meta_all = [], [], {"row": [], "pos": [], "token": []}
+    ce = {"clean": [], "spliced": [], "zero": []}
+    causal = hasattr(model, "lm_head") or model.get_output_embeddings() is not None
+    for i in range(0, len(docs), hv.batch_size):
+        chunk = docs[i : i + hv.batch_size]
+        a, meta = harvest_docs(model, tok, chunk, dataclasses.replace(hv, dtype="float32"))
+        x = torch.from_numpy(a)
+        with torch.no_grad():
+            f = sae.encode(x)
+        acts.append(x)
+        feats.append(f)
+        for k in meta_all:
+            meta_all[k].append(meta[k] + (i if k == "row" else 0))
+        if causal and len(meta["pos"]):
+            for mode in ce:
+                ce[mode].append(_ce(model, tok, chunk, hv, sae, mode, meta, block))
+    x, f = torch.cat(acts), torch.cat(feats)
+    with torch.no_grad():
+        recon = sae.decode(f)
+    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    active = (f > 0).float()
+    freq = active.mean(0)
+    metrics = {
+        "tokens": len(x),
+        "fvu": float(fvu),
+        "l0": float(active.sum(1).mean()),
+        "dead_fraction": float((freq == 0).float().mean()),
+        "dense_fraction": float((freq > 0.1).float().mean()),
+    }
+    if causal and ce["clean"]:
+        tot = {m: sum(v[0] for v in vals) / sum(v[1] for v in vals) for m, vals in ce.items()}
+        metrics |= {
+            "ce_clean": tot["clean"],
+            "ce_spliced": tot["spliced"],
+            "ce_zero_ablation": tot["zero"],
+            "ce_increase": tot["spliced"] - tot["clean"],
+            "ce_loss_recovered": (tot["zero"] - tot["spliced"]) / (tot["zero"] - tot["clean"]),
+        }
+    rows = np.concatenate(meta_all["row"])
+    pos = np.concatenate(meta_all["pos"])
+    token = np.concatenate(meta_all["token"])
+    k = min(top, len(f))
+    vals, idx = torch.topk(f, k, dim=0)  # (k, d_sae)
+    ex = []
+    for latent in range(f.shape[1]):
+        for r in range(k):
+            v = float(vals[r, latent])
+            if v <= 0:
+                break
+            j = int(idx[r, latent])
+            ex.append(
+                {
+                    "latent": latent,
+                    "rank": r,
+                    "activation": v,
+                    "doc": int(rows[j]),
+                    "pos": int(pos[j]),
+                    "token": tok.convert_ids_to_tokens(int(token[j])),
+                    "context": _context(tok, docs[int(rows[j])], hv, int(pos[j])),
+                }
+            )
+    return metrics, pd.DataFrame(ex)
+
+
+def _context(tok, doc: dict, hv: HarvestConfig, pos: int, before: int = 12, after: int = 3) -> str:
+    from emergent.harvest import encode
+
+    ids, _ = encode(tok, doc, "all", hv.context)
+    left = tok.convert_ids_to_tokens(ids[max(0, pos - before) : pos])
+    here = tok.convert_ids_to_tokens(ids[pos])
+    right = tok.convert_ids_to_tokens(ids[pos + 1 : pos + 1 + after])
+    return " ".join([*left, f"[[{here}]]", *right])
+
+
+def _ce(model, tok, docs, hv, sae, mode, meta, block):
+    """(summed next-token CE, predicted tokens) with the kept positions' residual left alone,
+    replaced by the SAE reconstruction, or zeroed."""
+    import torch
+
+    from emergent.harvest import encode
+
+    enc = [encode(tok, d, hv.positions, hv.context)[0] for d in docs]
+    width = max(map(len, enc))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(enc), width), pad)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    rows, pos = torch.as_tensor(meta["row"]), torch.as_tensor(meta["pos"])
+
+    def hook(_m, _i, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if mode == "clean":
+            return output
+        h = h.clone()
+        sel = h[rows, pos]
+        h[rows, pos] = sae.decode(sae.encode(sel)) if mode == "spliced" else torch.zeros_like(sel)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = block(model, hv.layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    target = ids[:, 1:].clone()
+    target[mask[:, 1:] == 0] = -100
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return float(loss), int((target != -100).sum())
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+def main(cfg: TrainSAEJob) -> SAEResult:
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from emergent import harvest as harvest_job
+
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    ts = cfg.train_sae
+    hv = ts.harvest
+    run = RunDir.from_config(cfg.run)
+    source = resolve(cfg.run, hv.model, hv.world_stage)
+    operational = ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "shard_rows")
+    key = {
+        "source": ts.source,
+        "harvest": {k: v for k, v in to_dict(hv).items() if k not in operational}
+        | {"model": source.identity},
+        "sae": to_dict(ts.sae),
+        "workers": ts.workers,
+        "shuffle_buffer": ts.shuffle_buffer,
+        "top_examples": ts.top_examples,
+    }
+    stage = run.stage(f"sae/{ts.name}", key)
+    if stage.is_complete(cfg.run.force):
+        return SAEResult(stage.uri("sae"), run.read_json(stage.rel("metrics.json")), True)
+    with ray_session(cfg.ray):
+        if ts.source == "cache":
+            hres = harvest_job.main(harvest_job.HarvestJob(run=cfg.run, ray=cfg.ray, harvest=hv))
+            ds = ray.data.read_parquet(
+                hres.path, filesystem=None if run.is_local else run.fs
+            ).randomize_block_order(seed=ts.sae.seed)
+            manifest = run.read_json(f"harvest/{hv.name}/manifest.json")
+            held = run.read_json(f"harvest/{hv.name}/eval_docs.json")
+            d_model = manifest["d_model"]
+        else:
+            train, held = corpus(hv, run)
+            ds = activations(train, source, hv)
+            d_model = _d_model(source)
+            manifest = {
+                "model": source.identity,
+                "layer": hv.layer,
+                "positions": hv.positions,
+                "corpus": hv.corpus,
+                "docs": len(train),
+                "eval_docs": len(held),
+                "d_model": d_model,
+                "mode": "stream",
+            }
+        ray_name = f"sae-{ts.name.replace('/', '_')}-{stage.hash[:8]}"
+        trainer = TorchTrainer(
+            sae_worker,
+            train_loop_config={
+                "cfg": ts,
+                "d_model": d_model,
+                "root": cfg.run.root,
+                "run_name": cfg.run.name,
+                "stage": stage.rel(),
+                "threads": max(1, int(ts.cpus_per_worker)),
+            },
+            torch_config=TorchConfig(backend="nccl" if ts.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=ts.workers,
+                use_gpu=ts.use_gpu,
+                resources_per_worker={"CPU": ts.cpus_per_worker}
+                | ({"GPU": 1} if ts.use_gpu else {}),
+            ),
+            datasets={"train": ds.select_columns(["act"])},
+            run_config=RayRunConfig(
+                name=ray_name,
+                storage_path=run.uri("_ray"),
+                storage_filesystem=None if run.is_local else run.fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=ts.max_failures),
+            ),
+        )
+        trainer.fit()
+    sae_dir = str(run.local_dir(stage.rel("sae")))
+    metrics, top = evaluate_sae(sae_dir, source, hv, held, ts.top_examples)
+    stats = run.read_json(stage.rel("train.json"))
+    metrics |= {
+        "train_steps": stats["steps"],
+        "activations_per_second": stats["activations_per_second"],
+        "workers": stats["workers"],
+    }
+    run.write_json(stage.rel("harvest.json"), manifest)
+    run.write_parquet(stage.rel("top_examples.parquet"), top)
+    run.write_json(stage.rel("metrics.json"), metrics)
+    stage.complete(
+        outputs={
+            "sae": stage.uri("sae"),
+            "metrics": stage.uri("metrics.json"),
+            "top_examples": stage.uri("top_examples.parquet"),
+        },
+        inputs={"model": source.identity},
+        metrics=metrics,
+    )
+    if run.exists(f"_ray/{ray_name}"):
+        run.fs.delete_dir(run.uri(f"_ray/{ray_name}"))
+    log.info(
+        "train-sae %s: %s",
+        ts.name,
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+    )
+    return SAEResult(stage.uri("sae"), metrics, False)
+
+
+def _d_model(source: ModelSource) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(source.local()).hidden_size)
