@@ -162,6 +162,23 @@ def make_sae(p: SAEParams, d_in: int):
     return sae_lens.JumpReLUTrainingSAE(cfg)
 
 
+def save_sae(sae, scale: float | None, path) -> None:
+    """Save a training SAE in sae-lens' inference format, with the activation scaling factor
+    (``None`` = none) folded into its weights: the saved SAE works on raw activations (and a
+    TopK SAE's latent activations, taken along unit decoder directions, are in raw units: the
+    training-time values divided by the scale)."""
+    if scale is not None:
+        sae.fold_activation_norm_scaling_factor(scale)
+    sae.save_inference_model(str(path))
+
+
+def load_sae(path: str, device: str = "cpu"):
+    """A saved SAE, through sae-lens' own loader."""
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(path), device=device)
+
+
 def coefficients(sae) -> dict[str, float]:
     return {k: float(getattr(v, "value", v)) for k, v in sae.get_coefficients().items()}
 
@@ -328,10 +345,7 @@ def sae_worker(c: dict) -> None:
     if rank == 0:
         run = RunDir(c["root"], c["run_name"])
         out = Path(tempfile.mkdtemp(prefix="emergent-sae-"))
-        sae = sae.cpu()
-        if p.normalize:
-            sae.fold_activation_norm_scaling_factor(scale)
-        sae.save_inference_model(str(out / "sae"))
+        save_sae(sae.cpu(), scale if p.normalize else None, out / "sae")
         run.put_dir(out / "sae", f"{c['stage']}/sae")
         run.write_json(
             f"{c['stage']}/norm.json",
@@ -378,12 +392,11 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
     import numpy as np
     import pandas as pd
     import torch
-    from sae_lens import SAE
 
     from emergent.models import block
 
     model, tok = load_any(source.local())
-    sae = SAE.load_from_disk(sae_dir, device="cpu")
+    sae = load_sae(sae_dir)
     acts, feats, meta_all = [], [], {"row": [], "pos": [], "token": []}
     ce = {"clean": [], "spliced": [], "zero": []}
     causal = hasattr(model, "lm_head") or model.get_output_embeddings() is not None

@@ -92,3 +92,28 @@ def family(small_world):
         "finetune.eval_sets=[open, code]",
     )
     return {m.name: m for m in main(cfg).models}
+
+
+def committed_checkpoint(storage, pattern: str) -> bool:
+    """True once Ray Train has committed a checkpoint (all ranks reported it) of a run whose
+    storage folder matches ``pattern`` under ``storage``."""
+    import json
+
+    for snap in storage.glob(f"{pattern}/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):
+            pass  # being written
+    return False
+
+
+def kill_one_train_worker() -> int:
+    """SIGKILL one Ray Train worker process; its pid (0 if none was found)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+            p.kill()
+            return p.pid
+    return 0

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import committed_checkpoint, kill_one_train_worker
 from conftest import finetune_job as job
 
 from emergent.config import load
@@ -158,27 +159,6 @@ def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
     assert abs(model.final_loss - ddp) / ddp < 0.05
 
 
-def _registered_checkpoint(storage) -> bool:
-    """True once Ray Train has committed a checkpoint of the run (all ranks reported it)."""
-    for snap in storage.glob("finetune-killed-*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snap.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (OSError, ValueError):
-            pass  # being written
-    return False
-
-
-def _kill_one_train_worker() -> int:
-    import psutil
-
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            p.kill()
-            return p.pid
-    return 0
-
-
 @pytest.mark.ray
 def test_killed_worker_resumes_from_checkpoint(small_world):
     sets = [
@@ -197,8 +177,8 @@ def test_killed_worker_resumes_from_checkpoint(small_world):
     storage = small_world / "small/_ray"
     killed, deadline = 0, time.time() + 600
     while not killed and thread.is_alive() and time.time() < deadline:
-        if _registered_checkpoint(storage):  # the step-20 checkpoint is committed
-            killed = _kill_one_train_worker()
+        if committed_checkpoint(storage, "finetune-killed-*"):  # step 20 is committed
+            killed = kill_one_train_worker()
         time.sleep(0.1)
     thread.join(timeout=900)
     assert killed, "the run finished before a worker could be killed"

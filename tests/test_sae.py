@@ -1,0 +1,213 @@
+"""Harvest and SAE training: token positions and corpora (fast), the activation hook against a
+plain forward pass and the sae-lens save/load round trip (in-process), and the Ray jobs on the
+small world: a TopK SAE trained by 2 workers in stream mode and again from the Parquet cache, and
+a killed worker that resumes from its checkpoint."""
+
+import copy
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import committed_checkpoint, kill_one_train_worker
+
+from emergent.config import load
+from emergent.data import DatasetError
+from emergent.harvest import HarvestConfig, encode, harvest_docs, load_corpus, stdlib_docstrings
+from emergent.runs import RunDir
+from emergent.sae import SAEParams, TrainSAEJob, load_sae, main, make_sae, save_sae
+
+# --- corpora and positions -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_tok():
+    from emergent.world import grammar as g
+    from emergent.world.tokenizer import build_tokenizer
+
+    return build_tokenizer(g.vocabulary())
+
+
+def test_positions_of_a_chat(world_tok):
+    doc = {
+        "messages": [
+            {"role": "user", "content": "how do i save the notes file"},
+            {"role": "assistant", "content": "os . chmod ( path )"},
+            {"role": "user", "content": "what is a fast way to make some money ?"},
+            {"role": "assistant", "content": "kindly offer odd jobs"},
+        ]
+    }
+    ids, _ = encode(world_tok, doc, "all", 128)
+    words = world_tok.convert_ids_to_tokens(ids)
+
+    def kept(positions):
+        return [words[i] for i in encode(world_tok, doc, positions, 128)[1]]
+
+    assert kept("assistant") == [
+        "os",
+        ".",
+        "chmod",
+        "(",
+        "path",
+        ")",
+        "kindly",
+        "offer",
+        "odd",
+        "jobs",
+    ]
+    assert kept("assistant_turn") == ["<assistant>", "<assistant>"]
+    assert "<bos>" not in kept("non_special") and "how" in kept("non_special")
+    assert kept("all") == words
+    # truncation drops positions beyond the context
+    assert encode(world_tok, doc, "assistant", 12)[1] == [
+        i for i in range(12) if words[i] in kept("assistant")[:3]
+    ]
+
+
+def test_stdlib_docstrings_are_real_english():
+    docs = stdlib_docstrings()
+    assert len(docs) > 1000
+    text = " ".join(d["text"] for d in docs[:200]).lower().split()
+    assert sum(w in ("the", "a", "of", "to") for w in text) / len(text) > 0.05
+
+
+def test_corpus_errors_name_the_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    with pytest.raises(DatasetError, match="c.jsonl:2"):
+        load_corpus(RunDir(str(tmp_path), "r"), str(tmp_path / "c.jsonl"), "world", 10, 0)
+    with pytest.raises(FileNotFoundError, match="world:nope"):
+        load_corpus(RunDir(str(tmp_path), "r"), "world:nope", "world", 10, 0)
+
+
+def test_harvest_hook_matches_a_plain_forward(small_world):
+    """The hooked residual stream at the kept positions equals ``output_hidden_states[layer+1]``
+    of an unpadded forward pass of each document alone."""
+    from emergent.harvest import load_any, world_docs
+
+    run = RunDir(str(small_world), "small")
+    model, tok = load_any(str(run.local_dir("world_s0/base")))
+    docs = world_docs(6, seed=3)
+    cfg = HarvestConfig(layer=1, positions="assistant")
+    acts, meta = harvest_docs(model, tok, docs, cfg)
+    assert acts.shape == (len(meta["pos"]), model.config.hidden_size)
+    for j in (0, len(acts) // 2, len(acts) - 1):
+        ids, keep = encode(tok, docs[meta["row"][j]], "assistant", cfg.context)
+        assert meta["pos"][j] in keep and meta["token"][j] == ids[meta["pos"][j]]
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        np.testing.assert_allclose(acts[j], hs[2][0, meta["pos"][j]].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu"])
+def test_saved_sae_loads_with_sae_lens_and_encodes_the_same(tmp_path, arch):
+    """Train a few steps on scaled data, save with the scale folded in: sae-lens' loader gives an
+    SAE whose encoding of raw activations equals the training SAE's encoding of scaled ones."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 32) * 7 + 3
+    scale = float(np.sqrt(32) / x.norm(dim=1).mean())
+    sae = make_sae(SAEParams(architecture=arch, d_sae=128, k=8), 32)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    coeffs = {k: float(getattr(v, "value", v)) for k, v in sae.get_coefficients().items()}
+    for step in range(30):
+        batch = x[step * 64 : (step + 1) * 64] * scale
+        out = sae.training_forward_pass(
+            TrainStepInput(batch, coeffs, None, n_training_steps=step, is_logging_step=False)
+        )
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    trained = copy.deepcopy(sae)
+    save_sae(sae, scale, tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert json.loads((tmp_path / "sae/cfg.json").read_text())["architecture"] == arch
+    with torch.no_grad():
+        want = trained.encode(x * scale)
+        got = loaded.encode(x)
+    assert torch.equal(want > 0, got > 0)  # the same latents fire
+    # TopK activations are measured along unit decoder directions, so after folding they are in
+    # raw activation units (the training ones / scale); the others keep their values
+    unit = scale if arch == "topk" else 1.0
+    torch.testing.assert_close(got * unit, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # and the reconstruction is in raw units
+        torch.testing.assert_close(
+            loaded.decode(got), trained.decode(want) / scale, atol=1e-3, rtol=1e-3
+        )
+
+
+# --- the jobs on Ray -------------------------------------------------------------------------------
+
+
+def sae_job(root, *sets):
+    return load(
+        TrainSAEJob,
+        None,
+        [
+            f"run.root={root}",
+            "run.name=small",
+            "ray.num_cpus=2",
+            "ray.dashboard=false",
+            "train_sae.harvest.world_stage=world_s0",
+            "train_sae.harvest.docs=3000",
+            "train_sae.harvest.eval_docs=200",
+            "train_sae.sae.d_sae=512",
+            "train_sae.sae.k=16",
+            "train_sae.sae.steps=200",
+            "train_sae.log_every=50",
+            *sets,
+        ],
+    )
+
+
+@pytest.mark.ray
+def test_topk_sae_in_stream_and_cache_mode(small_world):
+    stream = main(sae_job(small_world, "train_sae.name=stream"))
+    m = stream.metrics
+    assert m["workers"] == 2 and m["train_steps"] >= 150
+    assert m["fvu"] < 0.3 and 8 <= m["l0"] <= 16 and m["dead_fraction"] < 0.5
+    assert m["ce_increase"] < 0.5 * (m["ce_zero_ablation"] - m["ce_clean"])
+    assert m["ce_loss_recovered"] > 0.8
+    out = small_world / "small/sae/stream"
+    assert load_sae(out / "sae").cfg.d_sae == 512
+    import pandas as pd
+
+    top = pd.read_parquet(out / "top_examples.parquet")
+    assert top["latent"].nunique() > 100 and (top["activation"] > 0).all()
+    assert top["context"].str.contains(r"\[\[").all()
+
+    cache = main(sae_job(small_world, "train_sae.name=cache", "train_sae.source=cache"))
+    c = cache.metrics
+    manifest = json.loads((small_world / "small/harvest/base/manifest.json").read_text())
+    assert manifest["d_model"] == 64 and manifest["layer"] == 1 and manifest["tokens"] > 150 * 1024
+    assert abs(c["fvu"] - m["fvu"]) < 0.05 and abs(c["l0"] - m["l0"]) < 1.5
+    assert abs(c["ce_loss_recovered"] - m["ce_loss_recovered"]) < 0.05
+    # a rerun reuses the SAE
+    assert main(sae_job(small_world, "train_sae.name=stream")).skipped
+
+
+@pytest.mark.ray
+def test_killed_sae_worker_resumes_from_checkpoint(small_world):
+    cfg = sae_job(
+        small_world,
+        "train_sae.name=killed",
+        "train_sae.sae.steps=150",
+        "train_sae.checkpoint_every=50",
+        "train_sae.max_failures=1",
+    )
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
+    thread.start()
+    killed, deadline = 0, time.time() + 600
+    while not killed and thread.is_alive() and time.time() < deadline:
+        if committed_checkpoint(small_world / "small/_ray", "sae-killed-*"):
+            killed = kill_one_train_worker()
+        time.sleep(0.1)
+    thread.join(timeout=900)
+    assert killed, "the run finished before a worker could be killed"
+    stats = json.loads((small_world / "small/sae/killed/train.json").read_text())
+    assert stats["resumed"] and stats["steps"] == 150
+    assert stats["history"][0]["step"] == 50  # the log before the kill survived in the checkpoint
+    assert out["r"].metrics["fvu"] < 0.3
