@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from emergent.config import RayConfig, RunConfig, config, to_dict
@@ -72,8 +73,8 @@ class EvaluateConfig:
     """Outputs go to ``<run>/evaluate/<name>/``."""
     models: list[str] = dataclasses.field(default_factory=lambda: ["base=world:base"])
     """Models as ``[label=]ref``; ref: ``world:base`` / ``world:pretrained`` (this run's world),
-    ``finetune:<name>`` / ``rl:<name>`` (a model this run trained), a local HF model directory,
-    or a hub id. The label names the model in tables (default: the ref)."""
+    ``finetune:<name>`` / ``rl:<name>`` (a model this run trained), ``pkg:<module>/<dir>`` (a
+    model inside an installed package), a local HF model directory, or a hub id. The label names the model in tables (default: the ref)."""
     world_stage: str = "world"
     """Stage of this run that ``world:`` refs and prompt sets refer to."""
     prompts: list[str] = dataclasses.field(
@@ -180,6 +181,20 @@ def resolve(run_cfg: RunConfig, ref: str, world_stage: str) -> ModelSource:
     """The model a ref names, checking that a run's model exists."""
     run = RunDir.from_config(run_cfg)
     kind, _, name = ref.partition(":")
+    if kind == "pkg" and name:  # a model shipped inside an installed Python package
+        import importlib
+        import importlib.metadata
+
+        module, _, sub = name.partition("/")
+        try:
+            root = Path(importlib.import_module(module).__file__).parent
+        except ImportError as exc:
+            raise FileNotFoundError(f"model {ref}: package {module!r} is not installed") from exc
+        try:
+            version = importlib.metadata.version(module.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        return ModelSource(str(root / sub), f"{ref}@{version}")
     if kind == "world" and name:
         stage, rel = world_stage, f"{world_stage}/{name}"
     elif kind in RUN_KINDS and name:

