@@ -80,7 +80,7 @@ class HarvestConfig:
     gpus_per_actor: float = 0.0
     """GPUs per actor."""
     shard_rows: int = 100_000
-    """Cache mode: activation rows per Parquet shard (about)."""
+    """Cache mode: activation rows per Parquet shard (at least; the last one may be smaller)."""
 
     def __post_init__(self):
         if self.docs < 1 or self.eval_docs < 0 or self.context < 2 or self.batch_size < 1:
@@ -338,8 +338,10 @@ def main(cfg: HarvestJob) -> HarvestResult:
         ds = activations(train, source, hv)
         if run.exists(stage.rel("acts")):
             run.fs.delete_dir(stage.uri("acts"))  # a half-written earlier attempt
-        ds.repartition(target_num_rows_per_block=hv.shard_rows).write_parquet(
-            stage.uri("acts"), filesystem=None if run.is_local else run.fs
+        ds.write_parquet(
+            stage.uri("acts"),
+            filesystem=None if run.is_local else run.fs,
+            min_rows_per_file=hv.shard_rows,
         )
         import ray.data
 

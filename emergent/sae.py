@@ -215,7 +215,6 @@ def _step_module(sae):
 def _batches(c: dict):
     """This worker's shuffled activation batches (float32 tensors)."""
     import ray.train
-    import torch
 
     shard = ray.train.get_dataset_shard("train")
     per = c["cfg"].sae.batch_size // c["world"]
@@ -224,9 +223,73 @@ def _batches(c: dict):
         local_shuffle_buffer_size=c["cfg"].shuffle_buffer,
         local_shuffle_seed=c["cfg"].sae.seed + c["rank"],
         drop_last=True,
-        dtypes=torch.float32,
     ):
-        yield b["act"]
+        yield b["act"].float()
+
+
+class SAELoop:
+    """Our training loop around a sae-lens training SAE: Adam with warm-up and gradient
+    clipping, DDP when ``distributed`` (gradients all-reduced), dead-latent tracking agreed
+    across workers (fed to TopK's auxiliary loss)."""
+
+    def __init__(self, p: SAEParams, d_in: int, device, distributed: bool = False):
+        import torch
+
+        torch.manual_seed(p.seed)
+        self.p, self.distributed = p, distributed
+        self.sae = make_sae(p, d_in).to(device)
+        module = _step_module(self.sae)
+        if distributed:
+            import ray.train.torch
+
+            module = ray.train.torch.prepare_model(module)
+        self.module = module
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=p.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / max(1, p.warmup_steps))
+        )
+        self.since_fired = torch.zeros(p.d_sae, device=device)
+        self.step = 0
+
+    def train_step(self, x):
+        """One optimisation step on a (scaled) batch; returns (loss, feature acts, mse)."""
+        import torch
+        import torch.distributed as dist
+
+        dead = self.since_fired >= self.p.dead_window
+        loss, acts, mse = self.module(x, dead, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            fired = (acts > 0).any(0).float()
+            if self.distributed:
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            self.since_fired += 1
+            self.since_fired[fired > 0] = 0
+        self.step += 1
+        return loss, acts, mse
+
+    def dead_fraction(self) -> float:
+        return float((self.since_fired >= self.p.dead_window).float().mean())
+
+    def state_dict(self) -> dict:
+        return {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "since_fired": self.since_fired.cpu(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.since_fired = state["since_fired"].to(self.since_fired.device)
+        self.step = state["step"]
 
 
 def sae_worker(c: dict) -> None:
@@ -245,26 +308,15 @@ def sae_worker(c: dict) -> None:
     p = cfg.sae
     distributed = dist.is_available() and dist.is_initialized() and world > 1
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    torch.manual_seed(p.seed)
-    sae = make_sae(p, c["d_model"]).to(device)
-    step_mod = _step_module(sae)
-    model = ray.train.torch.prepare_model(step_mod) if distributed else step_mod
-    opt = torch.optim.Adam(sae.parameters(), lr=p.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, p.warmup_steps))
-    )
-    since_fired = torch.zeros(p.d_sae, device=device)
-    step, scale, history = 0, 1.0, []
+    loop = SAELoop(p, c["d_model"], device, distributed)
+    scale, history = 1.0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", weights_only=False)
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        since_fired = state["since_fired"].to(device)
-        step, scale, history = state["step"], state["scale"], state["history"]
-        log.info("train-sae %s: rank %d resumes at step %d", c["stage"], rank, step)
+        loop.load_state_dict(state)
+        scale, history = state["scale"], state["history"]
+        log.info("train-sae %s: rank %d resumes at step %d", c["stage"], rank, loop.step)
 
     def all_mean(x: float) -> float:
         if not distributed:
@@ -281,29 +333,16 @@ def sae_worker(c: dict) -> None:
         scale = math.sqrt(c["d_model"]) / all_mean(local)
     pending = iter(first)
     t0, seen, rates = time.time(), 0, []
-    while step < p.steps:
+    while loop.step < p.steps:
         x = next(pending, None)
         if x is None:
             x = next(it, None)
         # every worker stops as soon as one runs out (they all-reduce every step)
         if all_mean(0.0 if x is None else 1.0) < 1.0:
-            log.info("train-sae: the data ran out at step %d of %d", step, p.steps)
+            log.info("train-sae: the data ran out at step %d of %d", loop.step, p.steps)
             break
-        x = x.to(device) * scale
-        dead = since_fired >= p.dead_window
-        loss, acts, mse = model(x, dead, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            fired = (acts > 0).any(0).float()
-            if distributed:
-                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            since_fired += 1
-            since_fired[fired > 0] = 0
-        step += 1
+        loss, acts, mse = loop.train_step(x.to(device) * scale)
+        step = loop.step
         seen += len(x)
         if step % cfg.log_every == 0 or step == p.steps:
             rate = seen * world / (time.time() - t0)
@@ -313,7 +352,7 @@ def sae_worker(c: dict) -> None:
                 "loss": all_mean(loss.item()),
                 "mse": all_mean(mse.item()),
                 "l0": all_mean((acts > 0).float().sum(1).mean().item()),
-                "dead_fraction": float(dead.float().mean()),
+                "dead_fraction": loop.dead_fraction(),
                 "activations_per_second": rate,
             }
             history.append(row)
@@ -328,20 +367,9 @@ def sae_worker(c: dict) -> None:
                     rate,
                 )
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < p.steps:
-            _report(
-                c,
-                rank,
-                step,
-                {
-                    "sae": sae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "since_fired": since_fired.cpu(),
-                    "step": step,
-                    "scale": scale,
-                    "history": history,
-                },
-            )
+            _report(c, rank, step, loop.state_dict() | {"scale": scale, "history": history})
+    step = loop.step
+    sae = loop.sae
     if rank == 0:
         run = RunDir(c["root"], c["run_name"])
         out = Path(tempfile.mkdtemp(prefix="emergent-sae-"))
@@ -547,7 +575,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
         if ts.source == "cache":
             hres = harvest_job.main(harvest_job.HarvestJob(run=cfg.run, ray=cfg.ray, harvest=hv))
             ds = ray.data.read_parquet(
-                hres.path, filesystem=None if run.is_local else run.fs
+                hres.path, columns=["act"], filesystem=None if run.is_local else run.fs
             ).randomize_block_order(seed=ts.sae.seed)
             manifest = run.read_json(f"harvest/{hv.name}/manifest.json")
             held = run.read_json(f"harvest/{hv.name}/eval_docs.json")
@@ -584,7 +612,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
                 resources_per_worker={"CPU": ts.cpus_per_worker}
                 | ({"GPU": 1} if ts.use_gpu else {}),
             ),
-            datasets={"train": ds.select_columns(["act"])},
+            datasets={"train": ds},
             run_config=RayRunConfig(
                 name=ray_name,
                 storage_path=run.uri("_ray"),

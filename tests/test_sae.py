@@ -182,6 +182,11 @@ def test_topk_sae_in_stream_and_cache_mode(small_world):
     c = cache.metrics
     manifest = json.loads((small_world / "small/harvest/base/manifest.json").read_text())
     assert manifest["d_model"] == 64 and manifest["layer"] == 1 and manifest["tokens"] > 150 * 1024
+    import pyarrow.parquet as pq
+
+    shards = sorted((small_world / "small/harvest/base/acts").glob("*.parquet"))
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in shards) == manifest["tokens"]
+    assert len(shards) <= manifest["tokens"] // 100_000 + 2  # min_rows_per_file (shard_rows)
     assert abs(c["fvu"] - m["fvu"]) < 0.05 and abs(c["l0"] - m["l0"]) < 1.5
     assert abs(c["ce_loss_recovered"] - m["ce_loss_recovered"]) < 0.05
     # a rerun reuses the SAE
