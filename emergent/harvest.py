@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from emergent.config import RayConfig, RunConfig, config
+from emergent.config import RayConfig, RunConfig, config, to_dict
 from emergent.data import DatasetError, read_jsonl
 from emergent.evaluate import ModelSource, resolve
 from emergent.runs import RunDir
@@ -87,6 +87,26 @@ class HarvestConfig:
             raise ValueError("harvest.docs, context and batch_size must be positive")
         if not self.corpus:
             raise ValueError("harvest.corpus must list at least one source")
+
+    def key(self, source: ModelSource) -> dict:
+        """What the activations depend on (for stage hashes): not how the actors run."""
+        out = to_dict(self) | {"model": source.identity}
+        for k in ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "shard_rows"):
+            out.pop(k)
+        return out
+
+    def manifest(self, source: ModelSource, train: list, held: list, d_model: int, **extra):
+        """What was harvested: model, layer, positions, corpus, counts."""
+        return {
+            "model": source.identity,
+            "layer": self.layer,
+            "positions": self.positions,
+            "corpus": self.corpus,
+            "docs": len(train),
+            "eval_docs": len(held),
+            "d_model": d_model,
+            **extra,
+        }
 
 
 @config
@@ -325,10 +345,7 @@ def main(cfg: HarvestJob) -> HarvestResult:
     hv = cfg.harvest
     run = RunDir.from_config(cfg.run)
     source = resolve(cfg.run, hv.model, hv.world_stage)
-    key = dataclasses.asdict(hv) | {"model": source.identity}
-    for k in ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "shard_rows"):
-        key.pop(k)
-    stage = run.stage(f"harvest/{hv.name}", key)
+    stage = run.stage(f"harvest/{hv.name}", hv.key(source))
     if stage.is_complete(cfg.run.force):
         m = run.read_json(stage.rel("manifest.json"))
         return HarvestResult(stage.uri("acts"), m["tokens"], m["docs"], m["d_model"], True)
@@ -352,19 +369,16 @@ def main(cfg: HarvestJob) -> HarvestResult:
         d_model = int(len(written.take(1)[0]["act"]))
     seconds = time.time() - t0
     run.write_json(stage.rel("eval_docs.json"), held)
-    manifest = {
-        "model": source.identity,
-        "layer": hv.layer,
-        "positions": hv.positions,
-        "corpus": hv.corpus,
-        "docs": len(train),
-        "eval_docs": len(held),
-        "tokens": tokens,
-        "d_model": d_model,
-        "dtype": hv.dtype,
-        "seconds": round(seconds, 1),
-        "tokens_per_second": round(tokens / seconds, 1),
-    }
+    manifest = hv.manifest(
+        source,
+        train,
+        held,
+        d_model,
+        tokens=tokens,
+        dtype=hv.dtype,
+        seconds=round(seconds, 1),
+        tokens_per_second=round(tokens / seconds, 1),
+    )
     stage.write_json("manifest.json", manifest)
     stage.complete(
         outputs={"acts": stage.uri("acts"), "manifest": stage.uri("manifest.json")},

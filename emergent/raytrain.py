@@ -440,6 +440,8 @@ def train_model(
         ", LoRA" if section.lora.enabled else "",
     )
     ray_name = f"{kind}-{name.replace('/', '_')}-{stage.hash[:8]}"
+    if run_cfg.force and run.exists(f"_ray/{ray_name}"):  # start over, not resume
+        run.fs.delete_dir(run.uri(f"_ray/{ray_name}"))
     resources = {"CPU": section.cpus_per_worker} | ({"GPU": 1} if section.use_gpu else {})
     storage = run.uri("_ray")
     trainer = TorchTrainer(

@@ -112,8 +112,13 @@ class TrainSAEConfig:
     """Log losses and activations/s every this many steps."""
     top_examples: int = 10
     """Top-activating held-out tokens kept per latent."""
+    epochs: int = 1
+    """Passes over the activations (stream mode harvests again each pass); training stops at
+    ``sae.steps`` or when the data ends."""
 
     def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"train_sae.epochs must be >= 1, got {self.epochs}")
         if self.workers < 1 or self.sae.batch_size % self.workers:
             raise ValueError(
                 f"sae.batch_size ({self.sae.batch_size}) must be a multiple of workers ({self.workers})"
@@ -218,13 +223,14 @@ def _batches(c: dict):
 
     shard = ray.train.get_dataset_shard("train")
     per = c["cfg"].sae.batch_size // c["world"]
-    for b in shard.iter_torch_batches(
-        batch_size=per,
-        local_shuffle_buffer_size=c["cfg"].shuffle_buffer,
-        local_shuffle_seed=c["cfg"].sae.seed + c["rank"],
-        drop_last=True,
-    ):
-        yield b["act"].float()
+    for epoch in range(c["cfg"].epochs):  # each pass re-executes the dataset (a new harvest)
+        for b in shard.iter_torch_batches(
+            batch_size=per,
+            local_shuffle_buffer_size=c["cfg"].shuffle_buffer,
+            local_shuffle_seed=c["cfg"].sae.seed + 1000 * epoch + c["rank"],
+            drop_last=True,
+        ):
+            yield b["act"].float()
 
 
 class SAELoop:
@@ -558,14 +564,13 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     hv = ts.harvest
     run = RunDir.from_config(cfg.run)
     source = resolve(cfg.run, hv.model, hv.world_stage)
-    operational = ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "shard_rows")
     key = {
         "source": ts.source,
-        "harvest": {k: v for k, v in to_dict(hv).items() if k not in operational}
-        | {"model": source.identity},
+        "harvest": hv.key(source),
         "sae": to_dict(ts.sae),
         "workers": ts.workers,
         "shuffle_buffer": ts.shuffle_buffer,
+        "epochs": ts.epochs,
         "top_examples": ts.top_examples,
     }
     stage = run.stage(f"sae/{ts.name}", key)
@@ -584,17 +589,10 @@ def main(cfg: TrainSAEJob) -> SAEResult:
             train, held = corpus(hv, run)
             ds = activations(train, source, hv)
             d_model = _d_model(source)
-            manifest = {
-                "model": source.identity,
-                "layer": hv.layer,
-                "positions": hv.positions,
-                "corpus": hv.corpus,
-                "docs": len(train),
-                "eval_docs": len(held),
-                "d_model": d_model,
-                "mode": "stream",
-            }
+            manifest = hv.manifest(source, train, held, d_model, mode="stream")
         ray_name = f"sae-{ts.name.replace('/', '_')}-{stage.hash[:8]}"
+        if cfg.run.force and run.exists(f"_ray/{ray_name}"):  # start over, not resume
+            run.fs.delete_dir(run.uri(f"_ray/{ray_name}"))
         trainer = TorchTrainer(
             sae_worker,
             train_loop_config={
