@@ -24,17 +24,12 @@ import time
 def bare_forward(model, tok, docs, cfg) -> float:
     import torch
 
-    from emergent.harvest import encode
+    from emergent.harvest import encode, pad_right
 
     t0 = time.time()
     for i in range(0, len(docs), cfg.batch_size):
         enc = [encode(tok, d, cfg.positions, cfg.context)[0] for d in docs[i : i + cfg.batch_size]]
-        width = max(map(len, enc))
-        ids = torch.zeros((len(enc), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(enc):
-            ids[j, : len(e)] = torch.tensor(e)
-            mask[j, : len(e)] = 1
+        ids, mask = pad_right(tok, enc)
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     return time.time() - t0

@@ -277,6 +277,20 @@ class Harvester:
         }
 
 
+def pad_right(tok, seqs: list[list[int]]):
+    """(input_ids, attention_mask) of token sequences, right-padded (positions stay the
+    tokens' own)."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
 def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str = "cpu"):
     """Activations (n_kept, d_model) in the storage dtype, with each row's document index in
     ``docs``, position and token id."""
@@ -286,13 +300,7 @@ def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str =
     from emergent.models import capture
 
     enc = [encode(tok, d, cfg.positions, cfg.context) for d in docs]
-    width = max(len(ids) for ids, _ in enc)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(enc), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for i, (ids, _) in enumerate(enc):  # right padding: positions are the tokens' own
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = pad_right(tok, [ids for ids, _ in enc])
     with capture(model, cfg.layer) as seen, torch.no_grad():
         model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
     hidden = seen[0]

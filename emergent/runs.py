@@ -140,11 +140,6 @@ class RunDir:
         df.to_parquet(buf, index=False)
         return self.write_bytes(rel, buf.getvalue())
 
-    def read_parquet(self, rel: str):
-        import pandas as pd
-
-        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
-
     def write_figure(self, rel: str, fig) -> str:
         """A matplotlib figure as PNG, atomically (the figure is closed)."""
         import matplotlib.pyplot as plt

@@ -37,7 +37,14 @@ from typing import Literal
 
 from emergent.config import RayConfig, RunConfig, config, to_dict
 from emergent.evaluate import ModelSource, resolve
-from emergent.harvest import HarvestConfig, activations, corpus, harvest_docs, load_any
+from emergent.harvest import (
+    HarvestConfig,
+    activations,
+    corpus,
+    harvest_docs,
+    load_any,
+    pad_right,
+)
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 
@@ -513,13 +520,7 @@ def _ce(model, tok, docs, hv, sae, mode, meta, block):
     from emergent.harvest import encode
 
     enc = [encode(tok, d, hv.positions, hv.context)[0] for d in docs]
-    width = max(map(len, enc))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(enc), width), pad)
-    mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
+    ids, mask = pad_right(tok, enc)
     rows, pos = torch.as_tensor(meta["row"]), torch.as_tensor(meta["pos"])
 
     def hook(_m, _i, output):
@@ -579,9 +580,11 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     with ray_session(cfg.ray):
         if ts.source == "cache":
             hres = harvest_job.main(harvest_job.HarvestJob(run=cfg.run, ray=cfg.ray, harvest=hv))
-            ds = ray.data.read_parquet(
-                hres.path, columns=["act"], filesystem=None if run.is_local else run.fs
-            ).randomize_block_order(seed=ts.sae.seed)
+            ds = (
+                ray.data.read_parquet(hres.path, filesystem=None if run.is_local else run.fs)
+                .select_columns(["act"])  # pushed down into the read
+                .randomize_block_order(seed=ts.sae.seed)
+            )
             manifest = run.read_json(f"harvest/{hv.name}/manifest.json")
             held = run.read_json(f"harvest/{hv.name}/eval_docs.json")
             d_model = manifest["d_model"]
