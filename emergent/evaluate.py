@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from emergent.metrics import Rate, cluster_bootstrap
 from emergent.models import POSITIONS
 from emergent.prompts import load_prompts
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
+from emergent.runtime import actor_pool_map, ray_session
 
 log = logging.getLogger(__name__)
 
@@ -309,25 +308,14 @@ def load_direction(path: str):
 
 def generate(rows: list[dict], source: ModelSource, cfg: EvaluateConfig) -> list[dict]:
     """Answers for prompt rows through a Ray Data actor pool (rows come back in order)."""
-    import ray.data
-
-    bs = cfg.sampling.batch_size
-    ds = ray.data.from_items(
+    out = actor_pool_map(
         [dict(r, _order=i) for i, r in enumerate(rows)],
-        override_num_blocks=math.ceil(len(rows) / bs),
-    )
-    out = ds.map_batches(
         Generator,
-        fn_constructor_kwargs={
-            "source": source,
-            "cfg": cfg,
-            "threads": max(1, int(cfg.cpus_per_actor)),
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None,
-        batch_size=bs,
-        batch_format="numpy",
+        {"source": source, "cfg": cfg},
+        actors=cfg.actors,
+        cpus=cfg.cpus_per_actor,
+        gpus=cfg.gpus_per_actor,
+        batch_size=cfg.sampling.batch_size,
     ).take_all()
     return sorted(out, key=lambda r: r["_order"])
 

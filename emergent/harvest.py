@@ -24,7 +24,6 @@ import ast
 import dataclasses
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -36,7 +35,7 @@ from emergent.config import RayConfig, RunConfig, config, to_dict
 from emergent.data import DatasetError, read_jsonl
 from emergent.evaluate import ModelSource, resolve
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
+from emergent.runtime import actor_pool_map, ray_session
 
 log = logging.getLogger(__name__)
 
@@ -317,24 +316,14 @@ def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str =
 def activations(docs: list[dict], source: ModelSource, cfg: HarvestConfig, offset: int = 0):
     """The Ray Dataset of activation rows (``doc``, ``pos``, ``token``, ``act``) of ``docs``;
     lazy: it runs when consumed (streamed into training workers or written to Parquet)."""
-    import ray.data
-
-    items = [{"doc": offset + i, "data": json.dumps(d)} for i, d in enumerate(docs)]
-    ds = ray.data.from_items(
-        items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size))
-    )
-    return ds.map_batches(
+    return actor_pool_map(
+        [{"doc": offset + i, "data": json.dumps(d)} for i, d in enumerate(docs)],
         Harvester,
-        fn_constructor_kwargs={
-            "source": source,
-            "cfg": cfg,
-            "threads": max(1, int(cfg.cpus_per_actor)),
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None,
+        {"source": source, "cfg": cfg},
+        actors=cfg.actors,
+        cpus=cfg.cpus_per_actor,
+        gpus=cfg.gpus_per_actor,
         batch_size=cfg.batch_size,
-        batch_format="numpy",
     )
 
 

@@ -95,3 +95,32 @@ def ray_session(cfg: RayConfig):
         yield ray
     finally:
         ray.shutdown()
+
+
+def actor_pool_map(
+    items: list[dict],
+    actor_cls,
+    kwargs: dict,
+    *,
+    actors: int,
+    cpus: float,
+    gpus: float,
+    batch_size: int,
+):
+    """``items`` through a Ray Data actor pool of ``actor_cls`` (a callable class holding one
+    model; built with ``kwargs`` plus ``threads``), in batches of ``batch_size`` (one block each,
+    so batches are the same on every run); lazy."""
+    import math
+
+    import ray.data
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+    return ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=kwargs | {"threads": max(1, int(cpus))},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus or None,
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
