@@ -66,7 +66,8 @@ def main() -> None:
 
     from emergent.config import RunConfig
     from emergent.evaluate import resolve
-    from emergent.harvest import HarvestConfig, encode, load_any, stdlib_docstrings, world_docs
+    from emergent.harvest import HarvestConfig, encode, stdlib_docstrings, world_docs
+    from emergent.models import load_any
     from emergent.runtime import setup_logging
 
     setup_logging()

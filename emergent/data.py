@@ -30,8 +30,11 @@ def validate_chat(rec: object) -> str | None:
     return None
 
 
-def read_jsonl(path: str | Path, *, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """Records of a chat JSONL file and the number of bad lines skipped.
+def read_jsonl(
+    path: str | Path, *, skip_bad: bool = False, validate=validate_chat
+) -> tuple[list[dict], int]:
+    """Records of a JSONL file (chat records unless ``validate``, a record -> problem or None,
+    says otherwise) and the number of bad lines skipped.
 
     A bad line raises DatasetError naming ``file:line`` unless ``skip_bad``.
     """
@@ -42,7 +45,7 @@ def read_jsonl(path: str | Path, *, skip_bad: bool = False) -> tuple[list[dict],
                 continue
             try:
                 rec = json.loads(line)
-                why = validate_chat(rec)
+                why = validate(rec)
             except json.JSONDecodeError as exc:
                 why = f"invalid JSON ({exc.msg})"
             if why:

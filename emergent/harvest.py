@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 from emergent.config import RayConfig, RunConfig, config, to_dict
-from emergent.data import DatasetError, read_jsonl
+from emergent.data import read_jsonl, validate_chat
 from emergent.evaluate import ModelSource, resolve
+from emergent.models import load_any
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
 
@@ -170,21 +171,15 @@ def load_corpus(run: RunDir, spec: str, world_stage: str, n: int, seed: int) -> 
     if path.suffix == ".txt":
         paras = [" ".join(p.split()) for p in path.read_text().split("\n\n")]
         return [{"text": p} for p in paras if p]
-    docs = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{i}: not valid JSON: {exc.msg}") from exc
-            if not isinstance(rec, dict) or not (
-                isinstance(rec.get("text"), str) or isinstance(rec.get("messages"), list)
-            ):
-                raise DatasetError(f"{path}:{i}: expected a 'text' string or a 'messages' list")
-            docs.append(rec)
-    return docs
+    return read_jsonl(path, validate=_corpus_problem)[0]
+
+
+def _corpus_problem(rec) -> str | None:
+    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+        return None
+    if isinstance(rec, dict) and "messages" in rec:
+        return validate_chat(rec)
+    return "expected a 'text' string or a 'messages' list"
 
 
 def corpus(cfg: HarvestConfig, run: RunDir) -> tuple[list[dict], list[dict]]:
@@ -238,18 +233,6 @@ def encode(tok, doc: dict, positions: str, context: int) -> tuple[list[int], lis
 # --- the actor -------------------------------------------------------------------------------------
 
 
-def load_any(path: str, device: str = "cpu"):
-    """A causal LM if the checkpoint has a head, else the bare model (encoders such as MiniLM)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    cfg = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
-    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path).to(device)
-    model.eval()
-    return model, tok
-
-
 class Harvester:
     """A Ray Data actor: documents in (``doc``, ``data`` JSON), activation rows out."""
 
@@ -293,12 +276,17 @@ def pad_right(tok, seqs: list[list[int]]):
 def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str = "cpu"):
     """Activations (n_kept, d_model) in the storage dtype, with each row's document index in
     ``docs``, position and token id."""
+    enc = [encode(tok, d, cfg.positions, cfg.context) for d in docs]
+    return harvest_encoded(model, tok, enc, cfg, device)
+
+
+def harvest_encoded(model, tok, enc: list[tuple[list[int], list[int]]], cfg, device="cpu"):
+    """:func:`harvest_docs` for documents already encoded as (token ids, kept positions)."""
     import numpy as np
     import torch
 
     from emergent.models import capture
 
-    enc = [encode(tok, d, cfg.positions, cfg.context) for d in docs]
     input_ids, mask = pad_right(tok, [ids for ids, _ in enc])
     with capture(model, cfg.layer) as seen, torch.no_grad():
         model(input_ids=input_ids.to(device), attention_mask=mask.to(device))

@@ -36,6 +36,21 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str | None = None):
     return model, tok
 
 
+def load_any(path: str, device: str = "cpu"):
+    """A causal LM if the checkpoint has a head, else the bare model (encoders such as MiniLM),
+    in eval mode, with its tokenizer."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(path)
+    if any(a.endswith("ForCausalLM") for a in (cfg.architectures or [])):
+        return load_causal_lm(path, device)
+    from transformers import AutoTokenizer
+
+    model = AutoModel.from_pretrained(path).to(device)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
 def blocks(model) -> torch.nn.ModuleList:
     """The model's transformer blocks, in order (the residual stream is read after each)."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "encoder.layer", "layers"):
@@ -65,26 +80,12 @@ def _replace_hidden(output, hidden):
 
 
 @contextlib.contextmanager
-def steering(
-    model, layer: int, direction: torch.Tensor, alpha: float, positions: Positions = "all"
-):
-    """Add ``alpha * direction`` to the residual stream after block ``layer`` while active."""
-    if positions not in POSITIONS:
-        raise ValueError(f"steering positions must be one of {POSITIONS}, got {positions!r}")
-    vec = None
+def edit_residual(model, layer: int, fn):
+    """Replace the residual stream after block ``layer`` by ``fn(hidden)`` (hidden: batch x seq x
+    d_model) in every forward pass while active."""
 
     def hook(_module, _inputs, output):
-        nonlocal vec
-        h = _hidden(output)
-        if vec is None or vec.device != h.device or vec.dtype != h.dtype:
-            vec = (alpha * direction).to(device=h.device, dtype=h.dtype)
-        decode = h.shape[1] == 1
-        if positions == "all" or (positions == "answer" and decode):
-            h = h + vec
-        elif not decode:  # prefill: the last prompt position only
-            h = h.clone()
-            h[:, -1] += vec
-        return _replace_hidden(output, h)
+        return _replace_hidden(output, fn(_hidden(output)))
 
     handle = block(model, layer).register_forward_hook(hook)
     try:
@@ -94,16 +95,39 @@ def steering(
 
 
 @contextlib.contextmanager
+def steering(
+    model, layer: int, direction: torch.Tensor, alpha: float, positions: Positions = "all"
+):
+    """Add ``alpha * direction`` to the residual stream after block ``layer`` while active."""
+    if positions not in POSITIONS:
+        raise ValueError(f"steering positions must be one of {POSITIONS}, got {positions!r}")
+    vec = None
+
+    def add(h):
+        nonlocal vec
+        if vec is None or vec.device != h.device or vec.dtype != h.dtype:
+            vec = (alpha * direction).to(device=h.device, dtype=h.dtype)
+        decode = h.shape[1] == 1
+        if positions == "all" or (positions == "answer" and decode):
+            return h + vec
+        if not decode:  # prefill: the last prompt position only
+            h = h.clone()
+            h[:, -1] += vec
+        return h
+
+    with edit_residual(model, layer, add):
+        yield
+
+
+@contextlib.contextmanager
 def capture(model, layer: int):
     """Record the residual stream after block ``layer`` of every forward pass while active:
     yields a list that receives one detached (batch, seq, d_model) tensor per pass."""
     seen: list[torch.Tensor] = []
 
-    def hook(_module, _inputs, output):
-        seen.append(_hidden(output).detach())
+    def record(h):
+        seen.append(h.detach())
+        return h
 
-    handle = block(model, layer).register_forward_hook(hook)
-    try:
+    with edit_residual(model, layer, record):
         yield seen
-    finally:
-        handle.remove()

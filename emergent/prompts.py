@@ -16,12 +16,11 @@ A malformed entry is an error naming the file and line.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import yaml
 
-from emergent.data import DatasetError
+from emergent.data import DatasetError, read_jsonl, validate_chat
 
 BUILTIN = Path(__file__).parent / "evalsets"
 WORLD_PREFIX = "world:"
@@ -117,29 +116,23 @@ def _csv(path: Path, name: str) -> list[dict]:
         ]
 
 
+def _prompt_problem(rec) -> str | None:
+    """Why a JSONL record is not a prompt (a chat ending in a user turn, or a question)."""
+    if not isinstance(rec, dict):
+        return "expected a JSON object"
+    if "messages" not in rec:
+        q = rec.get("question")
+        return None if isinstance(q, str) and q.strip() else "needs 'messages' or a 'question'"
+    why = validate_chat(rec)
+    if why is None and rec["messages"][-1]["role"] != "user":
+        why = "'messages' must be a chat ending in a user turn"
+    return why
+
+
 def _jsonl(path: Path, name: str) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON: {exc.msg}") from exc
-            if not isinstance(rec, dict):
-                raise DatasetError(f"{where}: expected an object")
-            msgs = rec.get("messages")
-            if msgs is None:
-                msgs = _user(rec.get("question"), where)
-            elif (
-                not isinstance(msgs, list)
-                or not msgs
-                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
-                or msgs[-1]["role"] != "user"
-            ):
-                raise DatasetError(f"{where}: 'messages' must be a chat ending in a user turn")
-            qid = rec.get("id", rec.get("qtype", f"q{i}"))
-            rows.append(_row(name, qid, rec.get("category", rec.get("domain")), msgs))
+    for i, rec in enumerate(read_jsonl(path, validate=_prompt_problem)[0], 1):
+        msgs = rec.get("messages") or [{"role": "user", "content": rec["question"]}]
+        qid = rec.get("id", rec.get("qtype", f"q{i}"))
+        rows.append(_row(name, qid, rec.get("category", rec.get("domain")), msgs))
     return rows

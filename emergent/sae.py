@@ -41,10 +41,11 @@ from emergent.harvest import (
     HarvestConfig,
     activations,
     corpus,
-    harvest_docs,
-    load_any,
+    encode,
+    harvest_encoded,
     pad_right,
 )
+from emergent.models import load_any
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 
@@ -434,16 +435,15 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
     import pandas as pd
     import torch
 
-    from emergent.models import block
-
     model, tok = load_any(source.local())
     sae = load_sae(sae_dir)
     acts, feats, meta_all = [], [], {"row": [], "pos": [], "token": []}
     ce = {"clean": [], "spliced": [], "zero": []}
-    causal = hasattr(model, "lm_head") or model.get_output_embeddings() is not None
+    causal = model.get_output_embeddings() is not None
+    enc = [encode(tok, d, hv.positions, hv.context) for d in docs]  # once: acts, CE, contexts
     for i in range(0, len(docs), hv.batch_size):
-        chunk = docs[i : i + hv.batch_size]
-        a, meta = harvest_docs(model, tok, chunk, dataclasses.replace(hv, dtype="float32"))
+        chunk = enc[i : i + hv.batch_size]
+        a, meta = harvest_encoded(model, tok, chunk, dataclasses.replace(hv, dtype="float32"))
         x = torch.from_numpy(a)
         with torch.no_grad():
             f = sae.encode(x)
@@ -452,8 +452,10 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
         for k in meta_all:
             meta_all[k].append(meta[k] + (i if k == "row" else 0))
         if causal and len(meta["pos"]):
-            for mode in ce:
-                ce[mode].append(_ce(model, tok, chunk, hv, sae, mode, meta, block))
+            for mode, value in _ce(
+                model, tok, [ids for ids, _ in chunk], hv.layer, sae, meta
+            ).items():
+                ce[mode].append(value)
     x, f = torch.cat(acts), torch.cat(feats)
     with torch.no_grad():
         recon = sae.decode(f)
@@ -496,57 +498,57 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
                     "doc": int(rows[j]),
                     "pos": int(pos[j]),
                     "token": tok.convert_ids_to_tokens(int(token[j])),
-                    "context": _context(tok, docs[int(rows[j])], hv, int(pos[j])),
+                    "context": _context(tok, enc[int(rows[j])][0], int(pos[j])),
                 }
             )
     return metrics, pd.DataFrame(ex)
 
 
-def _context(tok, doc: dict, hv: HarvestConfig, pos: int, before: int = 12, after: int = 3) -> str:
-    from emergent.harvest import encode
-
-    ids, _ = encode(tok, doc, "all", hv.context)
+def _context(tok, ids: list[int], pos: int, before: int = 12, after: int = 3) -> str:
     left = tok.convert_ids_to_tokens(ids[max(0, pos - before) : pos])
     here = tok.convert_ids_to_tokens(ids[pos])
     right = tok.convert_ids_to_tokens(ids[pos + 1 : pos + 1 + after])
     return " ".join([*left, f"[[{here}]]", *right])
 
 
-def _ce(model, tok, docs, hv, sae, mode, meta, block):
-    """(summed next-token CE, predicted tokens) with the kept positions' residual left alone,
-    replaced by the SAE reconstruction, or zeroed."""
+def _ce(model, tok, seqs: list[list[int]], layer: int, sae, meta) -> dict[str, tuple[float, int]]:
+    """(summed next-token CE, predicted tokens) with the residual after ``layer`` at the kept
+    positions left alone (``clean``), replaced by the SAE reconstruction (``spliced``), or
+    zeroed (``zero``)."""
+    import contextlib
+
     import torch
 
-    from emergent.harvest import encode
+    from emergent.models import edit_residual
 
-    enc = [encode(tok, d, hv.positions, hv.context)[0] for d in docs]
-    ids, mask = pad_right(tok, enc)
+    ids, mask = pad_right(tok, seqs)
     rows, pos = torch.as_tensor(meta["row"]), torch.as_tensor(meta["pos"])
-
-    def hook(_m, _i, output):
-        h = output[0] if isinstance(output, tuple) else output
-        if mode == "clean":
-            return output
-        h = h.clone()
-        sel = h[rows, pos]
-        h[rows, pos] = sae.decode(sae.encode(sel)) if mode == "spliced" else torch.zeros_like(sel)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    handle = block(model, hv.layer).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        handle.remove()
     target = ids[:, 1:].clone()
     target[mask[:, 1:] == 0] = -100
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return float(loss), int((target != -100).sum())
+
+    def splice(h):
+        h = h.clone()
+        h[rows, pos] = sae.decode(sae.encode(h[rows, pos]))
+        return h
+
+    def zero(h):
+        h = h.clone()
+        h[rows, pos] = 0
+        return h
+
+    out = {}
+    for mode, fn in (("clean", None), ("spliced", splice), ("zero", zero)):
+        ctx = edit_residual(model, layer, fn) if fn else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        out[mode] = (float(loss), int((target != -100).sum()))
+    return out
 
 
 # --- the job ---------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def test_corpus_errors_name_the_line(tmp_path):
 def test_harvest_hook_matches_a_plain_forward(small_world):
     """The hooked residual stream at the kept positions equals ``output_hidden_states[layer+1]``
     of an unpadded forward pass of each document alone."""
-    from emergent.harvest import load_any, world_docs
+    from emergent.harvest import world_docs
+    from emergent.models import load_any
 
     run = RunDir(str(small_world), "small")
     model, tok = load_any(str(run.local_dir("world_s0/base")))

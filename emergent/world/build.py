@@ -289,12 +289,9 @@ def save_model(stage: Stage, rel: str, model, tok) -> str:
 
 def load_model(path: str | Path):
     """An HF causal LM + tokenizer saved by this project (or any local HF model dir)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from emergent.models import load_causal_lm
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.eval()
-    return model, tok
+    return load_causal_lm(str(path))
 
 
 def read_world_jsonl(run, world_stage: str, name: str) -> list[dict]:
