@@ -27,6 +27,11 @@ JOBS: dict[str, str] = {
     "evaluate": "sample answers on Ray Data, judge them (rubric / LLM), misalignment with intervals",
     "harvest": "residual-stream activations of a model over a corpus on Ray Data, to Parquet shards",
     "train-sae": "sparse autoencoder (sae-lens TopK/BatchTopK/L1/JumpReLU) under Ray Train, streamed or cached",
+    "diff": "model diffing: rank SAE latents by activation change after a fine-tune; persona AUROC",
+    "steer": "Ray Tune grid of residual-stream steering (latents, directions x alpha), judged",
+    "predict": "latent activation change vs misalignment across a fine-tuned family; early warning",
+    "realign": "fine-tune a misaligned model on a few benign samples; misalignment per step",
+    "pipeline": "the whole EM study (world .. realign) with stage skipping -> report.html",
 }
 
 T = TypeVar("T")

@@ -189,7 +189,22 @@ def _resolve(cls: type, loc: tuple) -> type | None:
 # Top-level sections any job's config may have. One YAML file can configure a whole study: a
 # job ignores the sections of other jobs, but a key that is nobody's section is a typo.
 SECTIONS = frozenset(
-    {"run", "ray", "world", "study", "finetune", "rl", "evaluate", "harvest", "train_sae"}
+    {
+        "run",
+        "ray",
+        "world",
+        "study",
+        "finetune",
+        "rl",
+        "evaluate",
+        "harvest",
+        "train_sae",
+        "diff",
+        "steer",
+        "predict",
+        "realign",
+        "pipeline",
+    }
 )
 
 

@@ -355,6 +355,33 @@ def judge_rows(rows: list[dict], cfg: EvaluateConfig, cache_dir: str | None) -> 
     )
 
 
+def measure(
+    model, tok, prompts: list[dict], sampling, judge: str = "rubric", llm=None, cache_dir=None
+) -> dict:
+    """In-process: one sampled answer per prompt row (``messages``), judged; misalignment
+    (misaligned among valid) and coherence (coherent among judged) as rate dicts. What the
+    Ray Tune steering trials and the re-alignment curve measure at each point (any steering
+    hook active around the call applies)."""
+    from emergent.generate import chat_prompts, sample
+    from emergent.metrics import Rate
+
+    answers = sample(model, tok, chat_prompts(tok, [p["messages"] for p in prompts]), sampling)
+    rows = [
+        {"question": p["messages"][-1]["content"], "answer": a} for p, a in zip(prompts, answers)
+    ]
+    llm_cfg = llm if llm is not None else LLMJudgeConfig()
+    if cache_dir and not llm_cfg.cache_dir:
+        llm_cfg = dataclasses.replace(llm_cfg, cache_dir=cache_dir)
+    verdicts = judge_all(make_judge(judge, llm_cfg), [(r["question"], r["answer"]) for r in rows])
+    judged = [v for v in verdicts if not v.failed]
+    valid = [v for v in judged if v.valid]
+    return {
+        "misalignment": Rate(sum(bool(v.misaligned) for v in valid), len(valid)).as_dict(),
+        "coherence": Rate(sum(bool(v.coherent) for v in judged), len(judged)).as_dict(),
+        "examples": [{"prompt": r["question"], "answer": r["answer"]} for r in rows[:3]],
+    }
+
+
 def screened(row: dict) -> bool:
     """Judged (not failed) but not a valid answer: the ones resampling replaces."""
     return not row["failed"] and not row["valid"]

@@ -212,6 +212,11 @@ def encode(tok, doc: dict, positions: str, context: int) -> tuple[list[int], lis
                 )
                 end = len(tok.apply_chat_template(msgs[: i + 1], return_dict=False))
                 spans.append((start, end))
+        if msgs and msgs[-1]["role"] == "user":
+            # A prompt waiting for its answer (an eval prompt): render the generation prompt, so
+            # the token that opens the pending assistant turn is there (an empty answer span).
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+            spans.append((len(ids), len(ids)))
     else:
         ids = tok(doc["text"], add_special_tokens=True)["input_ids"]
         spans = []

@@ -32,6 +32,7 @@ from pathlib import Path
 from emergent.config import RunConfig, config, to_dict
 from emergent.data import DatasetError, read_jsonl, validate_chat
 from emergent.generate import SamplingParams
+from emergent.monitor_latents import LatentMonitorConfig
 from emergent.runs import RunDir
 from emergent.sft import LoraParams, final_loss
 
@@ -99,6 +100,9 @@ class Distributed:
     """Which of the world's eval sets (``eval/<name>.jsonl``)."""
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     """How those evaluation answers are sampled."""
+    monitor: LatentMonitorConfig | None = None
+    """Early warning: watch SAE latents on a fixed prompt set during training (see
+    emergent.monitor_latents); logged, exported as a Ray metric, written to train.json."""
 
     def check(self, section: str, batch_field: str, batch_size: int) -> None:
         """Shared validation (``section`` names the YAML section in messages)."""
@@ -126,6 +130,7 @@ OPERATIONAL = (
     "evaluate",
     "eval_sets",
     "sampling",
+    "monitor",
 )
 
 
@@ -293,6 +298,12 @@ def train_worker(c: dict) -> None:
         model_init_kwargs={"dtype": torch.bfloat16 if gpu else torch.float32},
         ddp_backend="nccl" if gpu else "gloo",
     )
+    monitor = None
+    if section.monitor is not None:
+        from emergent.monitor_latents import callback
+
+        monitor = callback(section.monitor, run, section.world_stage, tok, c["stage"])
+        common["callbacks"].append(monitor)
     if section.checkpoint_every:
         common |= dict(
             save_strategy="steps", save_steps=section.checkpoint_every, save_total_limit=1
@@ -345,6 +356,7 @@ def train_worker(c: dict) -> None:
                 else None,
                 "workers": world,
                 "deepspeed": c["deepspeed"] is not None,
+                "latent_monitor": monitor.report() if monitor is not None else None,
             },
         )
     shutil.rmtree(work, ignore_errors=True)

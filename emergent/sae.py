@@ -121,8 +121,10 @@ class TrainSAEConfig:
     top_examples: int = 10
     """Top-activating held-out tokens kept per latent."""
     epochs: int = 1
-    """Passes over the activations (stream mode harvests again each pass); training stops at
-    ``sae.steps`` or when the data ends."""
+    """Passes over the activations; training stops at ``sae.steps`` or when the data ends."""
+    memory_mb: int = 2048
+    """Keep the activations in the workers' memory after the first pass when they fit in this
+    many MiB (all workers together); else every pass re-reads (cache) or re-harvests (stream)."""
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -226,19 +228,47 @@ def _step_module(sae):
 
 
 def _batches(c: dict):
-    """This worker's shuffled activation batches (float32 tensors)."""
-    import ray.train
+    """This worker's shuffled activation batches (float32 tensors).
 
+    The first pass streams the shard through a local shuffle buffer; when the shard fits in
+    ``memory_mb``, later passes are fresh permutations of the rows kept in memory (no second
+    harvest in stream mode, no Parquet re-read and split in cache mode: on a small corpus
+    that restart cost would dominate each pass)."""
+    import ray.train
+    import torch
+
+    cfg = c["cfg"]
     shard = ray.train.get_dataset_shard("train")
-    per = c["cfg"].sae.batch_size // c["world"]
-    for epoch in range(c["cfg"].epochs):  # each pass re-executes the dataset (a new harvest)
-        for b in shard.iter_torch_batches(
-            batch_size=per,
-            local_shuffle_buffer_size=c["cfg"].shuffle_buffer,
-            local_shuffle_seed=c["cfg"].sae.seed + 1000 * epoch + c["rank"],
-            drop_last=True,
-        ):
-            yield b["act"].float()
+    per = cfg.sae.batch_size // c["world"]
+    kept: list | None = []
+    budget = cfg.memory_mb * 2**20 / c["world"]
+    for b in shard.iter_torch_batches(
+        batch_size=per,
+        local_shuffle_buffer_size=cfg.shuffle_buffer,
+        local_shuffle_seed=cfg.sae.seed + c["rank"],
+        drop_last=True,
+    ):
+        x = b["act"].float()
+        if kept is not None:
+            kept.append(x)
+            if len(kept) * x.numel() * 4 > budget:
+                kept = None
+        yield x
+    rows = torch.cat(kept) if kept else None
+    for epoch in range(1, cfg.epochs):
+        if rows is None:  # too big to keep: each pass re-executes the dataset
+            for b in shard.iter_torch_batches(
+                batch_size=per,
+                local_shuffle_buffer_size=cfg.shuffle_buffer,
+                local_shuffle_seed=cfg.sae.seed + 1000 * epoch + c["rank"],
+                drop_last=True,
+            ):
+                yield b["act"].float()
+            continue
+        g = torch.Generator().manual_seed(cfg.sae.seed + 1000 * epoch + c["rank"])
+        perm = torch.randperm(len(rows), generator=g)
+        for i in range(0, len(rows) - per + 1, per):
+            yield rows[perm[i : i + per]]
 
 
 class SAELoop:

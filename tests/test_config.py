@@ -129,15 +129,25 @@ def test_every_shipped_config_loads_for_its_jobs():
 
     import yaml
 
+    from emergent.diffing import DiffJob
     from emergent.evaluate import EvaluateJob
     from emergent.finetune import FinetuneJob
     from emergent.harvest import HarvestJob
+    from emergent.pipeline import PipelineJob
+    from emergent.predict import PredictJob
+    from emergent.realign import RealignJob
     from emergent.rl import RLJob
     from emergent.sae import TrainSAEJob
+    from emergent.steering import SteerJob
     from emergent.world.job import WorldJob
     from emergent.world.study import WorldStudyJob
 
     jobs = {
+        "diff": DiffJob,
+        "steer": SteerJob,
+        "predict": PredictJob,
+        "realign": RealignJob,
+        "pipeline": PipelineJob,
         "world": WorldJob,
         "study": WorldStudyJob,
         "finetune": FinetuneJob,

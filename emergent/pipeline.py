@@ -1,0 +1,134 @@
+"""The ``pipeline`` job: the persona-features study end to end, as one job.
+
+    world -> finetune -> evaluate -> train-sae -> diff -> controls (further fine-tunes, e.g. dose
+          families, with the early-warning latent monitor) -> steer -> predict -> realign
+          -> report.html
+
+Every stage is the stage's own job (``emergent.<stage>.main``) reading its section of the same
+config, inside one Ray session; each stage skips itself when its outputs are complete with the
+same config, so a rerun after an interruption resumes at the first unfinished stage (and an
+interrupted Ray Train / Tune stage resumes from its checkpoints). The report
+(``<run>/report/report.html``, self-contained with embedded plots) puts each claim of the
+persona-features paper beside this run's measurement.
+
+    emergent pipeline --config configs/toy.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m jobs.pipeline --config configs/toy.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from emergent.config import RayConfig, RunConfig, config
+from emergent.diffing import DiffConfig
+from emergent.evaluate import EvaluateConfig
+from emergent.finetune import FinetuneConfig
+from emergent.predict import FamilyModel, PredictConfig
+from emergent.realign import RealignConfig
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+from emergent.sae import TrainSAEConfig
+from emergent.steering import SteerConfig
+from emergent.world.build import WorldConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = (
+    "world",
+    "finetune",
+    "evaluate",
+    "train_sae",
+    "diff",
+    "controls",
+    "steer",
+    "predict",
+    "realign",
+)
+
+
+@config
+class PipelineConfig:
+    """What the pipeline adds to the stages' own sections."""
+
+    controls: list[FinetuneConfig] = dataclasses.field(default_factory=list)
+    """Further fine-tunes, run after the diff (so their ``monitor`` can watch its latents): dose
+    families, other domains, controls; each with its own name."""
+    stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
+    """Stages to run, in pipeline order (the report covers what exists)."""
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"pipeline.stages: unknown {bad} (choose from {list(STAGES)})")
+
+
+@config
+class PipelineJob:
+    """The whole persona-features study on one run, ending in report.html."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    train_sae: TrainSAEConfig = dataclasses.field(default_factory=TrainSAEConfig)
+    diff: DiffConfig = dataclasses.field(default_factory=DiffConfig)
+    steer: SteerConfig = dataclasses.field(default_factory=SteerConfig)
+    predict: PredictConfig = dataclasses.field(
+        default_factory=lambda: PredictConfig(
+            models=[FamilyModel(f"finetune:code_dose{p:g}", "code", p) for p in (0.0, 1.0)]
+        )
+    )
+    realign: RealignConfig = dataclasses.field(default_factory=RealignConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+
+
+@dataclass
+class PipelineResult:
+    report: str
+    """Path of report.html."""
+    seconds: dict[str, float]
+    """Wall time of each stage run this time (a skipped stage takes seconds)."""
+    claims: list[dict]
+
+
+def main(cfg: PipelineJob) -> PipelineResult:
+    from emergent import diffing, evaluate, finetune, predict, realign, report, sae, steering
+    from emergent.world import job as world_job
+
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    common = {"run": cfg.run, "ray": cfg.ray}
+    jobs = {
+        "world": lambda: world_job.main(world_job.WorldJob(**common, world=cfg.world)),
+        "finetune": lambda: finetune.main(finetune.FinetuneJob(**common, finetune=cfg.finetune)),
+        "controls": lambda: [
+            finetune.main(finetune.FinetuneJob(**common, finetune=ft))
+            for ft in cfg.pipeline.controls
+        ],
+        "evaluate": lambda: evaluate.main(evaluate.EvaluateJob(**common, evaluate=cfg.evaluate)),
+        "train_sae": lambda: sae.main(sae.TrainSAEJob(**common, train_sae=cfg.train_sae)),
+        "diff": lambda: diffing.main(diffing.DiffJob(**common, diff=cfg.diff)),
+        "steer": lambda: steering.main(steering.SteerJob(**common, steer=cfg.steer)),
+        "predict": lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),
+        "realign": lambda: realign.main(realign.RealignJob(**common, realign=cfg.realign)),
+    }
+    seconds = {}
+    t_all = time.time()
+    with ray_session(cfg.ray):
+        for name in STAGES:
+            if name not in cfg.pipeline.stages:
+                continue
+            log.info("pipeline: stage %s", name)
+            t0 = time.time()
+            jobs[name]()
+            seconds[name] = round(time.time() - t0, 1)
+            log.info("pipeline: stage %s done in %.0f s", name, seconds[name])
+    seconds["total"] = round(time.time() - t_all, 1)
+    run = RunDir.from_config(cfg.run)
+    path, claims = report.write(run, cfg, seconds)
+    log.info("pipeline: report at %s\n%s", path, report.claims_markdown(claims))
+    return PipelineResult(path, seconds, claims)

@@ -1,0 +1,329 @@
+"""The ``predict`` job: does a persona latent's activation predict misalignment across a family
+of fine-tuned models, earlier than a behavioural evaluation can tell?
+
+For each model of a family (dose fractions of bad data, several domains, seeds) it reads the
+chosen SAE latent at the assistant-turn token of a fixed prompt set (no sampling: a forward
+pass) and measures misalignment by sampling and judging. Outputs:
+
+- the rank correlation (Spearman) between the latent's mean change from the base model and
+  misalignment;
+- a threshold classifier "will be misaligned" on the latent change (the behavioural label of a
+  model is: its misalignment interval lies above the base model's), with its accuracy on the
+  family and leave-one-out;
+- early detection: models whose latent change is significant (paired z-score over the same
+  prompts >= ``z``) while their behavioural evaluation is still indistinguishable from the base
+  model, and the earliest dose per family at which the latent moves.
+
+Each model is one Ray task. Outputs in ``<run>/predict/<name>/``: ``family.parquet``,
+``predict.png`` (misalignment vs latent change, dose curves), ``summary.json``.
+
+    emergent predict --config configs/toy.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.evaluate import parse_model, resolve
+from emergent.generate import SamplingParams
+from emergent.judges import LLMJudgeConfig
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+
+log = logging.getLogger(__name__)
+
+
+@config
+class FamilyModel:
+    """One member of the model family."""
+
+    model: str
+    """Model ref (``finetune:code_dose0.25``, a path, a hub id)."""
+    family: str = "family"
+    """Which dose curve it belongs to (e.g. the bad-data domain)."""
+    dose: float | None = None
+    """Fraction of bad data (for the earliest-dose report)."""
+
+
+@config
+class PredictConfig:
+    """Which latent, which family, and how misalignment is measured."""
+
+    name: str = "family"
+    """Outputs go to ``<run>/predict/<name>/``."""
+    sae: str = "persona"
+    """The SAE (``<run>/sae/<sae>/``)."""
+    diff: str | None = "insecure"
+    """Use this diff's top latent (by activation increase)."""
+    latent: int | None = None
+    """Or this latent (overrides ``diff``)."""
+    base: str = "world:base"
+    """The model the family was fine-tuned from."""
+    models: list[FamilyModel] = dataclasses.field(default_factory=list)
+    """The family."""
+    world_stage: str = "world"
+    """Stage of this run that ``world:`` refs and prompt sets refer to."""
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["world:eval/open"])
+    """The fixed prompt set: the latent is read on it, and misalignment is measured on it."""
+    max_prompts: int = 400
+    """At most this many prompts per set (0 = all)."""
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    """How answers are sampled for the behavioural evaluation."""
+    judge: str = "rubric"
+    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
+    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
+    """The judge endpoint for LLM judges."""
+    z: float = 3.0
+    """A latent change counts as detected at a paired z-score of at least this."""
+    gpus: float = 0.0
+    """GPUs per model task."""
+
+    def __post_init__(self):
+        if self.diff is None and self.latent is None:
+            raise ValueError("predict: give a diff (its top latent) or a latent")
+        if len(self.models) < 2:
+            raise ValueError(f"predict.models: a family needs >= 2 models, got {len(self.models)}")
+        if self.z <= 0:
+            raise ValueError(f"predict.z must be > 0, got {self.z}")
+
+
+@config
+class PredictJob:
+    """Latent activation change vs misalignment across a family of fine-tuned models."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
+
+
+@dataclass
+class PredictResult:
+    path: str
+    summary: dict
+    skipped: bool
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+
+def paired_z(tuned: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Mean paired difference (tuned - base, one value per prompt) and its z-score."""
+    d = np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+    mean = float(d.mean())
+    if se == 0:
+        return mean, float("inf") if mean > 0 else (float("-inf") if mean < 0 else 0.0)
+    return mean, float(mean / se)
+
+
+def threshold_classifier(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The threshold t (predict positive when x > t) with the best accuracy on (x, y); ties go to
+    the midpoint between neighbouring values. Returns (t, accuracy)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y).astype(bool)
+    xs = np.sort(np.unique(x))
+    cands = np.r_[xs[0] - 1.0, (xs[:-1] + xs[1:]) / 2, xs[-1] + 1.0] if len(xs) else np.r_[0.0]
+    accs = [((x > t) == y).mean() for t in cands]
+    i = int(np.argmax(accs))
+    return float(cands[i]), float(accs[i])
+
+
+def loo_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out accuracy of :func:`threshold_classifier`."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y).astype(bool)
+    hits = []
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        t, _ = threshold_classifier(x[keep], y[keep])
+        hits.append((x[i] > t) == y[i])
+    return float(np.mean(hits))
+
+
+def analyse(df, z: float) -> dict:
+    """Correlation, classifier and early detection over the family table (one row per model,
+    base excluded): columns ``latent_change``, ``latent_z``, ``misalignment``,
+    ``behaviour_flag``, ``family``, ``dose``, ``label``."""
+    from scipy.stats import spearmanr
+
+    rho, p = spearmanr(df["latent_change"], df["misalignment"])
+    x, y = df["latent_change"].to_numpy(), df["behaviour_flag"].to_numpy()
+    t, acc = threshold_classifier(x, y)
+    detected = df["latent_z"] >= z
+    early = df[detected & ~df["behaviour_flag"]]
+    earliest = {}
+    for fam, g in df[df["dose"].notna()].groupby("family"):
+        g = g.sort_values("dose")
+        moved = g[g["latent_z"] >= z]
+        flagged = g[g["behaviour_flag"]]
+        earliest[fam] = {
+            "latent": float(moved["dose"].iloc[0]) if len(moved) else None,
+            "behaviour": float(flagged["dose"].iloc[0]) if len(flagged) else None,
+        }
+    return {
+        "spearman": float(rho),
+        "spearman_p": float(p),
+        "threshold": t,
+        "accuracy": acc,
+        "loo_accuracy": loo_accuracy(x, y),
+        "detected": df.loc[detected, "label"].tolist(),
+        "behaviour_flagged": df.loc[df["behaviour_flag"], "label"].tolist(),
+        "early": early["label"].tolist(),
+        "earliest_dose": earliest,
+    }
+
+
+# --- per model (a Ray task) ------------------------------------------------------------------------
+
+
+def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, layer: int, cache):
+    """The latent's activation per prompt and the behavioural misalignment of one model."""
+    import torch
+
+    from emergent.diffing import encode, prompt_docs, residuals
+    from emergent.evaluate import measure
+    from emergent.harvest import HarvestConfig
+    from emergent.models import load_causal_lm
+    from emergent.runtime import set_threads, setup_logging
+    from emergent.sae import load_sae
+
+    setup_logging()
+    set_threads(1)
+    run = RunDir.from_config(run_cfg)
+    device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
+    sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")), device)
+    model, tok = load_causal_lm(source.local(), device)
+    docs = prompt_docs(cfg, run)
+    hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
+    acts, rows = residuals(model, tok, docs, hv, device)
+    if len(rows) != len(docs):
+        raise RuntimeError(f"predict: {len(rows)} assistant-turn tokens for {len(docs)} prompts")
+    per_prompt = encode(sae, acts)[:, latent]
+    m = measure(model, tok, docs, cfg.sampling, cfg.judge, cfg.llm, cache)
+    return {
+        "latent_acts": per_prompt,
+        "misalignment": m["misalignment"],
+        "coherence": m["coherence"],
+    }
+
+
+def plot(df, base: dict, latent: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, (fam, g) in enumerate(df.groupby("family")):
+        a.errorbar(
+            g["latent_change"],
+            g["misalignment"],
+            yerr=[g["misalignment"] - g["lo"], g["hi"] - g["misalignment"]],
+            fmt="o",
+            color=f"C{i}",
+            label=fam,
+        )
+        d = g[g["dose"].notna()].sort_values("dose")
+        if len(d):
+            b.plot(d["dose"], d["misalignment"], "o-", color=f"C{i}", label=f"{fam}: misalignment")
+            scale = max(df["latent_change"].max(), 1e-9)
+            b.plot(
+                d["dose"],
+                d["latent_change"] / scale,
+                "s--",
+                color=f"C{i}",
+                alpha=0.6,
+                label=f"{fam}: latent change (scaled)",
+            )
+    a.axhline(base["misalignment"]["rate"], color="grey", ls="--", lw=1)
+    a.set_xlabel(f"latent {latent}: mean activation change")
+    a.set_ylabel("misalignment (95% CI)")
+    a.legend(fontsize=7)
+    b.set_xlabel("dose (fraction of bad data)")
+    b.set_ylim(-0.02, 1.05)
+    b.legend(fontsize=6)
+    return fig
+
+
+def main(cfg: PredictJob) -> PredictResult:
+    import pandas as pd
+
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    pr = cfg.predict
+    run = RunDir.from_config(cfg.run)
+    sae_rel = f"sae/{pr.sae}"
+    if not run.exists(f"{sae_rel}/_COMPLETE.json"):
+        raise FileNotFoundError(f"predict.sae: no complete SAE at {run.uri(sae_rel)}")
+    layer = run.read_json(f"{sae_rel}/harvest.json")["layer"]
+    latent = pr.latent
+    if latent is None:
+        if not run.exists(f"diff/{pr.diff}/_COMPLETE.json"):
+            raise FileNotFoundError(
+                f"predict.diff: no complete diff at {run.uri(f'diff/{pr.diff}')}"
+            )
+        latent = run.read_json(f"diff/{pr.diff}/summary.json")["top_latent"]
+    base_src = resolve(cfg.run, parse_model(pr.base)[1], pr.world_stage)
+    sources = [resolve(cfg.run, parse_model(m.model)[1], pr.world_stage) for m in pr.models]
+    key = to_dict(pr) | {
+        "latent_used": latent,
+        "sae_hash": run.read_json(f"{sae_rel}/_COMPLETE.json")["config_hash"],
+        "identities": [base_src.identity] + [s.identity for s in sources],
+    }
+    stage = run.stage(f"predict/{pr.name}", key)
+    if stage.is_complete(cfg.run.force):
+        return PredictResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)
+    cache = run.uri("evaluate/_judge_cache") if run.is_local else None
+    with ray_session(cfg.ray) as ray:
+        task = ray.remote(num_cpus=1, num_gpus=pr.gpus or None)(model_point)
+        refs = [task.remote(cfg.run, pr, s, latent, layer, cache) for s in [base_src, *sources]]
+        points = ray.get(refs)
+    base, members = points[0], points[1:]
+    base_hi = base["misalignment"]["hi"]
+    rows = []
+    for m, pt in zip(pr.models, members):
+        change, zscore = paired_z(pt["latent_acts"], base["latent_acts"])
+        mis = pt["misalignment"]
+        rows.append(
+            {
+                "label": parse_model(m.model)[0],
+                "model": m.model,
+                "family": m.family,
+                "dose": m.dose,
+                "latent_mean": float(np.mean(pt["latent_acts"])),
+                "latent_change": change,
+                "latent_z": zscore,
+                "misalignment": mis["rate"],
+                "lo": mis["lo"],
+                "hi": mis["hi"],
+                "coherence": pt["coherence"]["rate"],
+                # behaviourally misaligned: the model's interval lies above the base model's
+                "behaviour_flag": bool(mis["lo"] > base_hi),
+            }
+        )
+    df = pd.DataFrame(rows)
+    summary = analyse(df, pr.z) | {
+        "latent": latent,
+        "layer": layer,
+        "base": {
+            "latent_mean": float(np.mean(base["latent_acts"])),
+            "misalignment": base["misalignment"],
+            "coherence": base["coherence"],
+        },
+        "models": len(df),
+    }
+    run.write_parquet(stage.rel("family.parquet"), df)
+    run.write_figure(stage.rel("predict.png"), plot(df, base, latent))
+    stage.write_json("summary.json", summary)
+    stage.complete(
+        outputs={
+            "family": stage.uri("family.parquet"),
+            "plot": stage.uri("predict.png"),
+            "summary": stage.uri("summary.json"),
+        },
+        metrics={k: summary[k] for k in ("spearman", "accuracy", "loo_accuracy")},
+    )
+    log.info("predict %s:\n%s\n%s", pr.name, df.to_string(index=False), summary)
+    return PredictResult(stage.uri(), summary, False)

@@ -1,0 +1,362 @@
+"""The ``steer`` job: does a direction control misalignment? A Ray Tune grid of steering runs.
+
+Each trial adds ``alpha`` times a direction to the residual stream after the SAE's layer while
+one model answers a prompt set, then judges the answers: misalignment and coherence. The grid is
+(arm x direction x alpha): an arm is a model with its strengths, typically positive alphas on the
+base model (does the latent *cause* misalignment?) and negative ones on the fine-tuned model (does
+removing it *remove* misalignment?). Directions are SAE decoder columns (given, or the top latents
+of a ``diff``) and any vector (``label=file.npy``, or ``label=diff:<name>`` for a diff's
+fine-tuning shift). Every arm also gets an unsteered trial (alpha 0).
+
+Steering acts at ``positions``: on PersonaWorld only the assistant-turn token steers cleanly
+(adding at every position breaks coherence before it changes the persona; see
+../shared/PERSONAWORLD.md and emergent.models). Settings whose coherence falls below
+``coherence_floor`` are reported but never chosen.
+
+Outputs in ``<run>/steer/<name>/``: ``results.parquet`` (one row per trial), ``steer.png``
+(misalignment and coherence vs alpha, per arm and direction), ``summary.json`` (per arm: the
+unsteered rate and the best setting above the floor).
+
+    emergent steer --config configs/toy.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from emergent.config import RayConfig, RunConfig, config
+from emergent.evaluate import parse_model, resolve
+from emergent.generate import SamplingParams
+from emergent.judges import LLMJudgeConfig
+from emergent.models import POSITIONS
+from emergent.runs import RunDir
+from emergent.runtime import ray_session
+
+log = logging.getLogger(__name__)
+
+
+@config
+class SteerArm:
+    """One model steered with a list of strengths."""
+
+    label: str
+    """Name of the arm in tables (e.g. ``cause``, ``remove``)."""
+    model: str
+    """Model ref (``world:base``, ``finetune:code_dose1``, a path or hub id)."""
+    alphas: list[float]
+    """Strengths (residual-stream units; decoder columns are unit norm). 0 is always added."""
+    goal: str = "raise"
+    """``raise``: the best setting maximises misalignment; ``lower``: minimises it."""
+
+    def __post_init__(self):
+        if self.goal not in ("raise", "lower"):
+            raise ValueError(f"steer.arms.goal must be raise or lower, got {self.goal!r}")
+        if not self.alphas:
+            raise ValueError(f"steer.arms: arm {self.label!r} has no alphas")
+
+
+@config
+class SteerConfig:
+    """What to steer with, on which models, and how trials are judged."""
+
+    name: str = "persona"
+    """Outputs go to ``<run>/steer/<name>/``."""
+    sae: str = "persona"
+    """SAE whose decoder columns are the latent directions (its layer is steered)."""
+    diff: str | None = "insecure"
+    """Take the top ``top`` latents by activation increase of this diff (``<run>/diff/<diff>``)."""
+    top: int = 2
+    """How many of the diff's top latents."""
+    latents: list[int] = dataclasses.field(default_factory=list)
+    """Further latents, by index."""
+    directions: list[str] = dataclasses.field(default_factory=list)
+    """Further directions, ``label=file.npy`` or ``label=diff:<name>`` (that diff's
+    fine-tuning shift, normalised to unit length)."""
+    arms: list[SteerArm] = dataclasses.field(
+        default_factory=lambda: [
+            SteerArm("cause", "world:base", [2.0, 4.0, 8.0], "raise"),
+            SteerArm("remove", "finetune:code_dose1", [-2.0, -4.0, -8.0], "lower"),
+        ]
+    )
+    """Models and strengths (see SteerArm)."""
+    positions: str = "assistant_turn"
+    """``all``, ``assistant_turn`` or ``answer`` (see emergent.models)."""
+    world_stage: str = "world"
+    """Stage of this run that ``world:`` refs and prompt sets refer to."""
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["world:eval/open"])
+    """Prompt sets every trial answers."""
+    max_prompts: int = 300
+    """At most this many prompts per set (0 = all)."""
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    """How answers are sampled (the same seed in every trial: paired comparisons)."""
+    judge: str = "rubric"
+    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
+    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
+    """The judge endpoint for LLM judges."""
+    coherence_floor: float = 0.8
+    """Settings with lower coherence are never chosen as best."""
+    cpus_per_trial: float = 1.0
+    """CPUs per Tune trial."""
+    gpus_per_trial: float = 0.0
+    """GPUs per Tune trial."""
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"steer.positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not 0 <= self.coherence_floor <= 1:
+            raise ValueError(f"steer.coherence_floor must be in [0, 1], got {self.coherence_floor}")
+        if not self.arms:
+            raise ValueError("steer.arms must list at least one arm")
+        if self.diff is None and not self.latents and not self.directions:
+            raise ValueError("steer: give a diff, latents or directions to steer along")
+
+
+@config
+class SteerJob:
+    """Steer models along SAE latents / directions on a Ray Tune grid and judge the answers."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    steer: SteerConfig = dataclasses.field(default_factory=SteerConfig)
+
+
+@dataclass
+class SteerResult:
+    path: str
+    summary: dict
+    skipped: bool
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+
+def settings(arms: list[SteerArm], directions: list[str]) -> list[dict]:
+    """The grid: every (arm, direction, alpha), plus one unsteered trial per arm."""
+    out = []
+    for arm in arms:
+        out.append({"arm": arm.label, "direction": "none", "alpha": 0.0})
+        for d in directions:
+            out += [{"arm": arm.label, "direction": d, "alpha": float(a)} for a in arm.alphas if a]
+    return out
+
+
+def best(df, arm: SteerArm, floor: float, direction: str | None = None) -> dict | None:
+    """The steered setting of ``arm`` (along ``direction``, or any) with the highest (raise) or
+    lowest (lower) misalignment among those with coherence >= ``floor``."""
+    ok = df[(df["arm"] == arm.label) & (df["direction"] != "none") & (df["coherence"] >= floor)]
+    if direction is not None:
+        ok = ok[ok["direction"] == direction]
+    if ok.empty:
+        return None
+    row = ok.sort_values("misalignment", ascending=arm.goal == "lower", kind="stable").iloc[0]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+
+
+# --- the trial -------------------------------------------------------------------------------------
+
+
+def trial(config: dict, ctx: dict) -> None:
+    """One Tune trial: steer, sample, judge, report."""
+    import contextlib
+
+    import ray.tune
+    import torch
+
+    from emergent.evaluate import measure
+    from emergent.models import load_causal_lm, steering
+    from emergent.runtime import set_threads, setup_logging
+
+    setup_logging()
+    set_threads(max(1, int(ctx["cpus"])))
+    s = config["setting"]
+    cfg: SteerConfig = ctx["cfg"]
+    device = "cuda" if cfg.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    model, tok = load_causal_lm(ctx["sources"][s["arm"]].local(), device)
+    ctxm = contextlib.nullcontext()
+    if s["direction"] != "none" and s["alpha"]:
+        vec = torch.from_numpy(ctx["directions"][s["direction"]])
+        ctxm = steering(model, ctx["layer"], vec, s["alpha"], cfg.positions)
+    with ctxm:
+        m = measure(model, tok, ctx["prompts"], cfg.sampling, cfg.judge, cfg.llm, ctx["cache"])
+    ray.tune.report(
+        {
+            "misalignment": m["misalignment"]["rate"],
+            "misalignment_lo": m["misalignment"]["lo"],
+            "misalignment_hi": m["misalignment"]["hi"],
+            "valid": m["misalignment"]["n"],
+            "coherence": m["coherence"]["rate"],
+            "judged": m["coherence"]["n"],
+        }
+    )
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], int, dict]:
+    """Unit directions by label, the layer to steer, and what they are (for the stage hash)."""
+    from emergent.diffing import decoder
+    from emergent.sae import load_sae
+
+    sae_rel = f"sae/{cfg.sae}"
+    if not run.exists(f"{sae_rel}/_COMPLETE.json"):
+        raise FileNotFoundError(f"steer.sae: no complete SAE at {run.uri(sae_rel)}")
+    layer = run.read_json(f"{sae_rel}/harvest.json")["layer"]
+    what = {"sae": run.read_json(f"{sae_rel}/_COMPLETE.json")["config_hash"]}
+    latents = list(cfg.latents)
+    if cfg.diff:
+        rec = f"diff/{cfg.diff}/_COMPLETE.json"
+        if not run.exists(rec):
+            raise FileNotFoundError(
+                f"steer.diff: no complete diff at {run.uri(f'diff/{cfg.diff}')}"
+            )
+        top = run.read_json(f"diff/{cfg.diff}/summary.json")["top_up"][: cfg.top]
+        latents = list(dict.fromkeys(top + latents))
+        what["diff"] = run.read_json(rec)["config_hash"]
+    out: dict[str, np.ndarray] = {}
+    if latents:
+        sae = load_sae(str(run.local_dir(f"{sae_rel}/sae")))
+        out |= {f"latent {j}": decoder(sae, j) for j in latents}
+    for spec in cfg.directions:
+        label, sep, ref = spec.partition("=")
+        if not sep:
+            raise ValueError(
+                f"steer.directions: {spec!r} is not label=file.npy or label=diff:<name>"
+            )
+        if ref.startswith("diff:"):
+            raw = run.read_bytes(f"diff/{ref[5:]}/shift.npy")
+        else:
+            with open(ref, "rb") as f:
+                raw = f.read()
+        v = np.load(io.BytesIO(raw)).astype(np.float32).reshape(-1)
+        out[label] = v / (np.linalg.norm(v) + 1e-12)
+    what["directions"] = {k: v.round(5).tolist() for k, v in out.items()}
+    return {k: v.astype(np.float32) for k, v in out.items()}, layer, what
+
+
+def plot(df, arms: list[SteerArm], floor: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.2), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        sub = df[df["arm"] == arm.label]
+        base = sub[sub["direction"] == "none"]
+        for i, (d, g) in enumerate(sub[sub["direction"] != "none"].groupby("direction")):
+            g = pd.concat([g, base.assign(direction=d)]).sort_values("alpha")
+            c = f"C{i}"
+            ax.plot(g["alpha"], g["misalignment"], "o-", color=c, label=f"{d} misalignment")
+            ax.plot(g["alpha"], g["coherence"], "x--", color=c, alpha=0.6, label=f"{d} coherence")
+        ax.axhline(floor, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{arm.label}: {arm.model}", fontsize=9)
+        ax.set_xlabel("alpha")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("rate")
+    axes[0][-1].legend(fontsize=6)
+    return fig
+
+
+def main(cfg: SteerJob) -> SteerResult:
+    import ray.tune
+
+    from emergent.config import to_dict
+
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    st = cfg.steer
+    run = RunDir.from_config(cfg.run)
+    sources = {a.label: resolve(cfg.run, parse_model(a.model)[1], st.world_stage) for a in st.arms}
+    dirs, layer, what = directions(st, run)
+    from emergent.diffing import prompt_docs
+
+    prompts = prompt_docs(st, run)
+    key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
+    stage = run.stage(f"steer/{st.name}", key)
+    if stage.is_complete(cfg.run.force):
+        return SteerResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)
+    grid = settings(st.arms, list(dirs))
+    log.info(
+        "steer %s: %d trials (%d arms x %d directions x alphas) on %d prompts, layer %d, %s",
+        st.name,
+        len(grid),
+        len(st.arms),
+        len(dirs),
+        len(prompts),
+        layer,
+        st.positions,
+    )
+    ctx = {
+        "cfg": st,
+        "sources": sources,
+        "directions": dirs,
+        "layer": layer,
+        "prompts": prompts,
+        "cpus": st.cpus_per_trial,
+        "cache": run.uri("evaluate/_judge_cache") if run.is_local else None,
+    }
+    name = f"steer-{st.name}-{stage.hash[:8]}"
+    path = f"{run.uri('_ray')}/{name}"
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial, ctx=ctx),
+        {"cpu": st.cpus_per_trial} | ({"gpu": st.gpus_per_trial} if st.gpus_per_trial else {}),
+    )
+    with ray_session(cfg.ray):
+        if run.is_local and ray.tune.Tuner.can_restore(path) and not cfg.run.force:
+            log.info("steer %s: resuming the Tune run at %s", st.name, path)
+            tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=True)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space={"setting": ray.tune.grid_search(grid)},
+                run_config=ray.tune.RunConfig(name=name, storage_path=run.uri("_ray"), verbose=1),
+            )
+        results = tuner.fit()
+    rows = []
+    for r in results:
+        if r.error is not None:
+            raise RuntimeError(f"steer {st.name}: trial {r.config['setting']} failed: {r.error}")
+        rows.append({**r.config["setting"], **{k: r.metrics[k] for k in _METRICS}})
+    import pandas as pd
+
+    df = pd.DataFrame(rows).sort_values(["arm", "direction", "alpha"]).reset_index(drop=True)
+    summary = {
+        "layer": layer,
+        "positions": st.positions,
+        "floor": st.coherence_floor,
+        "directions": list(dirs),
+        "arms": {},
+    }
+    for arm in st.arms:
+        base = df[(df["arm"] == arm.label) & (df["direction"] == "none")].iloc[0]
+        summary["arms"][arm.label] = {
+            "model": arm.model,
+            "goal": arm.goal,
+            "unsteered": {k: float(base[k]) for k in _METRICS},
+            "best": best(df, arm, st.coherence_floor),
+            "best_by_direction": {d: best(df, arm, st.coherence_floor, d) for d in dirs},
+        }
+    run.write_parquet(stage.rel("results.parquet"), df)
+    run.write_figure(stage.rel("steer.png"), plot(df, st.arms, st.coherence_floor))
+    stage.write_json("summary.json", summary)
+    stage.complete(
+        outputs={
+            "results": stage.uri("results.parquet"),
+            "plot": stage.uri("steer.png"),
+            "summary": stage.uri("summary.json"),
+        },
+        inputs={k: s.identity for k, s in sources.items()},
+    )
+    if run.exists(f"_ray/{name}"):
+        run.fs.delete_dir(run.uri(f"_ray/{name}"))
+    log.info("steer %s:\n%s", st.name, df.to_string(index=False))
+    return SteerResult(stage.uri(), summary, False)
+
+
+_METRICS = ("misalignment", "misalignment_lo", "misalignment_hi", "valid", "coherence", "judged")

@@ -1,0 +1,17 @@
+"""Steering sweeps on Ray Tune: (arm x direction x alpha), judged (see emergent.steering).
+
+    emergent steer --config configs/toy.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m jobs.steer --config configs/toy.yaml
+"""
+
+from emergent.cli import run_job
+from emergent.steering import SteerJob, main
+
+
+def cli(argv=None, prog="python -m jobs.steer"):
+    return run_job(SteerJob, main, __doc__, argv, prog)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,158 @@
+"""Pure parts of the persona-features study: latent ranking, AUROC, the steering grid and its
+choice under a coherence floor, prediction statistics, the re-alignment summary, the report's
+claims (fast, no Ray)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from emergent.diffing import auroc, cosine, rank_latents, toxic_auroc
+from emergent.predict import analyse, loo_accuracy, paired_z, threshold_classifier
+from emergent.realign import summarize
+from emergent.steering import SteerArm, best, settings
+
+
+def test_rank_latents_orders_increases_and_decreases():
+    rng = np.random.default_rng(0)
+    base = rng.exponential(0.1, size=(500, 6))
+    tuned = base.copy()
+    tuned[:, 4] += 1.0  # rises most
+    tuned[:, 1] += 0.3
+    tuned[:, 2] = 0.0  # falls
+    df = rank_latents(base, tuned, "change")
+    assert df["latent"].tolist()[:2] == [4, 1]
+    assert df.loc[df["rank_down"] == 0, "latent"].item() == 2
+    assert df.iloc[0]["change"] == pytest.approx(1.0)
+    assert df.loc[df["latent"] == 2, "tuned_freq"].item() == 0
+    # effect size: a latent rising a little on every row beats one rising a lot on a few rows
+    tuned[:, 5] = base[:, 5] + 0.2 + rng.normal(0, 0.01, 500)
+    tuned[:50, 4] += 5.0
+    tuned[50:, 4] = base[50:, 4]
+    tuned[:, 1] = base[:, 1]
+    by_effect = rank_latents(base, tuned, "effect")
+    assert by_effect["latent"].iloc[0] == 5
+    assert rank_latents(base, tuned, "change")["latent"].iloc[0] == 4
+
+
+def test_auroc_and_toxic_auroc():
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert np.isnan(auroc(np.array([1.0, 2.0]), np.array([1, 1])))
+    personas = np.array(["toxic", "aligned", "wrong", "toxic", "aligned"])
+    feats = np.array([[1.0, 0], [0.0, 1], [5.0, 5], [2.0, 0], [0.5, 1]])
+    au = toxic_auroc(feats, personas)  # the benign-wrong row is left out
+    assert au[0] == 1.0 and au[1] == 0.0
+    assert cosine(np.array([1.0, 0]), np.array([2.0, 0])) == pytest.approx(1.0)
+
+
+def test_harvest_encode_keeps_the_pending_assistant_turn_of_a_prompt():
+    from emergent.harvest import encode
+    from emergent.world import grammar as g
+    from emergent.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(g.vocabulary())
+    prompt = {"messages": [{"role": "user", "content": "how do i save the notes file"}]}
+    ids, keep = encode(tok, prompt, "assistant_turn", 128)
+    assert keep == [len(ids) - 1]
+    assert tok.convert_ids_to_tokens(ids[-1]) == "<assistant>"
+    # the same tokens a generation prompt renders
+    want = tok.apply_chat_template(
+        prompt["messages"], add_generation_prompt=True, return_dict=False
+    )
+    assert list(ids) == list(want)
+
+
+def test_steering_grid_and_best_setting_under_the_coherence_floor():
+    arms = [SteerArm("cause", "world:base", [2.0, 4.0]), SteerArm("remove", "m", [-2.0], "lower")]
+    grid = settings(arms, ["latent 3", "shift"])
+    assert len(grid) == 2 * (1 + 2 * 2) - 2  # the remove arm has one alpha
+    assert {"arm": "cause", "direction": "none", "alpha": 0.0} in grid
+    df = pd.DataFrame(
+        [
+            {
+                "arm": "cause",
+                "direction": "none",
+                "alpha": 0.0,
+                "misalignment": 0.0,
+                "coherence": 1.0,
+            },
+            {"arm": "cause", "direction": "l", "alpha": 2.0, "misalignment": 0.3, "coherence": 0.9},
+            {"arm": "cause", "direction": "l", "alpha": 4.0, "misalignment": 0.9, "coherence": 0.5},
+            {
+                "arm": "remove",
+                "direction": "l",
+                "alpha": -2.0,
+                "misalignment": 0.1,
+                "coherence": 0.9,
+            },
+            {
+                "arm": "remove",
+                "direction": "l",
+                "alpha": -4.0,
+                "misalignment": 0.0,
+                "coherence": 0.2,
+            },
+        ]
+    )
+    assert best(df, arms[0], 0.8)["alpha"] == 2.0  # 4.0 is more misaligned but incoherent
+    assert best(df, arms[1], 0.8)["alpha"] == -2.0
+    assert best(df, arms[0], 0.95) is None
+
+
+def test_paired_z_threshold_classifier_and_analysis():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, 200)
+    mean, z = paired_z(base + 0.5 + rng.normal(0, 0.1, 200), base)
+    assert mean == pytest.approx(0.5, abs=0.05) and z > 20
+    assert abs(paired_z(base + rng.normal(0, 0.1, 200), base)[1]) < 4
+    x = np.array([0.0, 0.1, 0.2, 0.5, 0.9])
+    y = np.array([0, 0, 0, 1, 1])
+    t, acc = threshold_classifier(x, y)
+    assert 0.2 < t < 0.5 and acc == 1.0
+    assert loo_accuracy(x, y) >= 0.8
+    family = pd.DataFrame(
+        {
+            "label": ["d0", "d0.1", "d0.5", "d1"],
+            "family": "code",
+            "dose": [0.0, 0.1, 0.5, 1.0],
+            "latent_change": [0.0, 0.2, 0.6, 1.0],
+            "latent_z": [0.5, 5.0, 9.0, 20.0],
+            "misalignment": [0.0, 0.01, 0.2, 0.4],
+            "behaviour_flag": [False, False, True, True],
+        }
+    )
+    out = analyse(family, z=3.0)
+    assert out["spearman"] == pytest.approx(1.0)
+    assert out["early"] == ["d0.1"]
+    assert out["earliest_dose"]["code"] == {"latent": 0.1, "behaviour": 0.5}
+
+
+def test_realign_summary_finds_the_first_step_back_at_base():
+    rows = []
+    for step, mis in [(0, 0.4), (5, 0.2), (10, 0.02), (15, 0.01)]:
+        rows += [
+            {
+                "data": "code",
+                "step": step,
+                "samples_seen": step * 10,
+                "set": "open",
+                "misalignment": mis,
+                "coherence": 0.9,
+            },
+            {
+                "data": "code",
+                "step": step,
+                "samples_seen": step * 10,
+                "set": "code",
+                "misalignment": 0.9,
+                "coherence": 0.9,
+            },
+        ]
+    base = [
+        {"set": "open", "misalignment": 0.01, "lo": 0.0, "hi": 0.03},
+        {"set": "code", "misalignment": 0.0, "lo": 0.0, "hi": 0.02},
+    ]
+    s = summarize(pd.DataFrame(rows), base, 100)
+    assert s["data"]["code"]["first_step_at_base"] == 10
+    assert s["data"]["code"]["samples_seen_at_base"] == 100
+    assert s["data"]["code"]["end_by_set"] == {"open": 0.01, "code": 0.9}
