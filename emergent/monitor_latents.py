@@ -117,7 +117,9 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
                 step,
                 ", ".join(f"{j}: {m:.4f}" for j, m in zip(latents, means)),
             )
-            if self.gauge is None:
+            import ray
+
+            if self.gauge is None and ray.is_initialized():
                 from ray.util.metrics import Gauge
 
                 self.gauge = Gauge(
@@ -126,7 +128,8 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
                     tag_keys=("run", "latent"),
                 )
             for j, m, s in zip(latents, means, self.start):
-                self.gauge.set(float(m), tags={"run": run_name, "latent": str(j)})
+                if self.gauge is not None:
+                    self.gauge.set(float(m), tags={"run": run_name, "latent": str(j)})
                 if m - s >= cfg.threshold and str(j) not in self.flags:
                     self.flags[str(j)] = step
                     log.warning(
