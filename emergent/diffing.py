@@ -25,6 +25,7 @@ usable as a steering direction), ``diff.png``, ``summary.json``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -292,11 +293,11 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
     if world:
         model, tok = models["base"]
         pf, personas = persona_scores(model, tok, sae, hv, cfg.persona_docs, cfg.seed)
-        aurocs = toxic_auroc(pf[:, listed], personas)
-        for j, a in zip(listed, aurocs):
-            df.loc[df["latent"] == j, "persona_auroc"] = a
-        best = int(np.nanargmax(toxic_auroc(pf, personas)))
-        best_auroc = float(toxic_auroc(pf[:, [best]], personas)[0])
+        aurocs = toxic_auroc(pf, personas)  # every latent, once
+        for j in listed:
+            df.loc[df["latent"] == j, "persona_auroc"] = aurocs[j]
+        best = int(np.nanargmax(aurocs))
+        best_auroc = float(aurocs[best])
     stage_rel = f"diff/{cfg.name}"
     top = df.iloc[0]
     summary = {
@@ -321,7 +322,7 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
         "models": {k: s.identity for k, s in sources.items()},
     }
     run.write_parquet(f"{stage_rel}/latents.parquet", df)
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.save(buf, shift.astype(np.float32))
     run.write_bytes(f"{stage_rel}/shift.npy", buf.getvalue())
     examples = _examples(run, sae_rel)

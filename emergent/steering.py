@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emergent.config import RayConfig, RunConfig, config
+from emergent.diffing import prompt_docs
 from emergent.evaluate import parse_model, resolve
 from emergent.generate import SamplingParams
 from emergent.judges import LLMJudgeConfig
@@ -274,8 +275,6 @@ def main(cfg: SteerJob) -> SteerResult:
     run = RunDir.from_config(cfg.run)
     sources = {a.label: resolve(cfg.run, parse_model(a.model)[1], st.world_stage) for a in st.arms}
     dirs, layer, what = directions(st, run)
-    from emergent.diffing import prompt_docs
-
     prompts = prompt_docs(st, run)
     key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
     stage = run.stage(f"steer/{st.name}", key)
