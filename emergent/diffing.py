@@ -228,13 +228,14 @@ def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def prompt_docs(cfg: DiffConfig, run: RunDir) -> list[dict]:
+def prompt_docs(run: RunDir, prompts: list[str], world_stage: str, max_prompts: int = 0):
+    """``{"messages"}`` documents of prompt sets (at most ``max_prompts`` of each; 0 = all)."""
     from emergent.prompts import load_prompts
 
     docs = []
-    for spec in cfg.prompts:
-        rows = load_prompts(spec, run, cfg.world_stage)
-        docs += [{"messages": r["messages"]} for r in rows[: cfg.max_prompts or None]]
+    for spec in prompts:
+        rows = load_prompts(spec, run, world_stage)
+        docs += [{"messages": r["messages"]} for r in rows[: max_prompts or None]]
     return docs
 
 
@@ -269,7 +270,7 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
     hv = HarvestConfig(
         layer=manifest["layer"], positions=cfg.positions, batch_size=cfg.batch_size, context=256
     )
-    docs = prompt_docs(cfg, run)
+    docs = prompt_docs(run, cfg.prompts, cfg.world_stage, cfg.max_prompts)
     acts, feats = {}, {}
     models = {}
     for which in ("base", "tuned"):

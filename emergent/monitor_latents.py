@@ -71,19 +71,14 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
     rank 0 logs. ``report()`` goes into train.json."""
     from transformers import TrainerCallback
 
-    from emergent.diffing import encode, residuals
+    from emergent.diffing import encode, prompt_docs, residuals
     from emergent.harvest import HarvestConfig
-    from emergent.prompts import load_prompts
     from emergent.sae import load_sae
 
     sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")))
     layer = run.read_json(f"sae/{cfg.sae}/harvest.json")["layer"]
     latents = watched(cfg, run)
-    docs = [
-        {"messages": r["messages"]}
-        for spec in cfg.prompts
-        for r in load_prompts(spec, run, world_stage)[: cfg.max_prompts or None]
-    ]
+    docs = prompt_docs(run, cfg.prompts, world_stage, cfg.max_prompts)
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
 
     class Monitor(TrainerCallback):

@@ -196,7 +196,7 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, lay
     device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
     sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")), device)
     model, tok = load_causal_lm(source.local(), device)
-    docs = prompt_docs(cfg, run)
+    docs = prompt_docs(run, cfg.prompts, cfg.world_stage, cfg.max_prompts)
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
     acts, rows = residuals(model, tok, docs, hv, device)
     if len(rows) != len(docs):

@@ -275,7 +275,7 @@ def main(cfg: SteerJob) -> SteerResult:
     run = RunDir.from_config(cfg.run)
     sources = {a.label: resolve(cfg.run, parse_model(a.model)[1], st.world_stage) for a in st.arms}
     dirs, layer, what = directions(st, run)
-    prompts = prompt_docs(st, run)
+    prompts = prompt_docs(run, st.prompts, st.world_stage, st.max_prompts)
     key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
     stage = run.stage(f"steer/{st.name}", key)
     if stage.is_complete(cfg.run.force):
