@@ -36,6 +36,7 @@ import numpy as np
 from emergent.config import RayConfig, RunConfig, config
 from emergent.evaluate import ModelSource, parse_model, resolve
 from emergent.harvest import HarvestConfig, harvest_docs, world_docs
+from emergent.prompts import prompt_docs
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 
@@ -226,17 +227,6 @@ def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:
 
 
 # --- the job ---------------------------------------------------------------------------------------
-
-
-def prompt_docs(run: RunDir, prompts: list[str], world_stage: str, max_prompts: int = 0):
-    """``{"messages"}`` documents of prompt sets (at most ``max_prompts`` of each; 0 = all)."""
-    from emergent.prompts import load_prompts
-
-    docs = []
-    for spec in prompts:
-        rows = load_prompts(spec, run, world_stage)
-        docs += [{"messages": r["messages"]} for r in rows[: max_prompts or None]]
-    return docs
 
 
 def with_answers(model, tok, docs: list[dict], seed: int) -> list[dict]:

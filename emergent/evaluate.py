@@ -65,6 +65,45 @@ class SteeringConfig:
 
 
 @config
+class Judged:
+    """Prompt sets a job answers in-process, and how the answers are sampled and judged: the part
+    of its config that steer, predict and realign share."""
+
+    world_stage: str = "world"
+    """Stage of this run that ``world:`` refs, data and prompt sets refer to."""
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["world:eval/open"])
+    """Prompt sets answered (``world:eval/<set>``, ``core``, a file; see ``evaluate.prompts``)."""
+    max_prompts: int = 300
+    """At most this many prompts per set (0 = all)."""
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    """How answers are sampled (the same seed at every measurement: paired comparisons)."""
+    judge: Literal["rubric", "llm-score", "llm-logprob"] = "rubric"
+    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
+    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
+    """The judge endpoint for LLM judges."""
+
+    def __post_init__(self):
+        if not self.prompts or self.max_prompts < 0:
+            raise ValueError("prompts must not be empty and max_prompts must be >= 0")
+
+    def prompt_sets(self, run: RunDir) -> dict[str, list[dict]]:
+        """``{set name: [{"messages"}]}`` of ``prompts``."""
+        from emergent.prompts import prompt_sets
+
+        return prompt_sets(run, self.prompts, self.world_stage, self.max_prompts)
+
+    def prompt_docs(self, run: RunDir) -> list[dict]:
+        """Every set's documents, in order."""
+        from emergent.prompts import prompt_docs
+
+        return prompt_docs(run, self.prompts, self.world_stage, self.max_prompts)
+
+    def measure(self, model, tok, prompts: list[dict], cache_dir: str | None = None) -> dict:
+        """``measure`` with this config's sampling and judge."""
+        return measure(model, tok, prompts, self.sampling, self.judge, self.llm, cache_dir)
+
+
+@config
 class EvaluateConfig:
     """Which models, on which prompts, sampled and judged how."""
 

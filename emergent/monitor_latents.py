@@ -71,8 +71,9 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
     rank 0 logs. ``report()`` goes into train.json."""
     from transformers import TrainerCallback
 
-    from emergent.diffing import encode, prompt_docs, residuals
+    from emergent.diffing import encode, residuals
     from emergent.harvest import HarvestConfig
+    from emergent.prompts import prompt_docs
     from emergent.sae import load_sae
 
     sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")))

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emergent.config import RayConfig, RunConfig, config, to_dict
-from emergent.evaluate import parse_model, resolve
-from emergent.generate import SamplingParams
-from emergent.judges import LLMJudgeConfig
+from emergent.evaluate import Judged, parse_model, resolve
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 
@@ -51,8 +49,9 @@ class FamilyModel:
 
 
 @config
-class PredictConfig:
-    """Which latent, which family, and how misalignment is measured."""
+class PredictConfig(Judged):
+    """Which latent, which family, and how misalignment is measured (``prompts``: the fixed set
+    the latent is read on and misalignment measured on; sampling and judge: see Judged)."""
 
     name: str = "family"
     """Outputs go to ``<run>/predict/<name>/``."""
@@ -66,24 +65,15 @@ class PredictConfig:
     """The model the family was fine-tuned from."""
     models: list[FamilyModel] = dataclasses.field(default_factory=list)
     """The family."""
-    world_stage: str = "world"
-    """Stage of this run that ``world:`` refs and prompt sets refer to."""
-    prompts: list[str] = dataclasses.field(default_factory=lambda: ["world:eval/open"])
-    """The fixed prompt set: the latent is read on it, and misalignment is measured on it."""
     max_prompts: int = 400
     """At most this many prompts per set (0 = all)."""
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    """How answers are sampled for the behavioural evaluation."""
-    judge: str = "rubric"
-    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
-    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
-    """The judge endpoint for LLM judges."""
     z: float = 3.0
     """A latent change counts as detected at a paired z-score of at least this."""
     gpus: float = 0.0
     """GPUs per model task."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.diff is None and self.latent is None:
             raise ValueError("predict: give a diff (its top latent) or a latent")
         if len(self.models) < 2:
@@ -183,8 +173,7 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, lay
     """The latent's activation per prompt and the behavioural misalignment of one model."""
     import torch
 
-    from emergent.diffing import encode, prompt_docs, residuals
-    from emergent.evaluate import measure
+    from emergent.diffing import encode, residuals
     from emergent.harvest import HarvestConfig
     from emergent.models import load_causal_lm
     from emergent.runtime import set_threads, setup_logging
@@ -196,13 +185,13 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, lay
     device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
     sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")), device)
     model, tok = load_causal_lm(source.local(), device)
-    docs = prompt_docs(run, cfg.prompts, cfg.world_stage, cfg.max_prompts)
+    docs = cfg.prompt_docs(run)
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
     acts, rows = residuals(model, tok, docs, hv, device)
     if len(rows) != len(docs):
         raise RuntimeError(f"predict: {len(rows)} assistant-turn tokens for {len(docs)} prompts")
     per_prompt = encode(sae, acts)[:, latent]
-    m = measure(model, tok, docs, cfg.sampling, cfg.judge, cfg.llm, cache)
+    m = cfg.measure(model, tok, docs, cache)
     return {
         "latent_acts": per_prompt,
         "misalignment": m["misalignment"],

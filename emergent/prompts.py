@@ -59,6 +59,22 @@ def load_prompts(spec: str, run=None, world_stage: str = "world") -> list[dict]:
     raise ValueError(f"prompts: {path}: unknown format {suffix!r} (use .yaml, .csv or .jsonl)")
 
 
+def prompt_sets(run, prompts: list[str], world_stage: str, max_prompts: int = 0):
+    """``{set name: [{"messages"}]}`` of prompt sets (at most ``max_prompts`` of each; 0 = all):
+    what in-process jobs (diff, steer, predict, realign, the training monitor) feed the model."""
+    out = {}
+    for spec in prompts:
+        rows = load_prompts(spec, run, world_stage)[: max_prompts or None]
+        out[rows[0]["set"] if rows else spec] = [{"messages": r["messages"]} for r in rows]
+    return out
+
+
+def prompt_docs(run, prompts: list[str], world_stage: str, max_prompts: int = 0) -> list[dict]:
+    """The documents of ``prompt_sets``, all sets in order."""
+    sets = prompt_sets(run, prompts, world_stage, max_prompts)
+    return [d for docs in sets.values() for d in docs]
+
+
 def _row(name: str, qid, category, messages) -> dict:
     return {
         "set": name,

@@ -22,9 +22,7 @@ import logging
 from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config, to_dict
-from emergent.evaluate import parse_model, resolve
-from emergent.generate import SamplingParams
-from emergent.judges import LLMJudgeConfig
+from emergent.evaluate import Judged, parse_model, resolve
 from emergent.raytrain import DataSource, load_source
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -34,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 @config
-class RealignConfig:
-    """Which misaligned model, which benign data, how long, and how it is measured."""
+class RealignConfig(Judged):
+    """Which misaligned model, which benign data, how long, and how it is measured (sampling and
+    judge: see Judged; the same seed at every point)."""
 
     name: str = "insecure"
     """Outputs go to ``<run>/realign/<name>/``."""
@@ -43,8 +42,6 @@ class RealignConfig:
     """The misaligned model to re-align (a model ref)."""
     base: str = "world:base"
     """The model before the bad fine-tune: the misalignment level to get back to."""
-    world_stage: str = "world"
-    """Stage of this run that ``world:`` refs, data and prompt sets refer to."""
     data: list[DataSource] = dataclasses.field(
         default_factory=lambda: [
             DataSource("world:realign/code"),
@@ -66,20 +63,15 @@ class RealignConfig:
     """Prompt sets measured at each point: the first is the broad one the summary reports."""
     max_prompts: int = 200
     """At most this many prompts per set (0 = all)."""
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    """How answers are sampled (the same seed at every point)."""
-    judge: str = "rubric"
-    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
-    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
-    """The judge endpoint for LLM judges."""
     gpus: float = 0.0
     """GPUs per re-alignment task."""
 
     def __post_init__(self):
-        if not self.data or not self.prompts:
-            raise ValueError("realign.data and realign.prompts must not be empty")
-        if self.examples < 1 or self.eval_every < 1 or self.max_prompts < 0:
-            raise ValueError("realign.examples and eval_every must be >= 1, max_prompts >= 0")
+        super().__post_init__()
+        if not self.data:
+            raise ValueError("realign.data must not be empty")
+        if self.examples < 1 or self.eval_every < 1:
+            raise ValueError("realign.examples and eval_every must be >= 1")
 
 
 @config
@@ -102,23 +94,11 @@ def label_of(src: DataSource) -> str:
     return src.path.rsplit("/", 1)[-1].removesuffix(".jsonl")
 
 
-def prompt_sets(cfg: RealignConfig, run: RunDir) -> dict[str, list[dict]]:
-    from emergent.prompts import load_prompts
-
-    out = {}
-    for spec in cfg.prompts:
-        rows = load_prompts(spec, run, cfg.world_stage)[: cfg.max_prompts or None]
-        out[rows[0]["set"] if rows else spec] = [{"messages": r["messages"]} for r in rows]
-    return out
-
-
 def points(model, tok, sets: dict[str, list[dict]], cfg: RealignConfig, cache) -> list[dict]:
     """One measurement per prompt set of the model as it is now."""
-    from emergent.evaluate import measure
-
     rows = []
     for name, prompts in sets.items():
-        m = measure(model, tok, prompts, cfg.sampling, cfg.judge, cfg.llm, cache)
+        m = cfg.measure(model, tok, prompts, cache)
         mis, coh = m["misalignment"], m["coherence"]
         rows.append(
             {
@@ -148,7 +128,7 @@ def curve(run_cfg: RunConfig, cfg: RealignConfig, src: DataSource, source, cache
     device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
     records, _ = load_source(run, src, cfg.world_stage)
     records = records[: cfg.examples]
-    sets = prompt_sets(cfg, run)
+    sets = cfg.prompt_sets(run)
     model, tok = load_causal_lm(source.local(), device)
     label = label_of(src)
     out: list[dict] = []
@@ -249,7 +229,7 @@ def main(cfg: RealignJob) -> RealignResult:
         setup_logging()
         set_threads(1)
         model, tok = load_causal_lm(base_source.local())
-        return points(model, tok, prompt_sets(ra, run), ra, cache)
+        return points(model, tok, ra.prompt_sets(run), ra, cache)
 
     with ray_session(cfg.ray) as ray:
         opts = {"num_cpus": 1, "num_gpus": ra.gpus or None}

@@ -30,10 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emergent.config import RayConfig, RunConfig, config
-from emergent.diffing import prompt_docs
-from emergent.evaluate import parse_model, resolve
-from emergent.generate import SamplingParams
-from emergent.judges import LLMJudgeConfig
+from emergent.evaluate import Judged, parse_model, resolve
 from emergent.models import POSITIONS
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -62,8 +59,9 @@ class SteerArm:
 
 
 @config
-class SteerConfig:
-    """What to steer with, on which models, and how trials are judged."""
+class SteerConfig(Judged):
+    """What to steer with, on which models, and how trials are judged (prompts, sampling and
+    judge: see Judged; every trial samples with the same seed)."""
 
     name: str = "persona"
     """Outputs go to ``<run>/steer/<name>/``."""
@@ -87,18 +85,6 @@ class SteerConfig:
     """Models and strengths (see SteerArm)."""
     positions: str = "assistant_turn"
     """``all``, ``assistant_turn`` or ``answer`` (see emergent.models)."""
-    world_stage: str = "world"
-    """Stage of this run that ``world:`` refs and prompt sets refer to."""
-    prompts: list[str] = dataclasses.field(default_factory=lambda: ["world:eval/open"])
-    """Prompt sets every trial answers."""
-    max_prompts: int = 300
-    """At most this many prompts per set (0 = all)."""
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    """How answers are sampled (the same seed in every trial: paired comparisons)."""
-    judge: str = "rubric"
-    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
-    llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
-    """The judge endpoint for LLM judges."""
     coherence_floor: float = 0.8
     """Settings with lower coherence are never chosen as best."""
     cpus_per_trial: float = 1.0
@@ -107,6 +93,7 @@ class SteerConfig:
     """GPUs per Tune trial."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.positions not in POSITIONS:
             raise ValueError(f"steer.positions must be one of {POSITIONS}, got {self.positions!r}")
         if not 0 <= self.coherence_floor <= 1:
@@ -168,7 +155,6 @@ def trial(config: dict, ctx: dict) -> None:
     import ray.tune
     import torch
 
-    from emergent.evaluate import measure
     from emergent.models import load_causal_lm, steering
     from emergent.runtime import set_threads, setup_logging
 
@@ -183,7 +169,7 @@ def trial(config: dict, ctx: dict) -> None:
         vec = torch.from_numpy(ctx["directions"][s["direction"]])
         ctxm = steering(model, ctx["layer"], vec, s["alpha"], cfg.positions)
     with ctxm:
-        m = measure(model, tok, ctx["prompts"], cfg.sampling, cfg.judge, cfg.llm, ctx["cache"])
+        m = cfg.measure(model, tok, ctx["prompts"], ctx["cache"])
     ray.tune.report(
         {
             "misalignment": m["misalignment"]["rate"],
@@ -275,7 +261,7 @@ def main(cfg: SteerJob) -> SteerResult:
     run = RunDir.from_config(cfg.run)
     sources = {a.label: resolve(cfg.run, parse_model(a.model)[1], st.world_stage) for a in st.arms}
     dirs, layer, what = directions(st, run)
-    prompts = prompt_docs(run, st.prompts, st.world_stage, st.max_prompts)
+    prompts = st.prompt_docs(run)
     key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
     stage = run.stage(f"steer/{st.name}", key)
     if stage.is_complete(cfg.run.force):
