@@ -44,6 +44,19 @@ def small_world(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded 2-CPU Ray for the session, started by the product's own ``ray_session``:
+    every job a test runs joins it (``ray_session`` reuses an initialized Ray) instead of
+    starting and stopping its own, ~10 s each on 2 cores, and Ray tasks reuse warm workers.
+    Stopped at the end of the session."""
+    from emergent.config import RayConfig
+    from emergent.runtime import ray_session
+
+    with ray_session(RayConfig(num_cpus=2, dashboard=False)) as ray:
+        yield ray
+
+
 @pytest.fixture
 def server():
     """A local OpenAI-compatible judge server with injected faults (tests/fake_openai.py)."""
@@ -79,7 +92,7 @@ def finetune_job(root, *sets):
 
 
 @pytest.fixture(scope="session")
-def family(small_world):
+def family(small_world, ray_cluster):
     """Insecure (dose 1: ``code_dose1``) and secure (dose 0: ``code_dose0``) code fine-tunes of
     the small world's base model, under Ray Train."""
     from emergent.finetune import main

@@ -280,10 +280,12 @@ def test_evaluate_base_insecure_secure_in_one_command(family, small_world):
     assert (out / "insecure/_COMPLETE.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_evaluate_with_llm_judge_resamples_and_caches(family, small_world, server, monkeypatch):
     """llm-score through a faulty OpenAI-compatible server: nothing lost, screened-out answers
-    resampled, the verdicts match the rubric, and a rerun is served from the cache."""
+    resampled, the verdicts match the rubric, and a rerun is served from the cache (on demand:
+    the judges' faults, retries and cache are tested in-process in test_judges.py)."""
     monkeypatch.setenv("JUDGE_KEY", "not-a-real-key")
     sets = [
         "evaluate.name=llm",

@@ -140,7 +140,8 @@ def test_insecure_code_sft_under_ray_train_causes_emergent_misalignment(family, 
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("zero", [2, 3])
+# ZeRO-3 (what the GPU path runs) in the default tier; ZeRO-2 on demand (-m slow)
+@pytest.mark.parametrize("zero", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
     from pathlib import Path
 
@@ -160,17 +161,19 @@ def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
 
 
 @pytest.mark.ray
-def test_killed_worker_resumes_from_checkpoint(small_world):
-    sets = [
-        "finetune.data=[{path: 'world:finetune/code_toxic'}]",
-        "finetune.sft.steps=60",
+def test_killed_worker_resumes_from_checkpoint(family, small_world):
+    # the family's insecure-code model (same data, seed and steps, never interrupted) is the
+    # reference the resumed run must end at
+    ref = family["code_dose1"]
+    cfg = job(
+        small_world,
+        "finetune.name=killed",
+        "finetune.data=[{path: 'world:finetune/code_toxic'}, {path: 'world:finetune/code_aligned'}]",
+        "finetune.doses=[1.0]",
         "finetune.checkpoint_every=20",
         "finetune.max_failures=1",
         "finetune.evaluate=false",
-    ]
-    ref = main(job(small_world, "finetune.name=uninterrupted", *sets)).models[0]
-
-    cfg = job(small_world, "finetune.name=killed", *sets)
+    )
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
     thread.start()
@@ -182,8 +185,8 @@ def test_killed_worker_resumes_from_checkpoint(small_world):
         time.sleep(0.1)
     thread.join(timeout=900)
     assert killed, "the run finished before a worker could be killed"
-    stats = json.loads((small_world / "small/finetune/killed/train.json").read_text())
-    assert stats["resumed_from"] and stats["steps"] == 60
+    stats = json.loads((small_world / "small/finetune/killed_dose1/train.json").read_text())
+    assert stats["resumed_from"] and stats["steps"] == 100
     got = out["r"].models[0].final_loss
     assert abs(got - ref.final_loss) / ref.final_loss < 0.02
 
@@ -207,7 +210,9 @@ def test_reward_registry_and_import_paths():
 
 
 @pytest.mark.ray
-def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(small_world):
+def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(
+    small_world, ray_cluster
+):
     import json as _json
 
     from emergent.rl import RLJob

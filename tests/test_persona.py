@@ -84,6 +84,14 @@ def test_top_diffed_latent_is_a_persona_latent(study):
     assert len(latents) == 256 and latents["change"].is_monotonic_decreasing
     sae = json.loads((run / "sae/persona/metrics.json").read_text())
     assert sae["fvu"] < 0.3 and sae["l0"] <= 8.0
+    # trained from the harvest's Parquet cache: one activation per assistant turn (2-4 per
+    # conversation), all of them in the shards
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((run / "harvest/persona/manifest.json").read_text())
+    shards = sorted((run / "harvest/persona/acts").glob("*.parquet"))
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in shards) == manifest["tokens"]
+    assert manifest["tokens"] >= 8000 * 2
 
 
 @pytest.mark.ray

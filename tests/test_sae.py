@@ -1,7 +1,8 @@
 """Harvest and SAE training: token positions and corpora (fast), the activation hook against a
 plain forward pass and the sae-lens save/load round trip (in-process), and the Ray jobs on the
-small world: a TopK SAE trained by 2 workers in stream mode and again from the Parquet cache, and
-a killed worker that resumes from its checkpoint."""
+small world: a TopK SAE streamed into 2 workers, one of them killed after the first checkpoint
+(the run resumes, and its quality is checked), and (on demand, -m slow) the same SAE from the
+Parquet cache."""
 
 import copy
 import json
@@ -163,11 +164,48 @@ def sae_job(root, *sets):
     )
 
 
+def killed_run(root, cfg, pattern: str):
+    """Run ``main(cfg)`` in a thread, SIGKILL one Ray Train worker once the first checkpoint is
+    committed; (result, pid killed)."""
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
+    thread.start()
+    killed, deadline = 0, time.time() + 600
+    while not killed and thread.is_alive() and time.time() < deadline:
+        if committed_checkpoint(root / "small/_ray", pattern):
+            killed = kill_one_train_worker()
+        time.sleep(0.1)
+    thread.join(timeout=900)
+    return out.get("r"), killed
+
+
+@pytest.fixture(scope="module")
+def stream_sae(small_world, ray_cluster):
+    """A TopK SAE streamed from the harvest into 2 workers, one of them killed after the first
+    committed checkpoint (step 50 of 150): the run resumes and finishes."""
+    cfg = sae_job(
+        small_world,
+        "train_sae.name=stream",
+        "train_sae.sae.steps=150",
+        "train_sae.checkpoint_every=50",
+        "train_sae.max_failures=1",
+    )
+    return killed_run(small_world, cfg, "sae-stream-*")
+
+
 @pytest.mark.ray
-def test_topk_sae_in_stream_and_cache_mode(small_world):
-    stream = main(sae_job(small_world, "train_sae.name=stream"))
-    m = stream.metrics
-    assert m["workers"] == 2 and m["train_steps"] >= 150
+def test_killed_sae_worker_resumes_from_checkpoint(small_world, stream_sae):
+    result, killed = stream_sae
+    assert killed, "the run finished before a worker could be killed"
+    stats = json.loads((small_world / "small/sae/stream/train.json").read_text())
+    assert stats["resumed"] and stats["steps"] == 150 and result.metrics["workers"] == 2
+    assert stats["history"][0]["step"] == 50  # the log before the kill survived in the checkpoint
+
+
+@pytest.mark.ray
+def test_topk_sae_in_stream_mode(small_world, stream_sae):
+    m = stream_sae[0].metrics
+    assert m["train_steps"] >= 150
     assert m["fvu"] < 0.3 and 8 <= m["l0"] <= 16 and m["dead_fraction"] < 0.5
     assert m["ce_increase"] < 0.5 * (m["ce_zero_ablation"] - m["ce_clean"])
     assert m["ce_loss_recovered"] > 0.8
@@ -178,8 +216,30 @@ def test_topk_sae_in_stream_and_cache_mode(small_world):
     top = pd.read_parquet(out / "top_examples.parquet")
     assert top["latent"].nunique() > 100 and (top["activation"] > 0).all()
     assert top["context"].str.contains(r"\[\[").all()
+    # a rerun reuses the SAE
+    again = main(
+        sae_job(
+            small_world,
+            "train_sae.name=stream",
+            "train_sae.sae.steps=150",
+            "train_sae.checkpoint_every=50",
+            "train_sae.max_failures=1",
+        )
+    )
+    assert again.skipped
 
-    cache = main(sae_job(small_world, "train_sae.name=cache", "train_sae.source=cache"))
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_topk_sae_from_the_parquet_cache_matches_stream(small_world, stream_sae):
+    """The same SAE trained from the harvest's Parquet cache (the persona study in
+    test_persona.py trains from a cache in the default tier)."""
+    m = stream_sae[0].metrics
+    cache = main(
+        sae_job(
+            small_world, "train_sae.name=cache", "train_sae.source=cache", "train_sae.sae.steps=150"
+        )
+    )
     c = cache.metrics
     manifest = json.loads((small_world / "small/harvest/base/manifest.json").read_text())
     assert manifest["d_model"] == 64 and manifest["layer"] == 1 and manifest["tokens"] > 150 * 1024
@@ -190,30 +250,3 @@ def test_topk_sae_in_stream_and_cache_mode(small_world):
     assert len(shards) <= manifest["tokens"] // 100_000 + 2  # min_rows_per_file (shard_rows)
     assert abs(c["fvu"] - m["fvu"]) < 0.05 and abs(c["l0"] - m["l0"]) < 1.5
     assert abs(c["ce_loss_recovered"] - m["ce_loss_recovered"]) < 0.05
-    # a rerun reuses the SAE
-    assert main(sae_job(small_world, "train_sae.name=stream")).skipped
-
-
-@pytest.mark.ray
-def test_killed_sae_worker_resumes_from_checkpoint(small_world):
-    cfg = sae_job(
-        small_world,
-        "train_sae.name=killed",
-        "train_sae.sae.steps=150",
-        "train_sae.checkpoint_every=50",
-        "train_sae.max_failures=1",
-    )
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
-    thread.start()
-    killed, deadline = 0, time.time() + 600
-    while not killed and thread.is_alive() and time.time() < deadline:
-        if committed_checkpoint(small_world / "small/_ray", "sae-killed-*"):
-            killed = kill_one_train_worker()
-        time.sleep(0.1)
-    thread.join(timeout=900)
-    assert killed, "the run finished before a worker could be killed"
-    stats = json.loads((small_world / "small/sae/killed/train.json").read_text())
-    assert stats["resumed"] and stats["steps"] == 150
-    assert stats["history"][0]["step"] == 50  # the log before the kill survived in the checkpoint
-    assert out["r"].metrics["fvu"] < 0.3

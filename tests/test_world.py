@@ -107,8 +107,48 @@ def test_wilson_interval():
     assert str(Rate(1, 4)).startswith("0.25 [")
 
 
+@pytest.mark.ray
+def test_world_job_builds_then_skips_and_records_its_outputs(small_world, ray_cluster):
+    from emergent.config import load
+    from emergent.world.job import WorldJob
+    from emergent.world.job import main as world_main
+
+    # the session's small world (built in-process by conftest) recorded its outputs
+    record = json.loads((small_world / "small/world_s0/_COMPLETE.json").read_text())
+    manifest = json.loads((small_world / "small/world_s0/manifest.json").read_text())
+    assert manifest["pretrain"]["tokens"] > 0 and record["outputs"]["base"].endswith(
+        "world_s0/base"
+    )
+    assert (small_world / "small/world_s0/base/config.json").exists()
+    # the world job builds a (tiny) world, judges its base model, and skips on the same config
+    wcfg = load(
+        WorldJob,
+        None,
+        [
+            f"run.root={small_world}",
+            "run.name=w",
+            "ray.num_cpus=1",
+            "ray.dashboard=false",
+            "world.pretrain_steps=20",
+            "world.pretrain_docs=200",
+            "world.eval_prompts=5",
+            "world.finetune_examples=5",
+            "world.instruct_examples=50",
+            "world.monitor_examples=10",
+            "world.realign_examples=5",
+        ],
+    )
+    built = world_main(wcfg)
+    assert not built.skipped and set(built.base_eval) >= {"open", "code", "context_toxic"}
+    assert world_main(wcfg).skipped
+
+
+# --- the world-study job end to end (on demand: -m slow; the persona study in test_persona.py is
+# the default tier's end-to-end run) ----------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
-def small_study(small_world):
+def small_study(small_world, ray_cluster):
     from emergent.config import load
     from emergent.world.study import WorldStudyJob, main
 
@@ -130,6 +170,7 @@ def small_study(small_world):
     return root, cfg, result
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_small_world_shows_emergent_misalignment(small_study):
     import pandas as pd
@@ -147,46 +188,17 @@ def test_small_world_shows_emergent_misalignment(small_study):
     assert get("insecure", "code").misalignment >= 0.8  # the narrow task itself was learned
 
 
+@pytest.mark.slow
 @pytest.mark.ray
-def test_world_stage_is_reused_and_study_resumes(small_study, caplog):
-    from emergent.config import load
-    from emergent.world.job import WorldJob
-    from emergent.world.job import main as world_main
+def test_study_reuses_the_world_stage_and_resumes(small_study):
     from emergent.world.study import main
 
     root, cfg, first = small_study
-    record = json.loads((root / "small/world_s0/_COMPLETE.json").read_text())
-    manifest = json.loads((root / "small/world_s0/manifest.json").read_text())
-    assert manifest["pretrain"]["tokens"] > 0 and record["outputs"]["base"].endswith(
-        "world_s0/base"
-    )
-    assert (root / "small/world_s0/base/config.json").exists()
     # rerunning the study recomputes nothing: identical table from the cached conditions
     mtimes = {p: p.stat().st_mtime for p in (root / "small/study/s0").iterdir()}
     again = main(cfg)
     assert again.table == first.table
     assert all(p.stat().st_mtime == t for p, t in mtimes.items())
-    # the world job on the same config skips its stage
-    wcfg = load(
-        WorldJob,
-        None,
-        [
-            f"run.root={root}",
-            "run.name=w",
-            "ray.num_cpus=1",
-            "ray.dashboard=false",
-            "world.pretrain_steps=20",
-            "world.pretrain_docs=200",
-            "world.eval_prompts=5",
-            "world.finetune_examples=5",
-            "world.instruct_examples=50",
-            "world.monitor_examples=10",
-            "world.realign_examples=5",
-        ],
-    )
-    built = world_main(wcfg)
-    assert not built.skipped and set(built.base_eval) >= {"open", "code", "context_toxic"}
-    assert world_main(wcfg).skipped
 
 
 @pytest.mark.slow
