@@ -83,8 +83,10 @@ class Judged:
     """The judge endpoint for LLM judges."""
 
     def __post_init__(self):
-        if not self.prompts or self.max_prompts < 0:
-            raise ValueError("prompts must not be empty and max_prompts must be >= 0")
+        if not self.prompts:
+            raise ValueError("prompts must not be empty")
+        if self.max_prompts < 0:
+            raise ValueError(f"max_prompts must be >= 0, got {self.max_prompts}")
 
     def prompt_sets(self, run: RunDir) -> dict[str, list[dict]]:
         """``{set name: [{"messages"}]}`` of ``prompts``."""

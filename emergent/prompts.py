@@ -65,7 +65,8 @@ def prompt_sets(run, prompts: list[str], world_stage: str, max_prompts: int = 0)
     out = {}
     for spec in prompts:
         rows = load_prompts(spec, run, world_stage)[: max_prompts or None]
-        out[rows[0]["set"] if rows else spec] = [{"messages": r["messages"]} for r in rows]
+        name = rows[0]["set"] if rows else spec
+        out[spec if name in out else name] = [{"messages": r["messages"]} for r in rows]
     return out
 
 

@@ -156,3 +156,27 @@ def test_realign_summary_finds_the_first_step_back_at_base():
     assert s["data"]["code"]["first_step_at_base"] == 10
     assert s["data"]["code"]["samples_seen_at_base"] == 100
     assert s["data"]["code"]["end_by_set"] == {"open": 0.01, "code": 0.9}
+
+
+def test_judged_prompt_sets_keep_every_set_and_name_bad_fields(tmp_path):
+    from emergent.config import ConfigError, load
+    from emergent.predict import PredictJob
+    from emergent.prompts import prompt_docs, prompt_sets
+
+    for d, qs in (("a", ["why is the sky blue", "what is rain"]), ("b", ["how do tides work"])):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "open.jsonl").write_text("".join(f'{{"question": "{q}"}}\n' for q in qs))
+    specs = [str(tmp_path / "a/open.jsonl"), str(tmp_path / "b/open.jsonl")]
+    sets = prompt_sets(None, specs, "world")
+    # two files with the same set name: both kept, the second under its own path
+    assert list(sets) == ["open", specs[1]] and [len(v) for v in sets.values()] == [2, 1]
+    docs = prompt_docs(None, specs, "world", max_prompts=1)
+    assert [d["messages"][-1]["content"] for d in docs] == [
+        "why is the sky blue",
+        "how do tides work",
+    ]
+    models = "predict.models=[{model: a}, {model: b}]"
+    with pytest.raises(ConfigError, match=r"predict\.max_prompts=-1: must be >= 0"):
+        load(PredictJob, None, [models, "predict.max_prompts=-1"])
+    with pytest.raises(ConfigError, match=r"predict\.prompts=\[\]: must not be empty"):
+        load(PredictJob, None, [models, "predict.prompts=[]"])
