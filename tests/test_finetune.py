@@ -180,7 +180,7 @@ def test_killed_worker_resumes_from_checkpoint(family, small_world):
     storage = small_world / "small/_ray"
     killed, deadline = 0, time.time() + 600
     while not killed and thread.is_alive() and time.time() < deadline:
-        if committed_checkpoint(storage, "finetune-killed-*"):  # step 20 is committed
+        if committed_checkpoint(storage, "finetune-killed_dose1-*"):  # step 20 is committed
             killed = kill_one_train_worker()
         time.sleep(0.1)
     thread.join(timeout=900)
