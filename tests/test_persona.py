@@ -49,7 +49,7 @@ def pipeline_job(root, *sets):
             "steer.directions=[]",
             # the small world's models are less coherent than the full world's (base 0.79)
             "steer.coherence_floor=0.5",
-            "steer.arms=[{label: cause, model: 'world:base', alphas: [5]},"
+            "steer.arms=[{label: cause, model: 'world:base', alphas: [5, 8]},"
             " {label: remove, model: 'finetune:code_dose1', alphas: [-1.5], goal: lower}]",
             "predict.world_stage=world_s0",
             "predict.max_prompts=300",
@@ -106,7 +106,7 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     assert cause["best"]["coherence"] >= 0.5
     assert remove["best"]["misalignment"] <= remove["unsteered"]["misalignment"] / 2, s
     trials = pd.read_parquet(run / "steer/persona/results.parquet")
-    assert len(trials) == 2 * (1 + 1)  # arms x (unsteered + alphas) for the one latent
+    assert len(trials) == (1 + 2) + (1 + 1)  # per arm: unsteered + its alphas, one latent
 
 
 @pytest.mark.ray

@@ -80,6 +80,16 @@ def test_ray_job_submit_doctor(tmp_path):
             "127.0.0.1",
             "--dashboard-port",
             str(port),
+            # the agents' default ports are taken by any other Ray on this machine (the test
+            # session's shared one), and the head's agent would never come up
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--dashboard-agent-grpc-port",
+            str(_free_port()),
+            "--runtime-env-agent-port",
+            str(_free_port()),
+            "--metrics-export-port",
+            str(_free_port()),
             "--disable-usage-stats",
             "--temp-dir",
             tempfile.mkdtemp(prefix="ray", dir="/tmp"),
