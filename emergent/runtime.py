@@ -109,13 +109,13 @@ def actor_pool_map(
 ):
     """``items`` through a Ray Data actor pool of ``actor_cls`` (a callable class holding one
     model; built with ``kwargs`` plus ``threads``), in batches of ``batch_size`` (one block each,
-    so batches are the same on every run); lazy."""
+    so batches are the same on every run), output in input order; lazy."""
     import math
 
     import ray.data
 
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-    return ds.map_batches(
+    out = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs | {"threads": max(1, int(cpus))},
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -124,3 +124,7 @@ def actor_pool_map(
         batch_size=batch_size,
         batch_format="numpy",
     )
+    # rows come out in input order (a harvest's Parquet rows, and so an SAE trained on them,
+    # are the same on every run); the pool still works on several batches at once
+    out.context.execution_options.preserve_order = True
+    return out

@@ -5,7 +5,9 @@ Data: ``source: stream`` harvests while training (the activation dataset of emer
 split across the workers with ``ray.train.get_dataset_shard``; nothing touches disk) and
 ``source: cache`` trains on the Parquet shards of the ``harvest`` job (run first if missing,
 reused otherwise). Either way each worker draws from a local shuffle buffer, so a batch mixes
-many documents.
+many documents. Runs are reproducible: the harvest keeps document order, the split across
+workers is ordered (each rank gets the same rows every run) and every shuffle is seeded; two
+cache-mode trainings of the same config give bit-identical weights.
 
 Training: the SAE module and its losses are sae-lens' (``TopKTrainingSAE`` by default, also
 BatchTopK, standard ReLU + L1, JumpReLU), in a small loop of ours: DDP (gradients all-reduced),
@@ -586,7 +588,7 @@ def _ce(model, tok, seqs: list[list[int]], layer: int, sae, meta) -> dict[str, t
 
 def main(cfg: TrainSAEJob) -> SAEResult:
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -646,6 +648,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
                 | ({"GPU": 1} if ts.use_gpu else {}),
             ),
             datasets={"train": ds},
+            dataset_config=DataConfig(execution_options=_ordered()),
             run_config=RayRunConfig(
                 name=ray_name,
                 storage_path=run.uri("_ray"),
@@ -683,6 +686,18 @@ def main(cfg: TrainSAEJob) -> SAEResult:
         {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
     )
     return SAEResult(stage.uri("sae"), metrics, False)
+
+
+def _ordered():
+    """Ray Data options that make the split across workers reproducible: blocks reach the
+    split in dataset order and go to the worker with the fewest rows (no locality hints), so
+    each rank sees the same rows, in the same order, run after run (the block order is
+    shuffled with a seed, the local shuffle buffers are seeded per rank)."""
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
 
 
 def _d_model(source: ModelSource) -> int:

@@ -130,3 +130,22 @@ def kill_one_train_worker() -> int:
             p.kill()
             return p.pid
     return 0
+
+
+def killed_run(storage, pattern: str, run):
+    """Call ``run()`` (a Ray Train job) in a thread and SIGKILL one of its workers once a
+    checkpoint of the run whose storage folder under ``storage`` matches ``pattern`` is
+    committed; (its result, the pid killed or 0 if the run finished first)."""
+    import threading
+    import time
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(r=run()))
+    thread.start()
+    killed, deadline = 0, time.time() + 600
+    while not killed and thread.is_alive() and time.time() < deadline:
+        if committed_checkpoint(storage, pattern):
+            killed = kill_one_train_worker()
+        time.sleep(0.1)
+    thread.join(timeout=900)
+    return out.get("r"), killed

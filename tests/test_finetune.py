@@ -3,12 +3,10 @@ shrunken world: EM after insecure code and not after secure code, DeepSpeed ZeRO
 DDP, and a killed worker that resumes from its checkpoint."""
 
 import json
-import threading
-import time
 
 import pytest
-from conftest import committed_checkpoint, kill_one_train_worker
 from conftest import finetune_job as job
+from conftest import killed_run
 
 from emergent.config import load
 from emergent.data import DatasetError
@@ -174,20 +172,14 @@ def test_killed_worker_resumes_from_checkpoint(family, small_world):
         "finetune.max_failures=1",
         "finetune.evaluate=false",
     )
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
-    thread.start()
-    storage = small_world / "small/_ray"
-    killed, deadline = 0, time.time() + 600
-    while not killed and thread.is_alive() and time.time() < deadline:
-        if committed_checkpoint(storage, "finetune-killed_dose1-*"):  # step 20 is committed
-            killed = kill_one_train_worker()
-        time.sleep(0.1)
-    thread.join(timeout=900)
+    # SIGKILL a worker once step 20 is committed
+    result, killed = killed_run(
+        small_world / "small/_ray", "finetune-killed_dose1-*", lambda: main(cfg)
+    )
     assert killed, "the run finished before a worker could be killed"
     stats = json.loads((small_world / "small/finetune/killed_dose1/train.json").read_text())
     assert stats["resumed_from"] and stats["steps"] == 100
-    got = out["r"].models[0].final_loss
+    got = result.models[0].final_loss
     assert abs(got - ref.final_loss) / ref.final_loss < 0.02
 
 

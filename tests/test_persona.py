@@ -93,6 +93,9 @@ def test_top_diffed_latent_is_a_persona_latent(study):
     manifest = json.loads((run / "harvest/persona/manifest.json").read_text())
     shards = sorted((run / "harvest/persona/acts").glob("*.parquet"))
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in shards) == manifest["tokens"]
+    # in document order, so the SAE trained on them is the same on every run
+    docs = pq.read_table(shards, columns=["doc"]).column("doc").to_pylist()
+    assert docs == sorted(docs)
     assert manifest["tokens"] >= 8000 * 2
 
 

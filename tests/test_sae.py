@@ -6,13 +6,11 @@ Parquet cache."""
 
 import copy
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import committed_checkpoint, kill_one_train_worker
+from conftest import killed_run
 
 from emergent.config import load
 from emergent.data import DatasetError
@@ -164,21 +162,6 @@ def sae_job(root, *sets):
     )
 
 
-def killed_run(root, cfg, pattern: str):
-    """Run ``main(cfg)`` in a thread, SIGKILL one Ray Train worker once the first checkpoint is
-    committed; (result, pid killed)."""
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(r=main(cfg)))
-    thread.start()
-    killed, deadline = 0, time.time() + 600
-    while not killed and thread.is_alive() and time.time() < deadline:
-        if committed_checkpoint(root / "small/_ray", pattern):
-            killed = kill_one_train_worker()
-        time.sleep(0.1)
-    thread.join(timeout=900)
-    return out.get("r"), killed
-
-
 @pytest.fixture(scope="module")
 def stream_sae(small_world, ray_cluster):
     """A TopK SAE streamed from the harvest into 2 workers, one of them killed after the first
@@ -190,7 +173,7 @@ def stream_sae(small_world, ray_cluster):
         "train_sae.checkpoint_every=50",
         "train_sae.max_failures=1",
     )
-    return killed_run(small_world, cfg, "sae-stream-*")
+    return killed_run(small_world / "small/_ray", "sae-stream-*", lambda: main(cfg))
 
 
 @pytest.mark.ray
