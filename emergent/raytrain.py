@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,11 @@ def train_worker(c: dict) -> None:
 
     setup_logging()
     set_threads(c["threads"])
+    # DeepSpeed ZeRO calls torch.distributed collectives that torch 2.13 deprecates; their
+    # FutureWarning repeats on every call (hundreds of lines a second in the job log)
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module="torch.distributed.c10d_logger"
+    )
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     section: Distributed = c["section"]
