@@ -65,6 +65,22 @@ def watched(cfg: LatentMonitorConfig, run) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def stage_key(cfg: LatentMonitorConfig, run) -> dict:
+    """What a monitored training stage's record depends on besides its weights: the monitor's
+    settings and the config hashes of the SAE and diff it reads, so retraining either one under
+    the same name reruns the stage instead of keeping a report about another SAE's latents."""
+    from emergent.config import to_dict
+
+    out = {"monitor": to_dict(cfg)}
+    for kind, name in (("sae", cfg.sae), ("diff", cfg.diff)):
+        if name:
+            rel = f"{kind}/{name}/_COMPLETE.json"
+            if not run.exists(rel):
+                raise FileNotFoundError(f"monitor.{kind}: no complete {kind} at {run.uri(rel)}")
+            out[f"monitor_{kind}_hash"] = run.read_json(rel)["config_hash"]
+    return out
+
+
 def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str):
     """An HF ``TrainerCallback`` doing the monitoring. Attach it on every rank: the forward pass
     then runs on all of them together (ZeRO-3 gathers its partitioned weights that way); only

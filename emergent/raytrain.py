@@ -34,6 +34,7 @@ from emergent.config import RunConfig, config, to_dict
 from emergent.data import DatasetError, read_jsonl, validate_chat
 from emergent.generate import SamplingParams
 from emergent.monitor_latents import LatentMonitorConfig
+from emergent.monitor_latents import stage_key as monitor_key
 from emergent.runs import RunDir
 from emergent.sft import LoraParams, final_loss
 
@@ -131,7 +132,7 @@ OPERATIONAL = (
     "evaluate",
     "eval_sets",
     "sampling",
-    "monitor",
+    "monitor",  # hashed with its SAE and diff below
 )
 
 
@@ -437,6 +438,8 @@ def train_model(
             raise ValueError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
     key = {k: v for k, v in to_dict(section).items() if k not in OPERATIONAL}
     key |= {**hashed, "name": name, "model": model_id, "deepspeed": ds_cfg}
+    if section.monitor is not None:  # not the weights' input, but train.json's
+        key |= monitor_key(section.monitor, run)
     stage = run.stage(f"{kind}/{name}", key)
     if stage.is_complete(run_cfg.force):
         m = stage.record["metrics"]

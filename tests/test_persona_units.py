@@ -180,3 +180,21 @@ def test_judged_prompt_sets_keep_every_set_and_name_bad_fields(tmp_path):
         load(PredictJob, None, [models, "predict.max_prompts=-1"])
     with pytest.raises(ConfigError, match=r"predict\.prompts=\[\]: must not be empty"):
         load(PredictJob, None, [models, "predict.prompts=[]"])
+
+
+def test_monitor_stage_key_follows_the_sae_and_diff_it_reads(tmp_path):
+    from emergent.monitor_latents import LatentMonitorConfig, stage_key
+    from emergent.runs import RunDir
+
+    run = RunDir(str(tmp_path), "r")
+    watch = LatentMonitorConfig(sae="persona", diff="insecure")
+    with pytest.raises(FileNotFoundError, match="monitor.sae: .*sae/persona/_COMPLETE.json"):
+        stage_key(watch, run)
+    run.stage("sae/persona", {"d_sae": 256}).complete(outputs={})
+    run.stage("diff/insecure", {"sae": "persona"}).complete(outputs={})
+    first = stage_key(watch, run)
+    assert first == stage_key(watch, run)
+    # the SAE retrained under the same name with another config: a monitored fine-tune reruns
+    run.stage("sae/persona", {"d_sae": 512}).complete(outputs={})
+    assert stage_key(watch, run)["monitor_sae_hash"] != first["monitor_sae_hash"]
+    assert stage_key(watch, run)["monitor_diff_hash"] == first["monitor_diff_hash"]
