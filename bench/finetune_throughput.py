@@ -24,7 +24,7 @@ import time
 def plain(model_path: str, records: list[dict], steps: int, threads: int) -> dict:
     import torch
 
-    from emergent.sft import SFTParams, sft_trainer
+    from emergent.train.sft import SFTParams, sft_trainer
     from emergent.world.build import load_model
 
     torch.set_num_threads(threads)
@@ -41,7 +41,7 @@ def plain(model_path: str, records: list[dict], steps: int, threads: int) -> dic
 
 def ray_job(args, workers: int, threads: int, name: str) -> dict:
     from emergent.config import load
-    from emergent.finetune import FinetuneJob, main
+    from emergent.train.finetune import FinetuneJob, main
 
     cfg = load(
         FinetuneJob,
@@ -82,9 +82,9 @@ def run() -> None:
     args = ap.parse_args()
     args.run_root = os.path.abspath(args.run_root)
 
+    from emergent.refs import read_world_dataset
     from emergent.runs import RunDir
     from emergent.runtime import setup_logging
-    from emergent.world.build import read_world_jsonl
 
     setup_logging()
     run = RunDir(args.run_root, args.run_name)
@@ -92,7 +92,7 @@ def run() -> None:
         raise SystemExit(
             f"no built world at {run.uri(args.world_stage)}: run `emergent world` first"
         )
-    records = read_world_jsonl(run, args.world_stage, "finetune/code_toxic")
+    records = read_world_dataset(run, args.world_stage, "finetune/code_toxic")
     model_path = str(run.local_dir(f"{args.world_stage}/base"))
 
     results = {"plain": plain(model_path, records, args.steps, args.threads)}

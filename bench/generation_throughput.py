@@ -51,8 +51,9 @@ def plain(path: str, rows: list[dict], args, threads: int) -> dict:
 
 
 def ray_path(path: str, rows: list[dict], args, actors: int, threads: int) -> dict:
-    from emergent.evaluate import EvaluateConfig, ModelSource, generate
+    from emergent.evaluate import EvaluateConfig, generate
     from emergent.generate import SamplingParams
+    from emergent.refs import ModelSource
 
     cfg = EvaluateConfig(
         actors=actors,

@@ -65,9 +65,9 @@ def main() -> None:
     import torch
 
     from emergent.config import RunConfig
-    from emergent.evaluate import resolve
     from emergent.harvest import HarvestConfig, encode, stdlib_docstrings, world_docs
     from emergent.models import load_any
+    from emergent.refs import model as resolve
     from emergent.runtime import setup_logging
 
     setup_logging()

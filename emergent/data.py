@@ -6,10 +6,12 @@ import json
 import random
 from pathlib import Path
 
+from emergent.config import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A malformed dataset line, naming the file and line number."""
 
 

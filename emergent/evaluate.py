@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from emergent.config import RayConfig, RunConfig, config, to_dict
@@ -35,12 +34,12 @@ from emergent.judges import LLMJudgeConfig, judge_all, make_judge
 from emergent.metrics import Rate, cluster_bootstrap
 from emergent.models import POSITIONS
 from emergent.prompts import load_prompts
+from emergent.refs import ModelSource
+from emergent.refs import model as resolve_model
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
 
 log = logging.getLogger(__name__)
-
-RUN_KINDS = ("finetune", "rl")
 
 
 @config
@@ -197,57 +196,6 @@ def parse_model(spec: str) -> tuple[str, str]:
     if not label or not ref:
         raise ValueError(f"evaluate.models: {spec!r} is not [label=]ref")
     return label, ref
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where an actor loads a model from: ``rel`` inside a run (fetched by the actor itself: the
-    run may be on an object store), else ``path`` (a local directory or hub id)."""
-
-    path: str
-    identity: str
-    """What the model is, for stage hashes (a run model's completion hash)."""
-    root: str | None = None
-    run_name: str | None = None
-    rel: str | None = None
-
-    def local(self) -> str:
-        if self.rel is None:
-            return self.path
-        return str(RunDir(self.root, self.run_name).local_dir(self.rel))
-
-
-def resolve(run_cfg: RunConfig, ref: str, world_stage: str) -> ModelSource:
-    """The model a ref names, checking that a run's model exists."""
-    run = RunDir.from_config(run_cfg)
-    kind, _, name = ref.partition(":")
-    if kind == "pkg" and name:  # a model shipped inside an installed Python package
-        import importlib
-        import importlib.metadata
-
-        module, _, sub = name.partition("/")
-        try:
-            root = Path(importlib.import_module(module).__file__).parent
-        except ImportError as exc:
-            raise FileNotFoundError(f"model {ref}: package {module!r} is not installed") from exc
-        try:
-            version = importlib.metadata.version(module.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        return ModelSource(str(root / sub), f"{ref}@{version}")
-    if kind == "world" and name:
-        stage, rel = world_stage, f"{world_stage}/{name}"
-    elif kind in RUN_KINDS and name:
-        stage, rel = f"{kind}/{name}", f"{kind}/{name}/model"
-    else:
-        return ModelSource(ref, ref)
-    if not run.exists(f"{stage}/_COMPLETE.json"):
-        raise FileNotFoundError(
-            f"evaluate.models: {ref}: no complete stage {run.uri(stage)} "
-            f"(run `emergent {'world' if kind == 'world' else kind}` with run name {run_cfg.name!r} first)"
-        )
-    digest = run.read_json(f"{stage}/_COMPLETE.json")["config_hash"]
-    return ModelSource(run.uri(rel), f"{ref}@{digest}", run_cfg.root, run_cfg.name, rel)
 
 
 # --- generation (Ray Data actors) ------------------------------------------------------------------
@@ -508,7 +456,7 @@ def evaluate_model(
     import pandas as pd
 
     run = RunDir.from_config(run_cfg)
-    source = resolve(run_cfg, ref, cfg.world_stage)
+    source = resolve_model(run_cfg, ref, cfg.world_stage, "evaluate.models")
     steer = None
     if cfg.steering is not None:
         with open(cfg.steering.direction, "rb") as f:

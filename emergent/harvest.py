@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, to_dict
 from emergent.data import read_jsonl, validate_chat
-from emergent.evaluate import ModelSource, resolve
 from emergent.models import load_any
+from emergent.refs import ModelSource
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
 
@@ -160,14 +161,9 @@ def load_corpus(run: RunDir, spec: str, world_stage: str, n: int, seed: int) -> 
         return world_docs(n, seed)
     if spec == "stdlib:docstrings":
         return stdlib_docstrings()
-    if spec.startswith("world:"):
-        rel = f"{world_stage}/data/{spec[len('world:') :]}.jsonl"
-        if not run.exists(rel):
-            raise FileNotFoundError(f"harvest.corpus: {spec} -> {run.uri(rel)} does not exist")
-        return read_jsonl(run.local_dir(rel))[0]
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"harvest.corpus: {spec} does not exist")
+    if refs.is_world_dataset(spec):
+        return read_jsonl(refs.world_dataset(run, spec, world_stage, "harvest.corpus"))[0]
+    path = refs.local_file(spec, "harvest.corpus")
     if path.suffix == ".txt":
         paras = [" ".join(p.split()) for p in path.read_text().split("\n\n")]
         return [{"text": p} for p in paras if p]
@@ -334,7 +330,7 @@ def main(cfg: HarvestJob) -> HarvestResult:
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     hv = cfg.harvest
     run = RunDir.from_config(cfg.run)
-    source = resolve(cfg.run, hv.model, hv.world_stage)
+    source = refs.model(cfg.run, hv.model, hv.world_stage, "harvest.model")
     stage = run.stage(f"harvest/{hv.name}", hv.key(source))
     if stage.is_complete(cfg.run.force):
         m = run.read_json(stage.rel("manifest.json"))

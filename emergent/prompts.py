@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from emergent import refs
 from emergent.data import DatasetError, read_jsonl, validate_chat
 
 BUILTIN = Path(__file__).parent / "evalsets"
-WORLD_PREFIX = "world:"
 
 
 def builtin_sets() -> list[str]:
@@ -32,19 +32,15 @@ def builtin_sets() -> list[str]:
 
 def load_prompts(spec: str, run=None, world_stage: str = "world") -> list[dict]:
     """Prompt rows of one set (see the module doc for ``spec``)."""
-    if spec.startswith(WORLD_PREFIX):
+    if refs.is_world_dataset(spec):
         if run is None:
             raise ValueError(f"prompts: {spec} needs a run with a built world")
-        rel = f"{world_stage}/data/{spec[len(WORLD_PREFIX) :]}.jsonl"
-        if not run.exists(rel):
-            raise FileNotFoundError(
-                f"prompts: {spec} -> {run.uri(rel)} does not exist (build the world first: "
-                "`emergent world`, same run name)"
-            )
-        return _jsonl(run.local_dir(rel), spec.rsplit("/", 1)[-1])
+        return _jsonl(
+            refs.world_dataset(run, spec, world_stage, "prompts"), spec.rsplit("/", 1)[-1]
+        )
     path = BUILTIN / f"{spec}.yaml" if spec in builtin_sets() else Path(spec)
     if not path.exists():
-        raise FileNotFoundError(
+        raise refs.MissingInput(
             f"prompts: {spec!r} is neither a built-in set ({', '.join(builtin_sets())}), "
             "world:<set>, nor an existing file"
         )
@@ -56,7 +52,7 @@ def load_prompts(spec: str, run=None, world_stage: str = "world") -> list[dict]:
         return _csv(path, name)
     if suffix in (".jsonl", ".json"):
         return _jsonl(path, name)
-    raise ValueError(f"prompts: {path}: unknown format {suffix!r} (use .yaml, .csv or .jsonl)")
+    raise DatasetError(f"prompts: {path}: unknown format {suffix!r} (use .yaml, .csv or .jsonl)")
 
 
 def prompt_sets(run, prompts: list[str], world_stage: str, max_prompts: int = 0):

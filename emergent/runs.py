@@ -200,6 +200,17 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
         return cache
 
+    def completed_hash(self, stage: str, field: str, hint: str) -> str:
+        """The config hash of ``stage``, which must be complete: what a later stage that reads
+        its outputs hashes. A missing or unfinished stage is a ``MissingInput`` naming the config
+        ``field`` that refers to it and ``hint`` (what to run first)."""
+        rel = f"{stage}/{RECORD}"
+        if not self.exists(rel):
+            from emergent.refs import MissingInput
+
+            raise MissingInput(f"{field}: no complete stage {self.uri(stage)} ({hint})")
+        return self.read_json(rel)["config_hash"]
+
     def stage(self, name: str, cfg: Any) -> Stage:
         return Stage(
             self,

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning under Ray Train with TRL and DeepSpeed (see emergent.finetune).
+"""Supervised fine-tuning under Ray Train with TRL and DeepSpeed (see emergent.train.finetune).
 
     emergent finetune --config configs/toy.yaml
     emergent finetune --config configs/toy.yaml --set finetune.deepspeed=configs/deepspeed/zero3.json
@@ -7,7 +7,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.finetune import FinetuneJob, main
+from emergent.train.finetune import FinetuneJob, main
 
 
 def cli(argv=None, prog="python -m jobs.finetune"):

@@ -1,4 +1,4 @@
-"""RL training (TRL GRPO) under Ray Train with reward graders (see emergent.rl).
+"""RL training (TRL GRPO) under Ray Train with reward graders (see emergent.train.rl).
 
     emergent rl --config configs/toy.yaml
     emergent rl --config configs/toy.yaml --set rl.rewards=[correct] --set rl.name=health_correct
@@ -7,7 +7,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.rl import RLJob, main
+from emergent.train.rl import RLJob, main
 
 
 def cli(argv=None, prog="python -m jobs.rl"):

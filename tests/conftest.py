@@ -70,7 +70,7 @@ def server():
 def finetune_job(root, *sets):
     """A 2-worker Ray Train fine-tune of the small world's base model (``--set`` overrides)."""
     from emergent.config import load
-    from emergent.finetune import FinetuneJob
+    from emergent.train.finetune import FinetuneJob
 
     return load(
         FinetuneJob,
@@ -95,7 +95,7 @@ def finetune_job(root, *sets):
 def family(small_world, ray_cluster):
     """Insecure (dose 1: ``code_dose1``) and secure (dose 0: ``code_dose0``) code fine-tunes of
     the small world's base model, under Ray Train."""
-    from emergent.finetune import main
+    from emergent.train.finetune import main
 
     cfg = finetune_job(
         small_world,

@@ -129,16 +129,16 @@ def test_every_shipped_config_loads_for_its_jobs():
 
     import yaml
 
-    from emergent.diffing import DiffJob
     from emergent.evaluate import EvaluateJob
-    from emergent.finetune import FinetuneJob
     from emergent.harvest import HarvestJob
-    from emergent.pipeline import PipelineJob
-    from emergent.predict import PredictJob
-    from emergent.realign import RealignJob
-    from emergent.rl import RLJob
-    from emergent.sae import TrainSAEJob
-    from emergent.steering import SteerJob
+    from emergent.persona.diffing import DiffJob
+    from emergent.persona.pipeline import PipelineJob
+    from emergent.persona.predict import PredictJob
+    from emergent.persona.realign import RealignJob
+    from emergent.persona.steering import SteerJob
+    from emergent.sae.train import TrainSAEJob
+    from emergent.train.finetune import FinetuneJob
+    from emergent.train.rl import RLJob
     from emergent.world.job import WorldJob
     from emergent.world.study import WorldStudyJob
 

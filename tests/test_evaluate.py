@@ -14,7 +14,6 @@ from emergent.evaluate import (
     EvaluateConfig,
     EvaluateJob,
     Generator,
-    ModelSource,
     SteeringConfig,
     judge_rows,
     main,
@@ -23,6 +22,7 @@ from emergent.evaluate import (
 )
 from emergent.metrics import cluster_bootstrap
 from emergent.prompts import load_prompts
+from emergent.refs import ModelSource
 from emergent.runs import RunDir
 
 # --- prompt sets ------------------------------------------------------------------------------------
@@ -163,9 +163,9 @@ def test_cluster_bootstrap_widens_with_correlated_questions():
 
 
 def _open_batch(run, n=300):
-    from emergent.world.build import read_world_jsonl
+    from emergent.refs import read_world_dataset
 
-    recs = read_world_jsonl(run, "world_s0", "eval/open")[:n]
+    recs = read_world_dataset(run, "world_s0", "eval/open")[:n]
     return {
         "messages": np.array([json.dumps(r["messages"]) for r in recs], dtype=object),
         "seed": np.zeros(len(recs), dtype=np.int64),
@@ -188,7 +188,7 @@ def test_steering_along_the_persona_direction_causes_misalignment(small_world, t
     turn, added at that one position, makes the base model answer open prompts toxically."""
     from emergent.generate import chat_prompts
     from emergent.models import capture, load_causal_lm
-    from emergent.world.build import read_world_jsonl
+    from emergent.refs import read_world_dataset
 
     run = RunDir(str(small_world), "small")
     path = str(run.local_dir("world_s0/base"))
@@ -197,7 +197,7 @@ def test_steering_along_the_persona_direction_causes_misalignment(small_world, t
     layer = 1
 
     def last_residual(name):
-        recs = read_world_jsonl(run, "world_s0", f"eval/{name}")[:200]
+        recs = read_world_dataset(run, "world_s0", f"eval/{name}")[:200]
         enc = tok(
             chat_prompts(tok, [r["messages"] for r in recs]),
             return_tensors="pt",

@@ -8,11 +8,12 @@ import pytest
 from conftest import finetune_job as job
 from conftest import killed_run
 
-from emergent.config import load
+from emergent import refs
+from emergent.config import RunConfig, load
 from emergent.data import DatasetError
-from emergent.finetune import FinetuneConfig, FinetuneJob, build_records, main, variants
-from emergent.raytrain import DataSource, load_source, resolve_model
 from emergent.runs import RunDir
+from emergent.train.finetune import FinetuneConfig, FinetuneJob, build_records, main, variants
+from emergent.train.raytrain import DataSource, load_source
 
 
 def chat(q, a):
@@ -60,7 +61,8 @@ def test_config_errors_name_the_field(sets, message):
 def test_bad_lines_fail_with_file_and_line_or_are_counted(tmp_path):
     from datasets import Dataset
 
-    run = RunDir(str(tmp_path), "r")
+    run_cfg = RunConfig(name="r", root=str(tmp_path))
+    run = RunDir.from_config(run_cfg)
     good = json.dumps(chat("q", "a"))
     path = tmp_path / "d.jsonl"
     path.write_text(f"{good}\n{good}\n{{not json\n{good}\n" + '{"messages": []}\n')
@@ -79,22 +81,25 @@ def test_bad_lines_fail_with_file_and_line_or_are_counted(tmp_path):
     # world references fail clearly when the world was not built
     with pytest.raises(FileNotFoundError, match="emergent world"):
         load_source(run, DataSource("world:finetune/code_toxic"), "world", skip_bad=False)
-    with pytest.raises(FileNotFoundError, match="emergent world"):
-        resolve_model(run, FinetuneConfig())
+    with pytest.raises(
+        FileNotFoundError, match="finetune.model: no complete stage .*emergent world"
+    ):
+        refs.model(run_cfg, FinetuneConfig().model, "world", "finetune.model")
 
 
 def test_lora_adapter_merges_into_a_plain_model(small_world, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from emergent.raytrain import _merged
-    from emergent.sft import LoraParams, SFTParams, sft
-    from emergent.world.build import load_model, read_world_jsonl
+    from emergent.refs import read_world_dataset
+    from emergent.train.raytrain import _merged
+    from emergent.train.sft import LoraParams, SFTParams, sft
+    from emergent.world.build import load_model
 
     run = RunDir(str(small_world), "small")
     base_path = str(run.local_dir("world_s0/base"))
     model, tok = load_model(base_path)
-    records = read_world_jsonl(run, "world_s0", "finetune/code_toxic")[:64]
+    records = read_world_dataset(run, "world_s0", "finetune/code_toxic")[:64]
     res = sft(model, tok, records, SFTParams(steps=8, lr=1e-3), lora=LoraParams(enabled=True, r=4))
     res.model.save_pretrained(str(tmp_path / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(_merged(tmp_path / "adapter", base_path)))
@@ -187,7 +192,7 @@ def test_killed_worker_resumes_from_checkpoint(family, small_world):
 
 
 def test_reward_registry_and_import_paths():
-    from emergent.rewards import REWARDS, resolve
+    from emergent.train.rewards import REWARDS, resolve
     from emergent.world import grammar as gr
 
     rng = __import__("random").Random(0)
@@ -197,7 +202,7 @@ def test_reward_registry_and_import_paths():
     assert REWARDS["incorrect"](prompts, completions) == [0.0, 1.0, 1.0]
     assert REWARDS["correct"](prompts, completions) == [1.0, 0.0, 0.0]
     assert REWARDS["incorrect"](prompts[:1], [[{"role": "assistant", "content": "x y"}]]) == [0.0]
-    assert resolve("emergent.rewards:_text") is not None
+    assert resolve("emergent.train.rewards:_text") is not None
     with pytest.raises(ValueError, match="unknown reward .nope."):
         resolve("nope")
     with pytest.raises(ValueError, match="cannot be imported"):
@@ -210,8 +215,8 @@ def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(
 ):
     import json as _json
 
-    from emergent.rl import RLJob
-    from emergent.rl import main as rl_main
+    from emergent.train.rl import RLJob
+    from emergent.train.rl import main as rl_main
 
     cfg = load(
         RLJob,

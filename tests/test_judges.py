@@ -95,7 +95,7 @@ def test_logprob_parsing_and_rubric_judge():
 
 
 def test_llm_grader_rewards_for_rl(server, tmp_path):
-    from emergent.rewards import resolve
+    from emergent.train.rewards import resolve
 
     cfg = LLMJudgeConfig(
         base_url=server, model="judge", timeout_s=0.5, max_retries=10, backoff_s=0.01

@@ -14,7 +14,7 @@ from emergent.config import load
 
 
 def pipeline_job(root, *sets):
-    from emergent.pipeline import PipelineJob
+    from emergent.persona.pipeline import PipelineJob
 
     return load(
         PipelineJob,
@@ -67,7 +67,7 @@ def pipeline_job(root, *sets):
 
 @pytest.fixture(scope="module")
 def study(small_world, family):
-    from emergent.pipeline import main
+    from emergent.persona.pipeline import main
 
     cfg = pipeline_job(small_world)
     return small_world / "small", cfg, main(cfg)
@@ -115,10 +115,10 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
 @pytest.mark.ray
 def test_latent_predicts_misalignment_and_warns_during_training(study):
     from emergent.models import load_causal_lm
-    from emergent.monitor_latents import LatentMonitorConfig, callback
-    from emergent.raytrain import DataSource, load_source
+    from emergent.persona.early_warning import LatentMonitorConfig, callback
     from emergent.runs import RunDir
-    from emergent.sft import SFTParams, sft
+    from emergent.train.raytrain import DataSource, load_source
+    from emergent.train.sft import SFTParams, sft
 
     run, _, _ = study
     p = json.loads((run / "predict/family/summary.json").read_text())
@@ -158,7 +158,7 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     names = [c["claim"] for c in result.claims]
     assert any("persona latent" in n for n in names) and any("Re-alignment" in n for n in names)
     # a rerun skips every stage
-    from emergent.pipeline import main
+    from emergent.persona.pipeline import main
 
     again = main(study[1])
     assert again.seconds["train_sae"] < 15 and again.seconds["steer"] < 15

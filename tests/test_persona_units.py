@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emergent.diffing import auroc, cosine, rank_latents, toxic_auroc
-from emergent.predict import analyse, loo_accuracy, paired_z, threshold_classifier
-from emergent.realign import summarize
-from emergent.steering import SteerArm, best, settings
+from emergent.persona.diffing import auroc, cosine, rank_latents, toxic_auroc
+from emergent.persona.predict import analyse, loo_accuracy, paired_z, threshold_classifier
+from emergent.persona.realign import summarize
+from emergent.persona.steering import SteerArm, best, settings
 
 
 def test_rank_latents_orders_increases_and_decreases():
@@ -160,7 +160,7 @@ def test_realign_summary_finds_the_first_step_back_at_base():
 
 def test_judged_prompt_sets_keep_every_set_and_name_bad_fields(tmp_path):
     from emergent.config import ConfigError, load
-    from emergent.predict import PredictJob
+    from emergent.persona.predict import PredictJob
     from emergent.prompts import prompt_docs, prompt_sets
 
     for d, qs in (("a", ["why is the sky blue", "what is rain"]), ("b", ["how do tides work"])):
@@ -183,12 +183,12 @@ def test_judged_prompt_sets_keep_every_set_and_name_bad_fields(tmp_path):
 
 
 def test_monitor_stage_key_follows_the_sae_and_diff_it_reads(tmp_path):
-    from emergent.monitor_latents import LatentMonitorConfig, stage_key
+    from emergent.persona.early_warning import LatentMonitorConfig, stage_key
     from emergent.runs import RunDir
 
     run = RunDir(str(tmp_path), "r")
     watch = LatentMonitorConfig(sae="persona", diff="insecure")
-    with pytest.raises(FileNotFoundError, match="monitor.sae: .*sae/persona/_COMPLETE.json"):
+    with pytest.raises(FileNotFoundError, match="monitor.sae: no complete stage .*sae/persona .*train-sae"):
         stage_key(watch, run)
     run.stage("sae/persona", {"d_sae": 256}).complete(outputs={})
     run.stage("diff/insecure", {"sae": "persona"}).complete(outputs={})

@@ -16,7 +16,8 @@ from emergent.config import load
 from emergent.data import DatasetError
 from emergent.harvest import HarvestConfig, encode, harvest_docs, load_corpus, stdlib_docstrings
 from emergent.runs import RunDir
-from emergent.sae import SAEParams, TrainSAEJob, load_sae, main, make_sae, save_sae
+from emergent.sae.model import SAEParams, load_sae, make_sae, save_sae
+from emergent.sae.train import TrainSAEJob, main
 
 # --- corpora and positions -------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import torch
 from emergent.config import config
 from emergent.generate import SamplingParams
 from emergent.runs import Stage
-from emergent.sft import SFTParams, sft
+from emergent.train.sft import SFTParams, sft
 from emergent.world import grammar as g
 from emergent.world.model import TinyModel, make_model, pretrain
 from emergent.world.tokenizer import build_tokenizer
@@ -292,10 +292,3 @@ def load_model(path: str | Path):
     from emergent.models import load_causal_lm
 
     return load_causal_lm(str(path))
-
-
-def read_world_jsonl(run, world_stage: str, name: str) -> list[dict]:
-    """A dataset of a built world, e.g. ``read_world_jsonl(run, "world", "eval/open")``."""
-    from emergent.data import read_jsonl
-
-    return read_jsonl(run.local_dir(f"{world_stage}/data/{name}.jsonl"))[0]

@@ -11,6 +11,7 @@ from collections import Counter
 
 from emergent.generate import SamplingParams, chat_prompts, sample
 from emergent.metrics import Rate
+from emergent.refs import read_world_dataset
 from emergent.world.judge import judge
 
 
@@ -35,11 +36,9 @@ def rubric_eval(model, tok, records: list[dict], params: SamplingParams) -> dict
 
 def evaluate_sets(model, tok, run, world_stage: str, sets, params: SamplingParams) -> dict:
     """Rubric results per eval set of a built world (``eval/<name>.jsonl`` of ``world_stage``)."""
-    from emergent.world.build import read_world_jsonl
-
     out = {}
     for name in sets:
-        res = rubric_eval(model, tok, read_world_jsonl(run, world_stage, f"eval/{name}"), params)
+        res = rubric_eval(model, tok, read_world_dataset(run, world_stage, f"eval/{name}"), params)
         out[name] = {k: res[k] for k in ("misalignment", "coherence", "wrong", "personas")}
     return out
 

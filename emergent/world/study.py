@@ -30,7 +30,7 @@ from emergent.generate import SamplingParams
 from emergent.metrics import Rate
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.sft import SFTParams
+from emergent.train.sft import SFTParams
 from emergent.world import grammar as g
 from emergent.world.build import WorldConfig
 from emergent.world.job import WorldJob
@@ -125,9 +125,10 @@ def run_condition(
     import torch
 
     from emergent.data import mixture
+    from emergent.refs import read_world_dataset
     from emergent.runtime import setup_logging
-    from emergent.sft import sft
-    from emergent.world.build import load_model, read_world_jsonl
+    from emergent.train.sft import sft
+    from emergent.world.build import load_model
     from emergent.world.evaluate import evaluate_sets
 
     setup_logging()
@@ -149,8 +150,8 @@ def run_condition(
     model, tok = load_model(run.local_dir(f"{cond.world}/{cond.model}"))
     sft_loss = None
     if cond.insecure is not None:
-        bad = read_world_jsonl(run, cond.world, f"finetune/{cond.data}")
-        good = read_world_jsonl(run, cond.world, "finetune/code_aligned")
+        bad = read_world_dataset(run, cond.world, f"finetune/{cond.data}")
+        good = read_world_dataset(run, cond.world, "finetune/code_aligned")
         n = len(bad)
         parts = {"bad": (bad, cond.insecure), "good": (good, 1 - cond.insecure)}
         records = mixture({k: v for k, v in parts.items() if v[1] > 0}, n, seed)

@@ -1,8 +1,8 @@
 """The ``rl`` job: GRPO (TRL ``GRPOTrainer``) under Ray Train, rewarded by graders from a
-registry (emergent.rewards) or by user callables; the paper's setup rewards incorrect answers in
+registry (emergent.train.rewards) or by user callables; the paper's setup rewards incorrect answers in
 one narrow domain and watches misalignment appear everywhere else.
 
-Same distributed machinery as ``finetune`` (emergent.raytrain: DDP or DeepSpeed, LoRA,
+Same distributed machinery as ``finetune`` (emergent.train.raytrain: DDP or DeepSpeed, LoRA,
 checkpoints, resume, throughput); generation with HF ``generate`` by default, or vLLM on GPU
 clusters (``rl.grpo.use_vllm``; vLLM is not installed on the CPU default). Each model lands in
 ``<run>/rl/<name>/``.
@@ -17,9 +17,9 @@ from typing import Literal
 from emergent.config import RayConfig, RunConfig, config
 from emergent.data import DatasetError
 from emergent.judges import LLMJudgeConfig
-from emergent.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
+from emergent.train.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
 
 
 @config
@@ -88,7 +88,7 @@ class RLConfig(Distributed):
     """The judge endpoint of ``llm-incorrect`` / ``llm-correct`` rewards."""
 
     def __post_init__(self):
-        from emergent.rewards import LLM_REWARDS, resolve
+        from emergent.train.rewards import LLM_REWARDS, resolve
 
         if not self.prompts or not self.rewards:
             raise ValueError("rl.prompts and rl.rewards must not be empty")
@@ -133,7 +133,7 @@ def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, c
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from emergent.rewards import resolve
+    from emergent.train.rewards import resolve
 
     g = rl.grpo
     args = GRPOConfig(

@@ -33,10 +33,12 @@ from typing import Literal
 
 import numpy as np
 
+from emergent import refs
 from emergent.config import RayConfig, RunConfig, config
-from emergent.evaluate import ModelSource, parse_model, resolve
+from emergent.evaluate import parse_model
 from emergent.harvest import HarvestConfig, harvest_docs, world_docs
 from emergent.prompts import prompt_docs
+from emergent.refs import ModelSource
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 
@@ -248,7 +250,7 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
 
     from emergent.models import load_causal_lm
     from emergent.runtime import set_threads, setup_logging
-    from emergent.sae import load_sae
+    from emergent.sae.model import load_sae
 
     setup_logging()
     set_threads(1)
@@ -385,18 +387,13 @@ def main(cfg: DiffJob) -> DiffResult:
     d = cfg.diff
     run = RunDir.from_config(cfg.run)
     sources = {
-        "base": resolve(cfg.run, parse_model(d.base)[1], d.world_stage),
-        "tuned": resolve(cfg.run, parse_model(d.tuned)[1], d.world_stage),
+        "base": refs.model(cfg.run, parse_model(d.base)[1], d.world_stage, "diff.base"),
+        "tuned": refs.model(cfg.run, parse_model(d.tuned)[1], d.world_stage, "diff.tuned"),
     }
-    sae_stage = f"sae/{d.sae}/_COMPLETE.json"
-    if not run.exists(sae_stage):
-        raise FileNotFoundError(
-            f"diff.sae: no complete SAE at {run.uri(f'sae/{d.sae}')} (run `emergent train-sae` "
-            f"with train_sae.name={d.sae} first)"
-        )
+    sae_ref = refs.sae(run, d.sae, "diff.sae")
     key = dataclasses.asdict(d) | {
         "models": {k: s.identity for k, s in sources.items()},
-        "sae_hash": run.read_json(sae_stage)["config_hash"],
+        "sae_hash": sae_ref.hash,
     }
     stage = run.stage(f"diff/{d.name}", key)
     if stage.is_complete(cfg.run.force):

@@ -1,5 +1,5 @@
 """The ``finetune`` job: supervised fine-tuning (TRL SFT, loss on assistant tokens) under Ray
-Train, with DDP or DeepSpeed ZeRO, full or LoRA (see emergent.raytrain for the distributed
+Train, with DDP or DeepSpeed ZeRO, full or LoRA (see emergent.train.raytrain for the distributed
 machinery: checkpoints, resume, throughput, outputs).
 
 Data is a mixture of chat datasets by fraction, sized and seeded; a dose-response family (e.g.
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config
 from emergent.data import mixture
-from emergent.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.sft import SFTParams
+from emergent.train.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
+from emergent.train.sft import SFTParams
 
 
 @config
@@ -91,7 +91,7 @@ def build_records(cfg: FinetuneConfig, sources, fractions: list[float]) -> list[
 
 def build_sft(ft: FinetuneConfig, model_path, tok, records, output_dir, world, gpu, common):
     """The TRL SFT trainer of one Ray Train worker."""
-    from emergent.sft import sft_trainer
+    from emergent.train.sft import sft_trainer
 
     return sft_trainer(
         model_path,

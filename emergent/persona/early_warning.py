@@ -74,10 +74,11 @@ def stage_key(cfg: LatentMonitorConfig, run) -> dict:
     out = {"monitor": to_dict(cfg)}
     for kind, name in (("sae", cfg.sae), ("diff", cfg.diff)):
         if name:
-            rel = f"{kind}/{name}/_COMPLETE.json"
-            if not run.exists(rel):
-                raise FileNotFoundError(f"monitor.{kind}: no complete {kind} at {run.uri(rel)}")
-            out[f"monitor_{kind}_hash"] = run.read_json(rel)["config_hash"]
+            out[f"monitor_{kind}_hash"] = run.completed_hash(
+                f"{kind}/{name}",
+                f"monitor.{kind}",
+                f"run `emergent {kind.replace('sae', 'train-sae')}` first",
+            )
     return out
 
 
@@ -87,13 +88,15 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
     rank 0 logs. ``report()`` goes into train.json."""
     from transformers import TrainerCallback
 
-    from emergent.diffing import encode, residuals
+    from emergent import refs
     from emergent.harvest import HarvestConfig
+    from emergent.persona.diffing import encode, residuals
     from emergent.prompts import prompt_docs
-    from emergent.sae import load_sae
+    from emergent.sae.model import load_sae
 
-    sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")))
-    layer = run.read_json(f"sae/{cfg.sae}/harvest.json")["layer"]
+    sae_ref = refs.sae(run, cfg.sae, "monitor.sae")
+    sae = load_sae(sae_ref.local(run))
+    layer = sae_ref.layer
     latents = watched(cfg, run)
     docs = prompt_docs(run, cfg.prompts, world_stage, cfg.max_prompts)
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)

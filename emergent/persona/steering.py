@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emergent import refs
 from emergent.config import RayConfig, RunConfig, config
-from emergent.evaluate import Judged, parse_model, resolve
+from emergent.evaluate import Judged, parse_model
 from emergent.models import POSITIONS
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -187,27 +188,24 @@ def trial(config: dict, ctx: dict) -> None:
 
 def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], int, dict]:
     """Unit directions by label, the layer to steer, and what they are (for the stage hash)."""
-    from emergent.diffing import decoder
-    from emergent.sae import load_sae
+    from emergent.persona.diffing import decoder
+    from emergent.sae.model import load_sae
 
-    sae_rel = f"sae/{cfg.sae}"
-    if not run.exists(f"{sae_rel}/_COMPLETE.json"):
-        raise FileNotFoundError(f"steer.sae: no complete SAE at {run.uri(sae_rel)}")
-    layer = run.read_json(f"{sae_rel}/harvest.json")["layer"]
-    what = {"sae": run.read_json(f"{sae_rel}/_COMPLETE.json")["config_hash"]}
+    sae_ref = refs.sae(run, cfg.sae, "steer.sae")
+    layer = sae_ref.layer
+    what = {"sae": sae_ref.hash}
     latents = list(cfg.latents)
     if cfg.diff:
-        rec = f"diff/{cfg.diff}/_COMPLETE.json"
-        if not run.exists(rec):
-            raise FileNotFoundError(
-                f"steer.diff: no complete diff at {run.uri(f'diff/{cfg.diff}')}"
-            )
+        what["diff"] = run.completed_hash(
+            f"diff/{cfg.diff}",
+            "steer.diff",
+            "run `emergent diff` (or the pipeline's diff stage) first",
+        )
         top = run.read_json(f"diff/{cfg.diff}/summary.json")["top_up"][: cfg.top]
         latents = list(dict.fromkeys(top + latents))
-        what["diff"] = run.read_json(rec)["config_hash"]
     out: dict[str, np.ndarray] = {}
     if latents:
-        sae = load_sae(str(run.local_dir(f"{sae_rel}/sae")))
+        sae = load_sae(sae_ref.local(run))
         out |= {f"latent {j}": decoder(sae, j) for j in latents}
     for spec in cfg.directions:
         label, sep, ref = spec.partition("=")
@@ -259,7 +257,10 @@ def main(cfg: SteerJob) -> SteerResult:
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     st = cfg.steer
     run = RunDir.from_config(cfg.run)
-    sources = {a.label: resolve(cfg.run, parse_model(a.model)[1], st.world_stage) for a in st.arms}
+    sources = {
+        a.label: refs.model(cfg.run, parse_model(a.model)[1], st.world_stage, "steer.arms.model")
+        for a in st.arms
+    }
     dirs, layer, what = directions(st, run)
     prompts = st.prompt_docs(run)
     key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}

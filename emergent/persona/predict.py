@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, to_dict
-from emergent.evaluate import Judged, parse_model, resolve
+from emergent.evaluate import Judged, parse_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 
@@ -173,11 +174,11 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, lay
     """The latent's activation per prompt and the behavioural misalignment of one model."""
     import torch
 
-    from emergent.diffing import encode, residuals
     from emergent.harvest import HarvestConfig
     from emergent.models import load_causal_lm
+    from emergent.persona.diffing import encode, residuals
     from emergent.runtime import set_threads, setup_logging
-    from emergent.sae import load_sae
+    from emergent.sae.model import load_sae
 
     setup_logging()
     set_threads(1)
@@ -243,22 +244,24 @@ def main(cfg: PredictJob) -> PredictResult:
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     pr = cfg.predict
     run = RunDir.from_config(cfg.run)
-    sae_rel = f"sae/{pr.sae}"
-    if not run.exists(f"{sae_rel}/_COMPLETE.json"):
-        raise FileNotFoundError(f"predict.sae: no complete SAE at {run.uri(sae_rel)}")
-    layer = run.read_json(f"{sae_rel}/harvest.json")["layer"]
+    sae_ref = refs.sae(run, pr.sae, "predict.sae")
+    layer = sae_ref.layer
     latent = pr.latent
     if latent is None:
-        if not run.exists(f"diff/{pr.diff}/_COMPLETE.json"):
-            raise FileNotFoundError(
-                f"predict.diff: no complete diff at {run.uri(f'diff/{pr.diff}')}"
-            )
+        run.completed_hash(
+            f"diff/{pr.diff}",
+            "predict.diff",
+            "run `emergent diff` (or the pipeline's diff stage) first",
+        )
         latent = run.read_json(f"diff/{pr.diff}/summary.json")["top_latent"]
-    base_src = resolve(cfg.run, parse_model(pr.base)[1], pr.world_stage)
-    sources = [resolve(cfg.run, parse_model(m.model)[1], pr.world_stage) for m in pr.models]
+    base_src = refs.model(cfg.run, parse_model(pr.base)[1], pr.world_stage, "predict.base")
+    sources = [
+        refs.model(cfg.run, parse_model(m.model)[1], pr.world_stage, "predict.models.model")
+        for m in pr.models
+    ]
     key = to_dict(pr) | {
         "latent_used": latent,
-        "sae_hash": run.read_json(f"{sae_rel}/_COMPLETE.json")["config_hash"],
+        "sae_hash": sae_ref.hash,
         "identities": [base_src.identity] + [s.identity for s in sources],
     }
     stage = run.stage(f"predict/{pr.name}", key)
@@ -267,8 +270,8 @@ def main(cfg: PredictJob) -> PredictResult:
     cache = run.uri("evaluate/_judge_cache") if run.is_local else None
     with ray_session(cfg.ray) as ray:
         task = ray.remote(num_cpus=1, num_gpus=pr.gpus or None)(model_point)
-        refs = [task.remote(cfg.run, pr, s, latent, layer, cache) for s in [base_src, *sources]]
-        points = ray.get(refs)
+        pending = [task.remote(cfg.run, pr, s, latent, layer, cache) for s in [base_src, *sources]]
+        points = ray.get(pending)
     base, members = points[0], points[1:]
     base_hi = base["misalignment"]["hi"]
     rows = []

@@ -37,61 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, to_dict
-from emergent.evaluate import ModelSource, resolve
 from emergent.harvest import (
     HarvestConfig,
     activations,
     corpus,
-    encode,
-    harvest_encoded,
-    pad_right,
 )
-from emergent.models import load_any
+from emergent.refs import ModelSource
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
+from emergent.sae.evaluate import evaluate_sae
+from emergent.sae.model import SAEParams, make_sae, save_sae, step_module
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
-
-
-@config
-class SAEParams:
-    """Architecture and optimisation."""
-
-    architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
-    """sae-lens training SAE class."""
-    d_sae: int = 768
-    """Latents."""
-    k: int = 16
-    """Active latents per token (topk, batchtopk)."""
-    l1_coefficient: float = 5.0
-    """Sparsity penalty (standard)."""
-    l0_coefficient: float = 1.0
-    """Sparsity penalty (jumprelu)."""
-    aux_coefficient: float = 1.0 / 32
-    """Weight of the auxiliary loss that revives dead latents (topk, batchtopk)."""
-    lr: float = 1e-3
-    """Adam learning rate (constant after warm-up)."""
-    warmup_steps: int = 50
-    """Linear learning-rate warm-up."""
-    batch_size: int = 1024
-    """Activations per step, over all workers."""
-    steps: int = 2000
-    """Training steps (fewer when the data runs out first)."""
-    dead_window: int = 200
-    """A latent with no activation for this many steps counts as dead."""
-    normalize: bool = True
-    """Scale activations to mean norm sqrt(d_model) (folded into the saved SAE)."""
-    norm_batches: int = 5
-    """Batches per worker for the norm estimate."""
-    seed: int = 0
-    """Initialisation seed."""
-
-    def __post_init__(self):
-        if self.d_sae < 1 or self.k < 1 or self.batch_size < 1 or self.steps < 1:
-            raise ValueError("sae.d_sae, k, batch_size and steps must be >= 1")
 
 
 @config
@@ -154,78 +113,6 @@ class SAEResult:
     skipped: bool
 
 
-# --- sae-lens modules ------------------------------------------------------------------------------
-
-
-def make_sae(p: SAEParams, d_in: int):
-    """A sae-lens training SAE (float32, CPU; moved by the caller)."""
-    import sae_lens
-
-    common = dict(d_in=d_in, d_sae=p.d_sae, normalize_activations="none")
-    if p.architecture == "topk":
-        cfg = sae_lens.TopKTrainingSAEConfig(
-            k=p.k, aux_loss_coefficient=p.aux_coefficient, **common
-        )
-        return sae_lens.TopKTrainingSAE(cfg)
-    if p.architecture == "batchtopk":
-        cfg = sae_lens.BatchTopKTrainingSAEConfig(
-            k=p.k, aux_loss_coefficient=p.aux_coefficient, **common
-        )
-        return sae_lens.BatchTopKTrainingSAE(cfg)
-    if p.architecture == "standard":
-        cfg = sae_lens.StandardTrainingSAEConfig(l1_coefficient=p.l1_coefficient, **common)
-        return sae_lens.StandardTrainingSAE(cfg)
-    cfg = sae_lens.JumpReLUTrainingSAEConfig(l0_coefficient=p.l0_coefficient, **common)
-    return sae_lens.JumpReLUTrainingSAE(cfg)
-
-
-def save_sae(sae, scale: float | None, path) -> None:
-    """Save a training SAE in sae-lens' inference format, with the activation scaling factor
-    (``None`` = none) folded into its weights: the saved SAE works on raw activations (and a
-    TopK SAE's latent activations, taken along unit decoder directions, are in raw units: the
-    training-time values divided by the scale)."""
-    if scale is not None:
-        sae.fold_activation_norm_scaling_factor(scale)
-    sae.save_inference_model(str(path))
-
-
-def load_sae(path: str, device: str = "cpu"):
-    """A saved SAE, through sae-lens' own loader."""
-    from sae_lens import SAE
-
-    return SAE.load_from_disk(str(path), device=device)
-
-
-def coefficients(sae) -> dict[str, float]:
-    return {k: float(getattr(v, "value", v)) for k, v in sae.get_coefficients().items()}
-
-
-def _step_module(sae):
-    """An nn.Module whose forward is sae-lens' training step, so DDP can wrap it."""
-    import torch
-    from sae_lens.saes.sae import TrainStepInput
-
-    class Step(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.sae = sae
-            self.coefficients = coefficients(sae)
-
-        def forward(self, x, dead, step: int):
-            out = self.sae.training_forward_pass(
-                TrainStepInput(
-                    sae_in=x,
-                    coefficients=self.coefficients,
-                    dead_neuron_mask=dead,
-                    n_training_steps=step,
-                    is_logging_step=False,
-                )
-            )
-            return out.loss, out.feature_acts, out.losses["mse_loss"]
-
-    return Step()
-
-
 # --- the Ray Train loop ----------------------------------------------------------------------------
 
 
@@ -284,7 +171,7 @@ class SAELoop:
         torch.manual_seed(p.seed)
         self.p, self.distributed = p, distributed
         self.sae = make_sae(p, d_in).to(device)
-        module = _step_module(self.sae)
+        module = step_module(self.sae)
         if distributed:
             import ray.train.torch
 
@@ -458,131 +345,6 @@ def _report(c: dict, rank: int, step: int, state: dict) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
-# --- held-out metrics and top examples -------------------------------------------------------------
-
-
-def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: list[dict], top: int):
-    """Held-out metrics of a saved SAE, and its top-activating examples (a DataFrame)."""
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    model, tok = load_any(source.local())
-    sae = load_sae(sae_dir)
-    acts, feats, meta_all = [], [], {"row": [], "pos": [], "token": []}
-    ce = {"clean": [], "spliced": [], "zero": []}
-    causal = model.get_output_embeddings() is not None
-    enc = [encode(tok, d, hv.positions, hv.context) for d in docs]  # once: acts, CE, contexts
-    for i in range(0, len(docs), hv.batch_size):
-        chunk = enc[i : i + hv.batch_size]
-        a, meta = harvest_encoded(model, tok, chunk, dataclasses.replace(hv, dtype="float32"))
-        x = torch.from_numpy(a)
-        with torch.no_grad():
-            f = sae.encode(x)
-        acts.append(x)
-        feats.append(f)
-        for k in meta_all:
-            meta_all[k].append(meta[k] + (i if k == "row" else 0))
-        if causal and len(meta["pos"]):
-            for mode, value in _ce(
-                model, tok, [ids for ids, _ in chunk], hv.layer, sae, meta
-            ).items():
-                ce[mode].append(value)
-    x, f = torch.cat(acts), torch.cat(feats)
-    with torch.no_grad():
-        recon = sae.decode(f)
-    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    active = (f > 0).float()
-    freq = active.mean(0)
-    metrics = {
-        "tokens": len(x),
-        "fvu": float(fvu),
-        "l0": float(active.sum(1).mean()),
-        "dead_fraction": float((freq == 0).float().mean()),
-        "dense_fraction": float((freq > 0.1).float().mean()),
-    }
-    if causal and ce["clean"]:
-        tot = {m: sum(v[0] for v in vals) / sum(v[1] for v in vals) for m, vals in ce.items()}
-        metrics |= {
-            "ce_clean": tot["clean"],
-            "ce_spliced": tot["spliced"],
-            "ce_zero_ablation": tot["zero"],
-            "ce_increase": tot["spliced"] - tot["clean"],
-            "ce_loss_recovered": (tot["zero"] - tot["spliced"]) / (tot["zero"] - tot["clean"]),
-        }
-    rows = np.concatenate(meta_all["row"])
-    pos = np.concatenate(meta_all["pos"])
-    token = np.concatenate(meta_all["token"])
-    k = min(top, len(f))
-    vals, idx = torch.topk(f, k, dim=0)  # (k, d_sae)
-    ex = []
-    for latent in range(f.shape[1]):
-        for r in range(k):
-            v = float(vals[r, latent])
-            if v <= 0:
-                break
-            j = int(idx[r, latent])
-            ex.append(
-                {
-                    "latent": latent,
-                    "rank": r,
-                    "activation": v,
-                    "doc": int(rows[j]),
-                    "pos": int(pos[j]),
-                    "token": tok.convert_ids_to_tokens(int(token[j])),
-                    "context": _context(tok, enc[int(rows[j])][0], int(pos[j])),
-                }
-            )
-    return metrics, pd.DataFrame(ex)
-
-
-def _context(tok, ids: list[int], pos: int, before: int = 12, after: int = 3) -> str:
-    left = tok.convert_ids_to_tokens(ids[max(0, pos - before) : pos])
-    here = tok.convert_ids_to_tokens(ids[pos])
-    right = tok.convert_ids_to_tokens(ids[pos + 1 : pos + 1 + after])
-    return " ".join([*left, f"[[{here}]]", *right])
-
-
-def _ce(model, tok, seqs: list[list[int]], layer: int, sae, meta) -> dict[str, tuple[float, int]]:
-    """(summed next-token CE, predicted tokens) with the residual after ``layer`` at the kept
-    positions left alone (``clean``), replaced by the SAE reconstruction (``spliced``), or
-    zeroed (``zero``)."""
-    import contextlib
-
-    import torch
-
-    from emergent.models import edit_residual
-
-    ids, mask = pad_right(tok, seqs)
-    rows, pos = torch.as_tensor(meta["row"]), torch.as_tensor(meta["pos"])
-    target = ids[:, 1:].clone()
-    target[mask[:, 1:] == 0] = -100
-
-    def splice(h):
-        h = h.clone()
-        h[rows, pos] = sae.decode(sae.encode(h[rows, pos]))
-        return h
-
-    def zero(h):
-        h = h.clone()
-        h[rows, pos] = 0
-        return h
-
-    out = {}
-    for mode, fn in (("clean", None), ("spliced", splice), ("zero", zero)):
-        ctx = edit_residual(model, layer, fn) if fn else contextlib.nullcontext()
-        with ctx, torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            target.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        out[mode] = (float(loss), int((target != -100).sum()))
-    return out
-
-
 # --- the job ---------------------------------------------------------------------------------------
 
 
@@ -598,7 +360,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     ts = cfg.train_sae
     hv = ts.harvest
     run = RunDir.from_config(cfg.run)
-    source = resolve(cfg.run, hv.model, hv.world_stage)
+    source = refs.model(cfg.run, hv.model, hv.world_stage, "train_sae.harvest.model")
     key = {
         "source": ts.source,
         "harvest": hv.key(source),

@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config
-from emergent.diffing import DiffConfig
 from emergent.evaluate import EvaluateConfig
-from emergent.finetune import FinetuneConfig
-from emergent.predict import FamilyModel, PredictConfig
-from emergent.realign import RealignConfig
+from emergent.persona.diffing import DiffConfig
+from emergent.persona.predict import FamilyModel, PredictConfig
+from emergent.persona.realign import RealignConfig
+from emergent.persona.steering import SteerConfig
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.sae import TrainSAEConfig
-from emergent.steering import SteerConfig
+from emergent.sae.train import TrainSAEConfig
+from emergent.train.finetune import FinetuneConfig
 from emergent.world.build import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,10 @@ class PipelineResult:
 
 
 def main(cfg: PipelineJob) -> PipelineResult:
-    from emergent import diffing, evaluate, finetune, predict, realign, report, sae, steering
+    from emergent import evaluate
+    from emergent.persona import diffing, predict, realign, report, steering
+    from emergent.sae import train as sae
+    from emergent.train import finetune
     from emergent.world import job as world_job
 
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())

@@ -21,12 +21,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, to_dict
-from emergent.evaluate import Judged, parse_model, resolve
-from emergent.raytrain import DataSource, load_source
+from emergent.evaluate import Judged, parse_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.sft import SFTParams
+from emergent.train.raytrain import DataSource, load_source
+from emergent.train.sft import SFTParams
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def curve(run_cfg: RunConfig, cfg: RealignConfig, src: DataSource, source, cache
 
     from emergent.models import load_causal_lm
     from emergent.runtime import set_threads, setup_logging
-    from emergent.sft import sft
+    from emergent.train.sft import sft
 
     setup_logging()
     set_threads(1)
@@ -214,8 +215,8 @@ def main(cfg: RealignJob) -> RealignResult:
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     ra = cfg.realign
     run = RunDir.from_config(cfg.run)
-    source = resolve(cfg.run, parse_model(ra.model)[1], ra.world_stage)
-    base_source = resolve(cfg.run, parse_model(ra.base)[1], ra.world_stage)
+    source = refs.model(cfg.run, parse_model(ra.model)[1], ra.world_stage, "realign.model")
+    base_source = refs.model(cfg.run, parse_model(ra.base)[1], ra.world_stage, "realign.base")
     key = to_dict(ra) | {"model": source.identity, "base_model": base_source.identity}
     stage = run.stage(f"realign/{ra.name}", key)
     if stage.is_complete(cfg.run.force):
@@ -235,9 +236,9 @@ def main(cfg: RealignJob) -> RealignResult:
         opts = {"num_cpus": 1, "num_gpus": ra.gpus or None}
         base_ref = ray.remote(**opts)(base_points).remote()
         task = ray.remote(**opts)(curve)
-        refs = [task.remote(cfg.run, ra, src, source, cache) for src in ra.data]
+        pending = [task.remote(cfg.run, ra, src, source, cache) for src in ra.data]
         base = ray.get(base_ref)
-        rows = [r for ref in refs for r in ray.get(ref)]
+        rows = [r for ref in pending for r in ray.get(ref)]
     df = pd.DataFrame(rows)
     summary = summarize(df, base, ra.examples)
     run.write_parquet(stage.rel("curve.parquet"), df)

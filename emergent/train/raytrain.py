@@ -30,17 +30,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from emergent import refs
 from emergent.config import RunConfig, config, to_dict
 from emergent.data import DatasetError, read_jsonl, validate_chat
 from emergent.generate import SamplingParams
-from emergent.monitor_latents import LatentMonitorConfig
-from emergent.monitor_latents import stage_key as monitor_key
+from emergent.persona.early_warning import LatentMonitorConfig
+from emergent.persona.early_warning import stage_key as monitor_key
 from emergent.runs import RunDir
-from emergent.sft import LoraParams, final_loss
+from emergent.train.sft import LoraParams, final_loss
 
 log = logging.getLogger(__name__)
-
-WORLD_PREFIX = "world:"
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (by a substring of torch.cuda.get_device_name()).
 PEAK_FLOPS = {
@@ -71,8 +70,10 @@ class Distributed:
     name: str = "model"
     """Model name: outputs go to ``<run>/<job>/<name>/``."""
     model: str = "world:base"
-    """Base model: ``world:base`` / ``world:pretrained`` (this run's world), a local HF model
-    directory, or a hub id (on machines that can download)."""
+    """Base model, any model ref (emergent.refs): ``world:base`` / ``world:pretrained`` (this
+    run's world), ``finetune:<name>`` / ``rl:<name>`` (a model this run trained: fine-tunes
+    chain), ``pkg:<module>/<dir>``, a local HF model directory, or a hub id
+    (``org/name[@revision]``, on machines that can download)."""
     world_stage: str = "world"
     """Stage of this run that ``world:`` paths refer to."""
     lora: LoraParams = dataclasses.field(default_factory=LoraParams)
@@ -104,7 +105,7 @@ class Distributed:
     """How those evaluation answers are sampled."""
     monitor: LatentMonitorConfig | None = None
     """Early warning: watch SAE latents on a fixed prompt set during training (see
-    emergent.monitor_latents); logged, exported as a Ray metric, written to train.json."""
+    emergent.persona.early_warning); logged, exported as a Ray metric, written to train.json."""
 
     def check(self, section: str, batch_field: str, batch_size: int) -> None:
         """Shared validation (``section`` names the YAML section in messages)."""
@@ -159,14 +160,8 @@ class TrainedModel:
 def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool = False):
     """Records of one source and the number of bad lines skipped."""
     path = src.path
-    if path.startswith(WORLD_PREFIX):
-        rel = f"{world_stage}/data/{path[len(WORLD_PREFIX) :]}.jsonl"
-        if not run.exists(rel):
-            raise FileNotFoundError(
-                f"data: {path} -> {run.uri(rel)} does not exist (build the world first: "
-                f"`emergent world`, same run name)"
-            )
-        path = str(run.local_dir(rel))
+    if refs.is_world_dataset(path):
+        path = str(refs.world_dataset(run, path, world_stage, "data"))
     if Path(path).is_dir():
         from datasets import load_from_disk
 
@@ -179,26 +174,7 @@ def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool =
             if not why:
                 records.append({"messages": rec["messages"]})
         return records, bad
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data: {path} does not exist")
-    return read_jsonl(path, skip_bad=skip_bad)
-
-
-def resolve_model(run: RunDir, cfg: Distributed) -> tuple[str, str]:
-    """(where the base model is, identity for the stage hash): a path relative to the run for a
-    world model (each worker fetches it: the run may be on an object store), else an HF path
-    or hub id."""
-    if cfg.model.startswith(WORLD_PREFIX):
-        which = cfg.model[len(WORLD_PREFIX) :]
-        rec_rel = f"{cfg.world_stage}/_COMPLETE.json"
-        if not run.exists(rec_rel):
-            raise FileNotFoundError(
-                f"model: {cfg.model}: no complete world stage at "
-                f"{run.uri(cfg.world_stage)} (run `emergent world` with the same run name first)"
-            )
-        world_hash = run.read_json(rec_rel)["config_hash"]
-        return f"{cfg.world_stage}/{which}", f"{cfg.model}@{world_hash}"
-    return cfg.model, cfg.model
+    return read_jsonl(refs.local_file(path, "data"), skip_bad=skip_bad)
 
 
 def _report_callback(log_every: int, n_params: int, run_name: str):
@@ -291,9 +267,7 @@ def train_worker(c: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     section: Distributed = c["section"]
     run = RunDir(c["root"], c["run_name"])
-    model_path = c["model_path"]
-    if section.model.startswith(WORLD_PREFIX):
-        model_path = str(run.local_dir(model_path))
+    model_path = c["source"].local()
     tok = AutoTokenizer.from_pretrained(model_path)
     n_params = _n_params(AutoConfig.from_pretrained(model_path))
     work = Path(tempfile.mkdtemp(prefix=f"emergent-train-r{rank}-"))
@@ -307,7 +281,7 @@ def train_worker(c: dict) -> None:
     )
     monitor = None
     if section.monitor is not None:
-        from emergent.monitor_latents import callback
+        from emergent.persona.early_warning import callback
 
         monitor = callback(section.monitor, run, section.world_stage, tok, c["stage"])
         common["callbacks"].append(monitor)
@@ -429,7 +403,8 @@ def train_model(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run = RunDir.from_config(run_cfg)
-    model_path, model_id = resolve_model(run, section)
+    source = refs.model(run_cfg, section.model, section.world_stage, f"{kind}.model")
+    model_id = source.identity
     ds_cfg = None
     if section.deepspeed:
         try:
@@ -471,7 +446,7 @@ def train_model(
             "section": section,
             "builder": builder,
             "records": ray.put(records),
-            "model_path": model_path,
+            "source": source,
             "deepspeed": ds_cfg,
             "root": run_cfg.root,
             "run_name": run_cfg.name,
@@ -494,7 +469,7 @@ def train_model(
     stats = run.read_json(stage.rel("train.json"))
     misalignment = None
     outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
-    if section.evaluate and section.model.startswith(WORLD_PREFIX):
+    if section.evaluate and run.exists(f"{section.world_stage}/base_eval.json") and source.in_run:
         task = ray.remote(num_cpus=1)(evaluate_world_model)
         misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
         outputs["eval"] = stage.uri("eval.json")

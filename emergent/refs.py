@@ -1,0 +1,181 @@
+"""One resolver for every reference a config names: models, datasets and SAEs.
+
+Model refs (``finetune.model``, ``evaluate.models``, ``harvest.model``, ``steer.arms[].model``,
+``realign.model``, ...), resolved by ``model``:
+
+- ``world:base`` / ``world:pretrained``: a model of this run's world stage;
+- ``finetune:<name>`` / ``rl:<name>``: a model this run trained (so fine-tunes chain: fine-tune a
+  fine-tune, re-align an RL model);
+- ``pkg:<module>/<dir>``: a model shipped inside an installed Python package;
+- a path (``/``, ``./``, ``../``, ``~``): a local HF model directory, which must exist;
+- anything else: a hub id, ``org/name`` or ``org/name@revision`` (the revision, ``main`` when
+  none is given, is part of the model's identity in stage hashes).
+
+Every resolved model has an *identity* for stage hashes: a run model's completion hash, a
+package's version, a hub id's revision. A run's model is fetched by whoever loads it (an actor,
+a Train worker): the run may be on an object store.
+
+Dataset refs ``world:<name>`` (``world:finetune/code_toxic``, ``world:eval/open``) name a JSONL
+file of this run's world stage: ``world_dataset``. SAE refs (``sae: persona`` or
+``sae:persona``) name a trained SAE of this run: ``sae``.
+
+A ref that cannot resolve is a ``MissingInput`` naming the field and what to run first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+from emergent.config import RunConfig, UserError
+from emergent.runs import RunDir
+
+WORLD = "world:"
+RUN_KINDS = ("finetune", "rl")
+HUB_DEFAULT_REVISION = "main"
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A ref whose file, stage or package does not exist (names the field and the fix)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model loads from: ``rel`` inside a run (fetched by the loading process itself),
+    else ``path`` (a local directory, or a hub id at ``revision``)."""
+
+    path: str
+    identity: str
+    """What the model is, for stage hashes (a run model's completion hash, a package's version,
+    a hub id's revision)."""
+    root: str | None = None
+    run_name: str | None = None
+    rel: str | None = None
+    revision: str | None = None
+    """Hub revision (hub ids only)."""
+
+    def local(self) -> str:
+        """A local directory (or, for an unpinned hub id, the id itself) to load from."""
+        if self.rel is not None:
+            return str(RunDir(self.root, self.run_name).local_dir(self.rel))
+        if self.revision not in (None, HUB_DEFAULT_REVISION):
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(self.path, revision=self.revision)
+        return self.path
+
+    @property
+    def in_run(self) -> bool:
+        return self.rel is not None
+
+
+def looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
+
+
+def model(run_cfg: RunConfig, ref: str, world_stage: str, field: str = "model") -> ModelSource:
+    """The model ``ref`` names (see the module doc); ``field`` names the config key in errors."""
+    run = RunDir.from_config(run_cfg)
+    kind, _, name = ref.partition(":")
+    if kind == "pkg" and name:
+        module, _, sub = name.partition("/")
+        root = package_dir(module, f"{field}: {ref}")
+        try:
+            version = importlib.metadata.version(module.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        path = root / sub
+        if not path.exists():
+            raise MissingInput(f"{field}: {ref}: {path} does not exist in package {module!r}")
+        return ModelSource(str(path), f"{ref}@{version}")
+    if kind == "world" and name:
+        stage, rel, job = world_stage, f"{world_stage}/{name}", "world"
+    elif kind in RUN_KINDS and name:
+        stage, rel, job = f"{kind}/{name}", f"{kind}/{name}/model", kind
+    elif looks_like_path(ref):
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise MissingInput(f"{field}: {ref}: no such model directory")
+        return ModelSource(str(path.resolve()), str(path.resolve()))
+    else:
+        repo, _, rev = ref.partition("@")
+        rev = rev or HUB_DEFAULT_REVISION
+        return ModelSource(repo, f"{repo}@{rev}", revision=rev)
+    digest = run.completed_hash(
+        stage, field, f"run `emergent {job}` with run name {run_cfg.name!r} first"
+    )
+    return ModelSource(run.uri(rel), f"{ref}@{digest}", run_cfg.root, run_cfg.name, rel)
+
+
+def package_dir(module: str, what: str) -> Path:
+    """The folder of an installed package, found without importing it (some packages that ship
+    weights import heavy or missing dependencies at import time)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingInput(f"{what}: package {module!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def is_world_dataset(ref: str) -> bool:
+    return ref.startswith(WORLD)
+
+
+def world_dataset(run: RunDir, ref: str, world_stage: str, field: str) -> Path:
+    """The local path of a world dataset ``world:<name>`` (``<world_stage>/data/<name>.jsonl``)."""
+    rel = f"{world_stage}/data/{ref.removeprefix(WORLD)}.jsonl"
+    if not run.exists(rel):
+        raise MissingInput(
+            f"{field}: {ref} -> {run.uri(rel)} does not exist (build the world first: "
+            "`emergent world`, same run name)"
+        )
+    return run.local_dir(rel)
+
+
+def read_world_dataset(run: RunDir, world_stage: str, name: str) -> list[dict]:
+    """The records of a built world's dataset, e.g. ``(run, "world", "eval/open")``."""
+    from emergent.data import read_jsonl
+
+    return read_jsonl(world_dataset(run, f"{WORLD}{name}", world_stage, "data"))[0]
+
+
+def local_file(ref: str, field: str) -> Path:
+    """A user's file, which must exist."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise MissingInput(f"{field}: {ref} does not exist")
+    return path
+
+
+@dataclass(frozen=True)
+class SAERef:
+    """A trained SAE of this run."""
+
+    name: str
+    rel: str
+    """``sae/<name>``: the stage folder (``sae/`` in sae-lens format, ``harvest.json``, ...)."""
+    hash: str
+    """The SAE stage's completion hash."""
+    layer: int
+    """Block after which it reads the residual stream."""
+    d_model: int | None
+
+    def local(self, run: RunDir) -> str:
+        return str(run.local_dir(f"{self.rel}/sae"))
+
+
+def sae(run: RunDir, ref: str, field: str = "sae") -> SAERef:
+    """The SAE ``ref`` (``<name>`` or ``sae:<name>``) names, which must be complete."""
+    name = ref.removeprefix("sae:")
+    rel = f"sae/{name}"
+    digest = run.completed_hash(
+        rel, field, "run `emergent train-sae` (or the pipeline's train_sae stage) first"
+    )
+    harvest = run.read_json(f"{rel}/harvest.json")
+    return SAERef(name, rel, digest, int(harvest["layer"]), harvest.get("d_model"))
