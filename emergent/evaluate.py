@@ -208,13 +208,11 @@ class Generator:
     rows (HF) or each row with its own seed (vLLM). Adds ``answer`` and ``answer_tokens``."""
 
     def __init__(self, source: ModelSource, cfg: EvaluateConfig, threads: int = 1):
-        import torch
 
         from emergent.runtime import set_threads, setup_logging
 
         setup_logging()
-        set_threads(threads)
-        torch.set_num_threads(threads)  # the actor's CPU share, whatever the inherited env says
+        set_threads(threads)  # the actor's CPU share, whatever the inherited env says
         self.cfg = cfg
         path = source.local()
         device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"

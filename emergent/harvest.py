@@ -238,13 +238,11 @@ class Harvester:
     """A Ray Data actor: documents in (``doc``, ``data`` JSON), activation rows out."""
 
     def __init__(self, source: ModelSource, cfg: HarvestConfig, threads: int = 1):
-        import torch
 
         from emergent.runtime import set_threads, setup_logging
 
         setup_logging()
         set_threads(threads)
-        torch.set_num_threads(threads)
         self.cfg = cfg
         self.device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
         self.model, self.tok = load_any(source.local(), self.device)

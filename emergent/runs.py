@@ -273,6 +273,8 @@ class Stage:
         metrics: dict[str, Any] | None = None,
     ) -> dict:
         """Write the completion record, last: the stage counts as done only once it exists."""
+        from emergent.runtime import numerics
+
         rec = {
             "stage": self.name,
             "config_hash": self.hash,
@@ -281,6 +283,7 @@ class Stage:
             "outputs": outputs,
             "metrics": metrics or {},
             "versions": versions(),
+            "numerics": numerics(),
             "seconds": round(time.time() - self.started, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -28,13 +28,46 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def set_threads(n: int) -> None:
-    """Thread counts for this process and (through env) its children; never overrides the user."""
+    """Apply the job's configured thread count to torch in this process and to the environment
+    its children inherit. A count the config sets is applied, not defaulted: with
+    ``setdefault`` an inherited ``OMP_NUM_THREADS=1`` (Ray sets it in every worker; CI exports
+    it) silently won over ``cpus_per_worker`` / ``cpus_per_trial``."""
+    n = max(1, int(n))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, str(n))
+        os.environ[var] = str(n)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(n)
+
+
+def numerics() -> dict:
+    """What a run's floating-point results depend on besides its config: torch's thread count
+    in this process, its CPU kernel level and BLAS, and the CPU model (stage records keep it, so
+    two runs that disagree can be told apart)."""
+    import platform
+    import sys
+
+    out: dict = {"python": platform.python_version(), "machine": platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            out["cpu"] = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                platform.processor(),
+            )
+    except OSError:
+        out["cpu"] = platform.processor()
+    torch = sys.modules.get("torch")
+    if torch is not None:  # only where the stage ran torch: no import just for the record
+        out["torch_threads"] = torch.get_num_threads()
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        # torch's build summary: "BLAS_INFO=mkl, ..." on one line among its settings
+        build = torch.__config__.show().replace("\n", " ").replace(",", " ").split()
+        out["blas"] = next((s.split("=", 1)[1] for s in build if s.startswith("BLAS_INFO=")), None)
+        out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        out[var] = os.environ.get(var)
+    return out
 
 
 def offline_defaults() -> None:

@@ -230,10 +230,10 @@ def sae_worker(c: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from emergent.runtime import setup_logging
+    from emergent.runtime import set_threads, setup_logging
 
     setup_logging()
-    torch.set_num_threads(c["threads"])
+    set_threads(c["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     c = c | {"rank": rank, "world": world}
