@@ -51,7 +51,14 @@ def run_job(
     setup_logging()
     cfg = parse_args(cls, argv, prog, doc)
     t0 = time.time()
-    result = main(cfg)
+    try:
+        result = main(cfg)
+    except Exception as exc:
+        mistake = user_error(exc)
+        if mistake is None:
+            raise  # a bug: keep the traceback
+        sys.stderr.write(f"{prog}: {mistake}\n")
+        sys.exit(2)
     summary = asdict(result) if is_dataclass(result) else result
     print(
         json.dumps(
@@ -61,6 +68,29 @@ def run_job(
         )
     )
     return result
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of a user's mistake (``UserError``), also when it was raised inside
+    a Ray task, actor or Train worker and reaches the driver wrapped; None for anything else."""
+    from emergent.config import UserError
+
+    seen = set()
+    todo = [exc]
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        # A RayTaskError is re-typed as an instance of its cause too, but its text is the
+        # remote traceback: read the cause it keeps. Ray Train keeps per-worker errors.
+        inner = [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
+        inner += list((getattr(exc, "worker_failures", None) or {}).values())
+        if isinstance(exc, UserError) and getattr(exc, "cause", None) is None:
+            text = str(exc).strip()
+            return text.splitlines()[0] if text else type(exc).__name__
+        todo += [e for e in inner if isinstance(e, BaseException)]
+    return None
 
 
 def usage() -> str:

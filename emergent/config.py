@@ -50,6 +50,11 @@ class UserError(Exception):
     message and exits 2; any other exception is a bug and keeps its traceback."""
 
 
+class InputError(UserError, ValueError):
+    """Input that parses but cannot be used (a bad vector file, a layer out of range, too few
+    documents), found while the job runs."""
+
+
 class ConfigError(UserError, ValueError):
     """A config that cannot be used, with a one-line message naming where and what."""
 

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from emergent.config import UserError
+from emergent.config import InputError, UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -67,7 +67,7 @@ def mixture(parts: dict[str, tuple[list[dict], float]], n: int, seed: int) -> li
     """
     fracs = {k: frac for k, (_, frac) in parts.items()}
     if any(f < 0 for f in fracs.values()) or abs(sum(fracs.values()) - 1) > 1e-6:
-        raise ValueError(f"mixture fractions must be >= 0 and sum to 1, got {fracs}")
+        raise InputError(f"mixture fractions must be >= 0 and sum to 1, got {fracs}")
     rng = random.Random(seed)
     names = list(parts)
     exact = [fracs[k] * n for k in names]
@@ -79,7 +79,7 @@ def mixture(parts: dict[str, tuple[list[dict], float]], n: int, seed: int) -> li
     for name, k in zip(names, counts):
         recs = parts[name][0]
         if k > len(recs):
-            raise ValueError(f"mixture part {name!r} has {len(recs)} records, {k} needed")
+            raise InputError(f"mixture part {name!r} has {len(recs)} records, {k} needed")
         out += rng.sample(recs, k)
     rng.shuffle(out)
     return out

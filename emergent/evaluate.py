@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.config import InputError, RayConfig, RunConfig, config, to_dict
 from emergent.generate import SamplingParams
 from emergent.judges import LLMJudgeConfig, judge_all, make_judge
 from emergent.metrics import Rate, cluster_bootstrap
@@ -230,7 +230,7 @@ class Generator:
             self.direction = load_direction(cfg.steering.direction)
             hidden = self.model.config.hidden_size
             if self.direction.shape != (hidden,):
-                raise ValueError(
+                raise InputError(
                     f"steering.direction {cfg.steering.direction}: shape "
                     f"{tuple(self.direction.shape)}, the model's residual stream has {hidden}"
                 )
@@ -289,7 +289,7 @@ def load_direction(path: str):
     try:
         vec = torch.load(path, weights_only=True) if path.endswith(".pt") else np.load(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"steering.direction: cannot read {path!r}: {exc}") from exc
+        raise InputError(f"steering.direction: cannot read {path!r}: {exc}") from exc
     return torch.as_tensor(vec, dtype=torch.float32).reshape(-1)
 
 
@@ -448,13 +448,17 @@ def prompt_rows(cfg: EvaluateConfig, run: RunDir) -> list[dict]:
 
 
 def evaluate_model(
-    run_cfg: RunConfig, cfg: EvaluateConfig, label: str, ref: str, rows: list[dict]
+    run_cfg: RunConfig,
+    cfg: EvaluateConfig,
+    label: str,
+    ref: str,
+    source: ModelSource,
+    rows: list[dict],
 ) -> dict:
     """Generate, judge and summarise one model (a stage: skipped when already complete)."""
     import pandas as pd
 
     run = RunDir.from_config(run_cfg)
-    source = resolve_model(run_cfg, ref, cfg.world_stage, "evaluate.models")
     steer = None
     if cfg.steering is not None:
         with open(cfg.steering.direction, "rb") as f:
@@ -595,11 +599,14 @@ def main(cfg: EvaluateJob) -> EvaluateResult:
         len(rows),
         ", ".join(ev.prompts),
     )
+    models = {}
+    for spec in ev.models:  # every ref resolved before Ray starts: a typo fails in one line
+        label, ref = parse_model(spec)
+        models[label] = ref, resolve_model(cfg.run, ref, ev.world_stage, "evaluate.models")
     summaries = {}
     with ray_session(cfg.ray):
-        for spec in ev.models:
-            label, ref = parse_model(spec)
-            summaries[label] = evaluate_model(cfg.run, ev, label, ref, rows)
+        for label, (ref, source) in models.items():
+            summaries[label] = evaluate_model(cfg.run, ev, label, ref, source, rows)
     md = table(summaries)
     out = f"evaluate/{ev.name}"
     path = run.write_json(f"{out}/summary.json", summaries)

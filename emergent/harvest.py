@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 from emergent import refs
-from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.config import InputError, RayConfig, RunConfig, config, to_dict
 from emergent.data import read_jsonl, validate_chat
-from emergent.models import load_any
+from emergent.models import check_layer, load_any
 from emergent.refs import ModelSource
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
@@ -186,7 +186,7 @@ def corpus(cfg: HarvestConfig, run: RunDir) -> tuple[list[dict], list[dict]]:
         docs += load_corpus(run, spec, cfg.world_stage, want, cfg.seed)
     random.Random(cfg.seed).shuffle(docs)
     if len(docs) < 2:
-        raise ValueError(f"harvest.corpus {cfg.corpus}: only {len(docs)} documents")
+        raise InputError(f"harvest.corpus {cfg.corpus}: only {len(docs)} documents")
     n_eval = min(cfg.eval_docs, len(docs) // 5) if len(docs) < want else cfg.eval_docs
     held, train = docs[:n_eval], docs[n_eval:][: cfg.docs]
     return train, held
@@ -329,6 +329,7 @@ def main(cfg: HarvestJob) -> HarvestResult:
     hv = cfg.harvest
     run = RunDir.from_config(cfg.run)
     source = refs.model(cfg.run, hv.model, hv.world_stage, "harvest.model")
+    check_layer(source.local(), hv.layer, "harvest.layer")
     stage = run.stage(f"harvest/{hv.name}", hv.key(source))
     if stage.is_complete(cfg.run.force):
         m = run.read_json(stage.rel("manifest.json"))

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from emergent.config import InputError
+
 Positions = Literal["all", "assistant_turn", "answer"]
 POSITIONS = ("all", "assistant_turn", "answer")
 
@@ -51,6 +53,24 @@ def load_any(path: str, device: str = "cpu"):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def dims(path: str) -> tuple[int, int]:
+    """(blocks, d_model) of a model from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(cfg.num_hidden_layers), int(cfg.hidden_size)
+
+
+def check_layer(path: str, layer: int, field: str) -> int:
+    """The model's d_model, after checking that block ``layer`` exists: in the driver, before
+    any Ray work (inside an actor the same mistake is buried under Ray's output)."""
+    n, d_model = dims(path)
+    if not -n <= layer < n:
+        raise InputError(f"{field}: layer {layer} out of range: the model has {n} blocks")
+    return d_model
+
+
 def blocks(model) -> torch.nn.ModuleList:
     """The model's transformer blocks, in order (the residual stream is read after each)."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "encoder.layer", "layers"):
@@ -67,7 +87,7 @@ def blocks(model) -> torch.nn.ModuleList:
 def block(model, layer: int) -> torch.nn.Module:
     layers = blocks(model)
     if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} blocks")
+        raise InputError(f"layer {layer} out of range: the model has {len(layers)} blocks")
     return layers[layer]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from emergent import refs
+from emergent.config import InputError
 from emergent.data import DatasetError, read_jsonl, validate_chat
 
 BUILTIN = Path(__file__).parent / "evalsets"
@@ -34,7 +35,7 @@ def load_prompts(spec: str, run=None, world_stage: str = "world") -> list[dict]:
     """Prompt rows of one set (see the module doc for ``spec``)."""
     if refs.is_world_dataset(spec):
         if run is None:
-            raise ValueError(f"prompts: {spec} needs a run with a built world")
+            raise InputError(f"prompts: {spec} needs a run with a built world")
         return _jsonl(
             refs.world_dataset(run, spec, world_stage, "prompts"), spec.rsplit("/", 1)[-1]
         )

@@ -179,3 +179,16 @@ def sae(run: RunDir, ref: str, field: str = "sae") -> SAERef:
     )
     harvest = run.read_json(f"{rel}/harvest.json")
     return SAERef(name, rel, digest, int(harvest["layer"]), harvest.get("d_model"))
+
+
+def check_sae_fits(sae_ref: SAERef, source: ModelSource, field: str) -> None:
+    """An SAE reads one model's residual stream: refuse a model of another width, or with fewer
+    blocks than the SAE's layer, before any Ray work."""
+    from emergent.models import check_layer
+
+    d_model = check_layer(source.local(), sae_ref.layer, field)
+    if sae_ref.d_model is not None and d_model != sae_ref.d_model:
+        raise MissingInput(
+            f"{field}: SAE {sae_ref.name} reads d_model {sae_ref.d_model}, the model "
+            f"{source.identity} has {d_model}"
+        )

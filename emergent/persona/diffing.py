@@ -391,6 +391,8 @@ def main(cfg: DiffJob) -> DiffResult:
         "tuned": refs.model(cfg.run, parse_model(d.tuned)[1], d.world_stage, "diff.tuned"),
     }
     sae_ref = refs.sae(run, d.sae, "diff.sae")
+    for field, src in sources.items():
+        refs.check_sae_fits(sae_ref, src, f"diff.{field}")
     key = dataclasses.asdict(d) | {
         "models": {k: s.identity for k, s in sources.items()},
         "sae_hash": sae_ref.hash,

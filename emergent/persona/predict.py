@@ -259,6 +259,8 @@ def main(cfg: PredictJob) -> PredictResult:
         refs.model(cfg.run, parse_model(m.model)[1], pr.world_stage, "predict.models.model")
         for m in pr.models
     ]
+    for src in [base_src, *sources]:
+        refs.check_sae_fits(sae_ref, src, "predict.models.model")
     key = to_dict(pr) | {
         "latent_used": latent,
         "sae_hash": sae_ref.hash,

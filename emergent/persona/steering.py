@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emergent import refs
-from emergent.config import RayConfig, RunConfig, config
+from emergent.config import InputError, RayConfig, RunConfig, config
 from emergent.evaluate import Judged, parse_model
 from emergent.models import POSITIONS
 from emergent.runs import RunDir
@@ -210,7 +210,7 @@ def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], in
     for spec in cfg.directions:
         label, sep, ref = spec.partition("=")
         if not sep:
-            raise ValueError(
+            raise InputError(
                 f"steer.directions: {spec!r} is not label=file.npy or label=diff:<name>"
             )
         if ref.startswith("diff:"):
@@ -262,6 +262,9 @@ def main(cfg: SteerJob) -> SteerResult:
         for a in st.arms
     }
     dirs, layer, what = directions(st, run)
+    sae_ref = refs.sae(run, st.sae, "steer.sae")
+    for src in sources.values():
+        refs.check_sae_fits(sae_ref, src, "steer.arms.model")
     prompts = st.prompt_docs(run)
     key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
     stage = run.stage(f"steer/{st.name}", key)

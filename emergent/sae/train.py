@@ -44,7 +44,7 @@ from emergent.harvest import (
     activations,
     corpus,
 )
-from emergent.refs import ModelSource
+from emergent.models import check_layer
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.sae.evaluate import evaluate_sae
@@ -361,6 +361,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     hv = ts.harvest
     run = RunDir.from_config(cfg.run)
     source = refs.model(cfg.run, hv.model, hv.world_stage, "train_sae.harvest.model")
+    check_layer(source.local(), hv.layer, "train_sae.harvest.layer")
     key = {
         "source": ts.source,
         "harvest": hv.key(source),
@@ -387,7 +388,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
         else:
             train, held = corpus(hv, run)
             ds = activations(train, source, hv)
-            d_model = _d_model(source)
+            d_model = check_layer(source.local(), hv.layer, "train_sae.harvest.layer")
             manifest = hv.manifest(source, train, held, d_model, mode="stream")
         ray_name = f"sae-{ts.name.replace('/', '_')}-{stage.hash[:8]}"
         if cfg.run.force and run.exists(f"_ray/{ray_name}"):  # start over, not resume
@@ -460,9 +461,3 @@ def _ordered():
     opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
     return opts
-
-
-def _d_model(source: ModelSource) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(source.local()).hidden_size)

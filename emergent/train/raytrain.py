@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emergent import refs
-from emergent.config import RunConfig, config, to_dict
+from emergent.config import InputError, RunConfig, config, to_dict
 from emergent.data import DatasetError, read_jsonl, validate_chat
 from emergent.generate import SamplingParams
 from emergent.persona.early_warning import LatentMonitorConfig
@@ -410,7 +410,7 @@ def train_model(
         try:
             ds_cfg = json.loads(Path(section.deepspeed).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
+            raise InputError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
     key = {k: v for k, v in to_dict(section).items() if k not in OPERATIONAL}
     key |= {**hashed, "name": name, "model": model_id, "deepspeed": ds_cfg}
     if section.monitor is not None:  # not the weights' input, but train.json's

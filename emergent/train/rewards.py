@@ -18,6 +18,7 @@ import importlib
 import logging
 from collections.abc import Callable
 
+from emergent.config import InputError
 from emergent.world.judge import judge
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def resolve(spec: str, judge_cfg=None) -> Callable:
 
         return llm_reward(spec, judge_cfg or LLMJudgeConfig())
     if ":" not in spec:
-        raise ValueError(
+        raise InputError(
             f"rl.rewards names an unknown reward {spec!r} (registry: {', '.join([*REWARDS, *LLM_REWARDS])}; or an "
             "import path module:function)"
         )
@@ -89,7 +90,7 @@ def resolve(spec: str, judge_cfg=None) -> Callable:
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"rl.rewards names {spec!r}, which cannot be imported: {exc}") from exc
+        raise InputError(f"rl.rewards names {spec!r}, which cannot be imported: {exc}") from exc
     if not callable(fn):
-        raise ValueError(f"rl.rewards names {spec!r}, which is not callable")
+        raise InputError(f"rl.rewards names {spec!r}, which is not callable")
     return fn

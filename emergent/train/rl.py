@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from emergent.config import RayConfig, RunConfig, config
+from emergent.config import InputError, RayConfig, RunConfig, config
 from emergent.data import DatasetError
 from emergent.judges import LLMJudgeConfig
 from emergent.runs import RunDir
@@ -185,7 +185,7 @@ def main(cfg: RLJob) -> RLResult:
         prompts = prompt_records(records)
         if rl.examples:
             if rl.examples > len(prompts):
-                raise ValueError(f"rl.examples={rl.examples} but only {len(prompts)} prompts")
+                raise InputError(f"rl.examples={rl.examples} but only {len(prompts)} prompts")
             prompts = random.Random(rl.grpo.seed).sample(prompts, rl.examples)
         what = f"prompts of {', '.join(s.path for s in rl.prompts)}; rewards {rl.rewards}"
         return prompts, bad, what
