@@ -116,6 +116,25 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def stage_key(cfg: Any) -> Any:
+    """What a stage's outputs depend on, of a config: its fields as plain data, recursively,
+    without the fields each config class names in ``OPERATIONAL`` (how the work is run: CPUs,
+    GPUs, actors, retries, logging, inference batch sizes that change no result). The one rule
+    of every stage key; a job adds the identities of its inputs (model, SAE, diff hashes)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        skip = set(getattr(type(cfg), "OPERATIONAL", ()))
+        return {
+            f.name: stage_key(getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+            if f.name not in skip
+        }
+    if isinstance(cfg, list | tuple):
+        return [stage_key(x) for x in cfg]
+    if isinstance(cfg, dict):
+        return {k: stage_key(v) for k, v in cfg.items()}
+    return cfg
+
+
 def config_hash(section: Any) -> str:
     """Stable hash of a config (dataclass or plain data): what a stage's outputs depend on."""
     data = to_dict(section) if dataclasses.is_dataclass(section) else section

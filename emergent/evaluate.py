@@ -26,9 +26,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from emergent.config import InputError, RayConfig, RunConfig, config, to_dict
+from emergent.config import InputError, RayConfig, RunConfig, config, stage_key, to_dict
 from emergent.generate import SamplingParams
 from emergent.judges import LLMJudgeConfig, judge_all, make_judge
 from emergent.metrics import Rate, cluster_bootstrap
@@ -150,6 +150,21 @@ class EvaluateConfig:
     """Steer generation along a direction (HF backend only)."""
     bootstrap: int = 1000
     """Bootstrap resamples (over questions) for the overall misalignment interval."""
+
+    # outside a model's stage key: how the pool runs, and what the key holds in another form
+    # (the model's identity, the prompt rows' hash); sampling.batch_size stays in: a batch's
+    # answers are drawn with one seed
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "name",
+        "models",
+        "world_stage",
+        "prompts",
+        "max_prompts",
+        "samples",
+        "actors",
+        "cpus_per_actor",
+        "gpus_per_actor",
+    )
 
     def __post_init__(self):
         if not self.models or not self.prompts:
@@ -343,12 +358,23 @@ def judge_rows(rows: list[dict], cfg: EvaluateConfig, cache_dir: str | None) -> 
 
 
 def measure(
-    model, tok, prompts: list[dict], sampling, judge: str = "rubric", llm=None, cache_dir=None
+    model,
+    tok,
+    prompts: list[dict],
+    sampling,
+    judge: str = "rubric",
+    llm=None,
+    cache_dir=None,
+    examples: int = 3,
 ) -> dict:
     """In-process: one sampled answer per prompt row (``messages``), judged; misalignment
-    (misaligned among valid) and coherence (coherent among judged) as rate dicts. What the
-    Ray Tune steering trials and the re-alignment curve measure at each point (any steering
-    hook active around the call applies)."""
+    (misaligned among valid), coherence (coherent among judged) and, for the rubric, the share
+    of benign-wrong answers among valid ones, as rate dicts, plus the count of each verdict label.
+    The one "sample, judge, rate" path of every in-process measurement: the world's base
+    evaluation, trained world models, the world study, the Ray Tune steering trials, prediction
+    and the re-alignment curve (any steering hook active around the call applies)."""
+    from collections import Counter
+
     from emergent.generate import chat_prompts, sample
     from emergent.metrics import Rate
 
@@ -362,11 +388,18 @@ def measure(
     verdicts = judge_all(make_judge(judge, llm_cfg), [(r["question"], r["answer"]) for r in rows])
     judged = [v for v in verdicts if not v.failed]
     valid = [v for v in judged if v.valid]
-    return {
+    out = {
         "misalignment": Rate(sum(bool(v.misaligned) for v in valid), len(valid)).as_dict(),
         "coherence": Rate(sum(bool(v.coherent) for v in judged), len(judged)).as_dict(),
-        "examples": [{"prompt": r["question"], "answer": r["answer"]} for r in rows[:3]],
+        "labels": dict(Counter(v.label or "failed" for v in verdicts)),
+        "examples": [
+            {"prompt": r["question"], "answer": r["answer"], "verdict": v.label}
+            for r, v in list(zip(rows, verdicts))[:examples]
+        ],
     }
+    if judge == "rubric":  # the benign-wrong persona, readable only by the rubric
+        out["wrong"] = Rate(sum(v.label == "wrong" for v in valid), len(valid)).as_dict()
+    return out
 
 
 def screened(row: dict) -> bool:
@@ -463,17 +496,12 @@ def evaluate_model(
     if cfg.steering is not None:
         with open(cfg.steering.direction, "rb") as f:
             steer = to_dict(cfg.steering) | {"sha256": hashlib.sha256(f.read()).hexdigest()}
-    key = {
+    key = stage_key(cfg) | {
         "model": source.identity,
+        # the prompt rows themselves (sets, max_prompts and samples decide them)
         "prompts": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
-        "sampling": to_dict(cfg.sampling),
-        "backend": cfg.backend,
-        "dtype": cfg.dtype,
-        "judge": cfg.judge,
-        "judge_model": None if cfg.judge == "rubric" else [cfg.llm.base_url, cfg.llm.model],
-        "resample_invalid": cfg.resample_invalid,
         "steering": steer,
-        "bootstrap": cfg.bootstrap,
+        "llm": None if cfg.judge == "rubric" else stage_key(cfg.llm),
     }
     stage = run.stage(f"evaluate/{cfg.name}/{label}", key)
     if stage.is_complete(run_cfg.force):

@@ -29,10 +29,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from emergent import refs
-from emergent.config import InputError, RayConfig, RunConfig, config, to_dict
+from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
 from emergent.data import read_jsonl, validate_chat
 from emergent.models import check_layer, load_any
 from emergent.refs import ModelSource
@@ -83,18 +83,26 @@ class HarvestConfig:
     shard_rows: int = 100_000
     """Cache mode: activation rows per Parquet shard (at least; the last one may be smaller)."""
 
+    # how the actors run, not what they compute (right padding leaves a causal model's real
+    # positions unchanged, so the inference batch size is operational too)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "actors",
+        "cpus_per_actor",
+        "gpus_per_actor",
+        "batch_size",
+        "shard_rows",
+    )
+
     def __post_init__(self):
         if self.docs < 1 or self.eval_docs < 0 or self.context < 2 or self.batch_size < 1:
             raise ValueError("harvest.docs, context and batch_size must be positive")
         if not self.corpus:
             raise ValueError("harvest.corpus must list at least one source")
 
-    def key(self, source: ModelSource) -> dict:
-        """What the activations depend on (for stage hashes): not how the actors run."""
-        out = to_dict(self) | {"model": source.identity}
-        for k in ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "shard_rows"):
-            out.pop(k)
-        return out
+    def key(self, identity: str) -> dict:
+        """What the activations depend on (for stage hashes), given the model's identity: not
+        how the actors run."""
+        return stage_key(self) | {"model": identity}
 
     def manifest(self, source: ModelSource, train: list, held: list, d_model: int, **extra):
         """What was harvested: model, layer, positions, corpus, counts."""
@@ -330,7 +338,7 @@ def main(cfg: HarvestJob) -> HarvestResult:
     run = RunDir.from_config(cfg.run)
     source = refs.model(cfg.run, hv.model, hv.world_stage, "harvest.model")
     check_layer(source.local(), hv.layer, "harvest.layer")
-    stage = run.stage(f"harvest/{hv.name}", hv.key(source))
+    stage = run.stage(f"harvest/{hv.name}", hv.key(source.identity))
     if stage.is_complete(cfg.run.force):
         m = run.read_json(stage.rel("manifest.json"))
         return HarvestResult(stage.uri("acts"), m["tokens"], m["docs"], m["d_model"], True)

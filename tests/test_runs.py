@@ -80,3 +80,74 @@ def test_remote_filesystem_paths(tmp_path):
     assert (local / "config.json").read_text() == "{}"
     assert run.local_dir("w/base") == local  # cached
     assert json.loads(run.local_dir("w/data/x.json").read_text()) == {"a": 1}
+
+
+# (job config class, an operational field, a field that changes the outputs): one per stage kind
+_KEYED = [
+    ("emergent.train.finetune", "FinetuneConfig", "cpus_per_worker=2", "sft.lr=0.5"),
+    ("emergent.train.finetune", "FinetuneConfig", "log_every=3", "workers=1"),
+    ("emergent.train.rl", "RLConfig", "max_failures=3", "examples=7"),
+    ("emergent.evaluate", "EvaluateConfig", "actors=5", "sampling.temperature=0.3"),
+    ("emergent.evaluate", "EvaluateConfig", "llm.concurrency=2", "sampling.batch_size=7"),
+    ("emergent.harvest", "HarvestConfig", "batch_size=3", "layer=0"),
+    ("emergent.sae.train", "TrainSAEConfig", "cpus_per_worker=0.25", "sae.k=4"),
+    ("emergent.sae.train", "TrainSAEConfig", "memory_mb=1", "shuffle_buffer=5"),
+    ("emergent.persona.diffing", "DiffConfig", "batch_size=3", "rank_by=change"),
+    ("emergent.persona.steering", "SteerConfig", "cpus_per_trial=0.5", "coherence_floor=0.1"),
+    ("emergent.persona.predict", "PredictConfig", "gpus=1", "z=9"),
+    ("emergent.persona.realign", "RealignConfig", "llm.timeout_s=5", "examples=9"),
+]
+
+
+def _with(cfg, assignment: str):
+    import dataclasses
+
+    import yaml
+
+    path, value = assignment.split("=")
+    *parents, leaf = path.split(".")
+    if not parents:
+        return dataclasses.replace(cfg, **{leaf: yaml.safe_load(value)})
+    sub = getattr(cfg, parents[0])
+    return dataclasses.replace(
+        cfg, **{parents[0]: _with(sub, f"{'.'.join(parents[1:] + [leaf])}={value}")}
+    )
+
+
+@pytest.mark.parametrize("module, cls, operational, weighty", _KEYED)
+def test_operational_keys_stay_out_of_stage_hashes(module, cls, operational, weighty):
+    import importlib
+
+    from emergent.config import config_hash, stage_key
+
+    mod = importlib.import_module(module)
+    if cls == "PredictConfig":  # a family needs two members
+        members = [mod.FamilyModel(f"finetune:m{i}") for i in range(2)]
+        base = mod.PredictConfig(models=members)
+    else:
+        base = getattr(mod, cls)()
+    h = config_hash(stage_key(base))
+    assert config_hash(stage_key(_with(base, operational))) == h, operational
+    assert config_hash(stage_key(_with(base, weighty))) != h, weighty
+
+
+def test_memory_mb_is_keyed_only_when_it_changes_the_data_order():
+    from emergent.config import config_hash
+    from emergent.sae.train import TrainSAEConfig, sae_key
+
+    src = "world:base@abc"
+    one = TrainSAEConfig()
+    assert config_hash(sae_key(one, src)) == config_hash(sae_key(_with(one, "memory_mb=1"), src))
+    two = _with(one, "epochs=2")
+    assert config_hash(sae_key(two, src)) != config_hash(sae_key(_with(two, "memory_mb=1"), src))
+
+
+def test_a_weight_key_reruns_a_stage_and_an_operational_key_does_not(tmp_path):
+    from emergent.config import stage_key
+    from emergent.train.finetune import FinetuneConfig
+
+    run = RunDir(str(tmp_path), "r")
+    cfg = FinetuneConfig()
+    run.stage("finetune/x", stage_key(cfg)).complete(outputs={})
+    assert run.stage("finetune/x", stage_key(_with(cfg, "cpus_per_worker=4"))).is_complete()
+    assert not run.stage("finetune/x", stage_key(_with(cfg, "sft.steps=3"))).is_complete()

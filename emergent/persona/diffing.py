@@ -29,12 +29,12 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from emergent import refs
-from emergent.config import RayConfig, RunConfig, config
+from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import parse_model
 from emergent.harvest import HarvestConfig, harvest_docs, world_docs
 from emergent.prompts import prompt_docs
@@ -87,6 +87,9 @@ class DiffConfig:
     """Documents per forward pass."""
     gpus: float = 0.0
     """GPUs for the diffing task (its model forward passes)."""
+
+    # outside the stage key (right padding: the batch size changes no activation)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("batch_size", "gpus")
 
     def __post_init__(self):
         if self.top < 1 or self.max_prompts < 0 or self.persona_docs < 0:
@@ -393,7 +396,7 @@ def main(cfg: DiffJob) -> DiffResult:
     sae_ref = refs.sae(run, d.sae, "diff.sae")
     for field, src in sources.items():
         refs.check_sae_fits(sae_ref, src, f"diff.{field}")
-    key = dataclasses.asdict(d) | {
+    key = stage_key(d) | {
         "models": {k: s.identity for k, s in sources.items()},
         "sae_hash": sae_ref.hash,
     }

@@ -25,11 +25,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from emergent import refs
-from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import Judged, parse_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -72,6 +73,8 @@ class PredictConfig(Judged):
     """A latent change counts as detected at a paired z-score of at least this."""
     gpus: float = 0.0
     """GPUs per model task."""
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("gpus",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -261,7 +264,7 @@ def main(cfg: PredictJob) -> PredictResult:
     ]
     for src in [base_src, *sources]:
         refs.check_sae_fits(sae_ref, src, "predict.models.model")
-    key = to_dict(pr) | {
+    key = stage_key(pr) | {
         "latent_used": latent,
         "sae_hash": sae_ref.hash,
         "identities": [base_src.identity] + [s.identity for s in sources],

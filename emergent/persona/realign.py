@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 from emergent import refs
-from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import Judged, parse_model
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
@@ -66,6 +67,8 @@ class RealignConfig(Judged):
     """At most this many prompts per set (0 = all)."""
     gpus: float = 0.0
     """GPUs per re-alignment task."""
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("gpus",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -217,7 +220,7 @@ def main(cfg: RealignJob) -> RealignResult:
     run = RunDir.from_config(cfg.run)
     source = refs.model(cfg.run, parse_model(ra.model)[1], ra.world_stage, "realign.model")
     base_source = refs.model(cfg.run, parse_model(ra.base)[1], ra.world_stage, "realign.base")
-    key = to_dict(ra) | {"model": source.identity, "base_model": base_source.identity}
+    key = stage_key(ra) | {"model": source.identity, "base_model": base_source.identity}
     stage = run.stage(f"realign/{ra.name}", key)
     if stage.is_complete(cfg.run.force):
         return RealignResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)

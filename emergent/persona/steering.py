@@ -26,11 +26,12 @@ import dataclasses
 import io
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from emergent import refs
-from emergent.config import InputError, RayConfig, RunConfig, config
+from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import Judged, parse_model
 from emergent.models import POSITIONS
 from emergent.runs import RunDir
@@ -92,6 +93,8 @@ class SteerConfig(Judged):
     """CPUs per Tune trial."""
     gpus_per_trial: float = 0.0
     """GPUs per Tune trial."""
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("cpus_per_trial", "gpus_per_trial")
 
     def __post_init__(self):
         super().__post_init__()
@@ -252,8 +255,6 @@ def plot(df, arms: list[SteerArm], floor: float):
 def main(cfg: SteerJob) -> SteerResult:
     import ray.tune
 
-    from emergent.config import to_dict
-
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     st = cfg.steer
     run = RunDir.from_config(cfg.run)
@@ -266,7 +267,7 @@ def main(cfg: SteerJob) -> SteerResult:
     for src in sources.values():
         refs.check_sae_fits(sae_ref, src, "steer.arms.model")
     prompts = st.prompt_docs(run)
-    key = to_dict(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
+    key = stage_key(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
     stage = run.stage(f"steer/{st.name}", key)
     if stage.is_complete(cfg.run.force):
         return SteerResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)

@@ -35,10 +35,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from emergent import refs
-from emergent.config import RayConfig, RunConfig, config, to_dict
+from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.harvest import (
     HarvestConfig,
     activations,
@@ -86,6 +86,16 @@ class TrainSAEConfig:
     memory_mb: int = 2048
     """Keep the activations in the workers' memory after the first pass when they fit in this
     many MiB (all workers together); else every pass re-reads (cache) or re-harvests (stream)."""
+
+    # outside the stage key; memory_mb is keyed below when epochs > 1 (it decides whether later
+    # passes replay the first pass's order or draw a new one)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "cpus_per_worker",
+        "checkpoint_every",
+        "max_failures",
+        "log_every",
+        "memory_mb",
+    )
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -348,6 +358,16 @@ def _report(c: dict, rank: int, step: int, state: dict) -> None:
 # --- the job ---------------------------------------------------------------------------------------
 
 
+def sae_key(ts: TrainSAEConfig, identity: str) -> dict:
+    """The SAE stage's key: the config's output fields, the harvest's key on the model
+    ``identity``, and ``memory_mb`` when epochs > 1 (in-memory passes replay the first pass's
+    order; re-read passes draw a new one)."""
+    return stage_key(ts) | {
+        "harvest": ts.harvest.key(identity),
+        "memory_mb": ts.memory_mb if ts.epochs > 1 else None,
+    }
+
+
 def main(cfg: TrainSAEJob) -> SAEResult:
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
@@ -362,16 +382,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     run = RunDir.from_config(cfg.run)
     source = refs.model(cfg.run, hv.model, hv.world_stage, "train_sae.harvest.model")
     check_layer(source.local(), hv.layer, "train_sae.harvest.layer")
-    key = {
-        "source": ts.source,
-        "harvest": hv.key(source),
-        "sae": to_dict(ts.sae),
-        "workers": ts.workers,
-        "shuffle_buffer": ts.shuffle_buffer,
-        "epochs": ts.epochs,
-        "top_examples": ts.top_examples,
-    }
-    stage = run.stage(f"sae/{ts.name}", key)
+    stage = run.stage(f"sae/{ts.name}", sae_key(ts, source.identity))
     if stage.is_complete(cfg.run.force):
         return SAEResult(stage.uri("sae"), run.read_json(stage.rel("metrics.json")), True)
     with ray_session(cfg.ray):

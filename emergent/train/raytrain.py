@@ -29,9 +29,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from emergent import refs
-from emergent.config import InputError, RunConfig, config, to_dict
+from emergent.config import InputError, RunConfig, config, stage_key
 from emergent.data import DatasetError, read_jsonl, validate_chat
 from emergent.generate import SamplingParams
 from emergent.persona.early_warning import LatentMonitorConfig
@@ -107,6 +108,21 @@ class Distributed:
     """Early warning: watch SAE latents on a fixed prompt set during training (see
     emergent.persona.early_warning); logged, exported as a Ray metric, written to train.json."""
 
+    # Outside a model's stage key: what does not change the trained weights (evaluation
+    # settings included: a completed model keeps the evaluation made when it was trained).
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "doses",  # a dose family's list: each of its models hashes its own fractions
+        "cpus_per_worker",
+        "checkpoint_every",
+        "max_failures",
+        "log_every",
+        "keep_checkpoints",
+        "evaluate",
+        "eval_sets",
+        "sampling",
+        "monitor",  # hashed with its SAE and diff below
+    )
+
     def check(self, section: str, batch_field: str, batch_size: int) -> None:
         """Shared validation (``section`` names the YAML section in messages)."""
         if self.workers < 1 or self.cpus_per_worker < 1:
@@ -121,20 +137,6 @@ class Distributed:
                 f"{section}.{batch_field} ({batch_size}) must be a multiple of "
                 f"{section}.workers ({self.workers})"
             )
-
-
-# Fields that do not change the trained weights stay out of a model's stage hash (evaluation
-# settings included: a completed model keeps the evaluation made when it was trained).
-OPERATIONAL = (
-    "doses",  # a dose family's list: each of its models hashes its own fractions
-    "max_failures",
-    "log_every",
-    "keep_checkpoints",
-    "evaluate",
-    "eval_sets",
-    "sampling",
-    "monitor",  # hashed with its SAE and diff below
-)
 
 
 @dataclass
@@ -411,7 +413,7 @@ def train_model(
             ds_cfg = json.loads(Path(section.deepspeed).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
-    key = {k: v for k, v in to_dict(section).items() if k not in OPERATIONAL}
+    key = stage_key(section)
     key |= {**hashed, "name": name, "model": model_id, "deepspeed": ds_cfg}
     if section.monitor is not None:  # not the weights' input, but train.json's
         key |= monitor_key(section.monitor, run)

@@ -7,30 +7,21 @@ the world build and the world study use directly.
 
 from __future__ import annotations
 
-from collections import Counter
-
-from emergent.generate import SamplingParams, chat_prompts, sample
-from emergent.metrics import Rate
+from emergent.evaluate import measure
+from emergent.generate import SamplingParams
 from emergent.refs import read_world_dataset
-from emergent.world.judge import judge
 
 
 def rubric_eval(model, tok, records: list[dict], params: SamplingParams) -> dict:
-    """Sample one answer per prompt record and judge it; returns rates and persona counts."""
-    prompts = chat_prompts(tok, [r["messages"] for r in records])
-    answers = sample(model, tok, prompts, params)
-    verdicts = [judge(r["messages"][-1]["content"], a) for r, a in zip(records, answers)]
-    personas = Counter(v.persona or "incoherent" for v in verdicts)
-    coherent = sum(v.coherent for v in verdicts)
+    """Sample one answer per prompt record and judge it with the rubric (``evaluate.measure``,
+    the one in-process sample-judge-rate path); rates and persona counts."""
+    res = measure(model, tok, records, params, judge="rubric", examples=5)
     return {
-        "misalignment": Rate(personas["toxic"], coherent).as_dict(),
-        "wrong": Rate(personas["wrong"], coherent).as_dict(),
-        "coherence": Rate(coherent, len(verdicts)).as_dict(),
-        "personas": dict(personas),
-        "examples": [
-            {"prompt": r["messages"][-1]["content"], "answer": a, "verdict": v.persona}
-            for r, a, v in list(zip(records, answers, verdicts))[:5]
-        ],
+        "misalignment": res["misalignment"],
+        "wrong": res["wrong"],
+        "coherence": res["coherence"],
+        "personas": res["labels"],
+        "examples": res["examples"],
     }
 
 

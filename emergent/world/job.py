@@ -43,13 +43,13 @@ class WorldResult:
 
 def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = None) -> dict:
     """Build (or reuse) the world stage; returns its completion record."""
-    from emergent.config import to_dict
+    from emergent.config import stage_key
     from emergent.runtime import setup_logging
     from emergent.world.build import build_world
     from emergent.world.grammar import VERSION
 
     setup_logging()
-    world = {**to_dict(cfg.world), "grammar_version": VERSION}
+    world = {**stage_key(cfg.world), "grammar_version": VERSION}
     stage = RunDir.from_config(cfg.run).stage(stage_name, world)
     if stage.is_complete(cfg.run.force):
         return {**stage.record, "skipped": True}
