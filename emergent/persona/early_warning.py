@@ -16,10 +16,9 @@ Used by ``finetune`` and ``rl`` through their ``monitor`` section::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
-
-import numpy as np
 
 from emergent.config import config
 
@@ -60,7 +59,9 @@ def watched(cfg: LatentMonitorConfig, run) -> list[int]:
     if cfg.diff:
         rel = f"diff/{cfg.diff}/summary.json"
         if not run.exists(rel):
-            raise FileNotFoundError(f"monitor.diff: no diff at {run.uri(rel)}")
+            from emergent.refs import MissingInput
+
+            raise MissingInput(f"monitor.diff: no diff at {run.uri(rel)}")
         out += run.read_json(rel)["top_up"][: cfg.top]
     return list(dict.fromkeys(out))
 
@@ -87,6 +88,7 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
     then runs on all of them together (ZeRO-3 gathers its partitioned weights that way); only
     rank 0 logs. ``report()`` goes into train.json."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
     from emergent import refs
     from emergent.harvest import HarvestConfig
@@ -101,15 +103,53 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
     docs = prompt_docs(run, cfg.prompts, world_stage, cfg.max_prompts)
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
 
-    class Monitor(TrainerCallback):
+    # A resumed run (a Ray Train worker-group restart) must keep comparing against the start
+    # value from before training, and keep its history and flags. Trainer saves the state() of
+    # an ExportableState callback into every checkpoint's trainer_state.json
+    # (``stateful_callbacks``, keyed by class name), but restores it only under
+    # ``restore_callback_states_from_checkpoint`` (default False), and then into a *new*
+    # instance, ``type(cb)(**args)`` plus setattr of the saved attributes, swapped into the
+    # callback handler while the caller keeps the old one to ask for report(). So the record
+    # lives in this closure, shared by every instance, and the monitor also restores it itself
+    # in on_train_begin from the resumed TrainerState; both paths apply the same JSON.
+    rec: dict = {"start": None, "history": [], "flags": {}}
+    order = {str(j): i for i, j in enumerate(latents)}
+
+    class LatentMonitor(TrainerCallback, ExportableState):
         def __init__(self):
             import torch.distributed as dist
 
             self.logs = not dist.is_initialized() or dist.get_rank() == 0
-            self.history: list[dict] = []
-            self.flags: dict[str, int] = {}
-            self.start: np.ndarray | None = None
             self.gauge = None
+
+        @property
+        def record(self) -> dict:
+            """Start values, history and flags: JSON, as saved in a checkpoint."""
+            return {"latents": latents} | copy.deepcopy(rec)
+
+        @record.setter
+        def record(self, saved: dict) -> None:
+            if saved["latents"] != latents:
+                log.warning(
+                    "%s: the checkpoint's monitor watched latents %s, this one %s: not restored",
+                    run_name,
+                    saved["latents"],
+                    latents,
+                )
+                return
+            # trainer_state.json is written with sorted keys: put rows and flags back in the
+            # order an uninterrupted run writes them (train.json then reads the same)
+            rec["start"] = saved["start"]
+            rec["history"] = [
+                {"step": r["step"]} | {f"latent_{j}": r[f"latent_{j}"] for j in latents}
+                for r in saved["history"]
+            ]
+            rec["flags"] = dict(
+                sorted(saved["flags"].items(), key=lambda kv: (kv[1], order[kv[0]]))
+            )
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"record": self.record}}
 
         def measure(self, step: int, model) -> None:
             import torch
@@ -121,11 +161,11 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
             model.train(was)
             if not self.logs:
                 return
-            means = encode(sae, acts)[:, latents].mean(0)
-            if self.start is None:
-                self.start = means
-            row = {"step": step} | {f"latent_{j}": float(m) for j, m in zip(latents, means)}
-            self.history.append(row)
+            means = [float(m) for m in encode(sae, acts)[:, latents].mean(0)]
+            if rec["start"] is None:
+                rec["start"] = means
+            row = {"step": step} | {f"latent_{j}": m for j, m in zip(latents, means)}
+            rec["history"].append(row)
             log.info(
                 "%s: step %d latent means %s",
                 run_name,
@@ -142,11 +182,11 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
                     "Mean SAE latent activation on the monitor prompts during training",
                     tag_keys=("run", "latent"),
                 )
-            for j, m, s in zip(latents, means, self.start):
+            for j, m, s in zip(latents, means, rec["start"]):
                 if self.gauge is not None:
-                    self.gauge.set(float(m), tags={"run": run_name, "latent": str(j)})
-                if m - s >= cfg.threshold and str(j) not in self.flags:
-                    self.flags[str(j)] = step
+                    self.gauge.set(m, tags={"run": run_name, "latent": str(j)})
+                if m - s >= cfg.threshold and str(j) not in rec["flags"]:
+                    rec["flags"][str(j)] = step
                     log.warning(
                         "%s: EARLY WARNING at step %d: latent %d rose %.4f -> %.4f "
                         "(threshold +%.4f)",
@@ -159,14 +199,27 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
                     )
 
         def on_train_begin(self, args, state, control, model=None, **kw):
+            name = type(self).__name__
             if state.global_step == 0:
                 self.measure(0, model)
+            elif name in state.stateful_callbacks:
+                self.record = state.stateful_callbacks[name]["attributes"]["record"]
+            else:
+                log.warning(
+                    "%s: resumed at step %d from a checkpoint without the monitor's state: "
+                    "its start values are those of the first measurement from here",
+                    run_name,
+                    state.global_step,
+                )
+            # Trainer's _save_checkpoint updates stateful_callbacks[name] in place, a KeyError
+            # when the checkpoint resumed from has none (saved before the monitor was attached)
+            state.stateful_callbacks.setdefault(name, self.state())
 
         def on_step_end(self, args, state, control, model=None, **kw):
             if state.global_step % cfg.every == 0 or state.global_step == state.max_steps:
                 self.measure(state.global_step, model)
 
         def report(self) -> dict:
-            return {"latents": latents, "history": self.history, "flags": self.flags}
+            return {"latents": latents, "history": rec["history"], "flags": rec["flags"]}
 
-    return Monitor()
+    return LatentMonitor()
