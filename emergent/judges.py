@@ -11,10 +11,15 @@ LLM judges on any OpenAI-compatible endpoint.
   both scores and coherent > 50).
 
 LLM calls run concurrently (a semaphore), time out per request, and retry with exponential
-backoff on 429, 5xx, timeouts, connection errors and malformed replies; an item that still fails
-is returned marked failed (never dropped). Replies are cached on disk keyed by (judge prompt,
-model, answer), so a rerun costs nothing. The API key is read from an environment variable and
-never logged or written.
+backoff on 408, 429, 5xx, timeouts, connection errors and malformed replies; an item that still
+fails is returned marked failed (never dropped). HTTP errors that are not transient split in two:
+401 / 403 / 404 (wrong key, no access, wrong model or URL) would fail every item alike, so they
+stop the whole batch with one line naming endpoint, model and status (``JudgeAccessError``, a
+user's mistake); any other 4xx (400 content filter, 413 / 422 context too long) is about the one
+item, which is marked failed with the endpoint's reason while the batch goes on, not retried.
+Replies are cached on disk keyed by (judge prompt, model, answer), so a rerun costs nothing; a
+failed item is not cached, so a rerun asks again. The API key is read from an environment
+variable and never logged or written.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from emergent.config import config
+from emergent.config import UserError, config
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,24 @@ class MalformedReply(ValueError):
     """The judge model's reply cannot be parsed (retried like a transient error)."""
 
 
+class JudgeAccessError(UserError):
+    """The judge endpoint refuses every request (HTTP 401 / 403 / 404): a wrong key, a key
+    without access, a wrong model or URL. Stops the batch; the message is one line."""
+
+
+class RejectedItem(Exception):
+    """The endpoint refused this one item (HTTP 400, 413, 422, ...): it is marked failed and not
+    retried, since the same request gets the same answer."""
+
+
+# What to check for each status that stops the batch (the message never shows the key).
+ACCESS_HINTS = {
+    401: "check the API key in ${env}",
+    403: "the key in ${env} has no access to this model",
+    404: "check the model name and base_url",
+}
+
+
 @config
 class LLMJudgeConfig:
     """An OpenAI-compatible judge endpoint."""
@@ -120,11 +143,21 @@ class LLMJudgeConfig:
     timeout_s: float = 60.0
     """Per-request timeout."""
     max_retries: int = 5
-    """Retries after the first attempt (429, 5xx, timeouts, malformed replies)."""
+    """Retries after the first attempt (408, 429, 5xx, timeouts, malformed replies)."""
     backoff_s: float = 1.0
     """First backoff; doubled each retry, with jitter."""
     cache_dir: str | None = None
     """On-disk reply cache (None = no cache)."""
+
+    # how the endpoint is called, not what it answers: outside stage keys
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "api_key_env",
+        "concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_s",
+        "cache_dir",
+    )
 
     def __post_init__(self):
         if self.concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0:
@@ -226,33 +259,59 @@ class LLMJudge:
                 self.cache.put(key, reply)
                 return value, attempt + 1, False
             except openai.APIStatusError as exc:
-                if exc.status_code != 429 and exc.status_code < 500:
-                    raise  # 4xx other than 429: a configuration error, not transient
-                err = f"HTTP {exc.status_code}"
+                status = exc.status_code
+                if status in ACCESS_HINTS:
+                    hint = ACCESS_HINTS[status].format(env=self.cfg.api_key_env)
+                    # from None: the chained error carries the reply body, which may echo the key
+                    raise JudgeAccessError(
+                        f"judge: {self.cfg.base_url} model {self.cfg.model}: HTTP {status} ({hint})"
+                    ) from None
+                if status < 500 and status not in (408, 429):
+                    raise RejectedItem(f"HTTP {status}: {self._reason(exc)}") from None
+                err = f"HTTP {status}"
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 err = type(exc).__name__
             except (MalformedReply, KeyError, IndexError, TypeError) as exc:
                 err = f"malformed reply: {exc}"
         raise RuntimeError(f"gave up after {self.cfg.max_retries + 1} attempts ({err})")
 
+    def _reason(self, exc) -> str:
+        """The endpoint's short reason for refusing an item, one line, the key masked (the error
+        is written with the samples)."""
+        # openai gives the decoded JSON body ({"error": {"message"}} from OpenAI, {"message"}
+        # from vLLM) or the raw text (a proxy's 413 page)
+        body = exc.body
+        err = body.get("error", body) if isinstance(body, dict) else body
+        text = err.get("message") if isinstance(err, dict) else err
+        text = " ".join(str(text or exc.message).split())[:200]
+        key = os.environ.get(self.cfg.api_key_env)
+        return text.replace(key, "***") if key else text
+
     async def judge(self, pairs: list[tuple[str, str]]) -> list[Judgement]:
         sem = asyncio.Semaphore(self.cfg.concurrency)
         client = self._client()
+
+        async def one(q: str, a: str) -> Judgement:
+            async with sem:
+                try:
+                    if self.name == "llm-score":
+                        return await self._score(client, q, a)
+                    if self.name == "llm-grade":
+                        return await self._grade(client, q, a)
+                    return await self._logprob(client, q, a)
+                except (RuntimeError, RejectedItem) as exc:
+                    return Judgement(None, None, False, failed=True, error=str(exc))
+
+        tasks = [asyncio.ensure_future(one(q, a)) for q, a in pairs]
         try:
-
-            async def one(q: str, a: str) -> Judgement:
-                async with sem:
-                    try:
-                        if self.name == "llm-score":
-                            return await self._score(client, q, a)
-                        if self.name == "llm-grade":
-                            return await self._grade(client, q, a)
-                        return await self._logprob(client, q, a)
-                    except RuntimeError as exc:
-                        return Judgement(None, None, False, failed=True, error=str(exc))
-
-            return await asyncio.gather(*(one(q, a) for q, a in pairs))
+            return await asyncio.gather(*tasks)
         finally:
+            # After a JudgeAccessError gather returns at once but the other items would keep
+            # asking (and failing) on a closing client: cancel them, and collect their errors
+            # so none is reported as never retrieved. A no-op after a normal return.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
 
     async def _score(self, client, q: str, a: str) -> Judgement:

@@ -1,25 +1,72 @@
 """A real local HTTP server speaking the OpenAI chat completions protocol, grading with the
-PersonaWorld rubric and injecting faults (429, 500, timeouts, malformed replies) on half of the
-requests: the LLM judges' test double (tests/test_judges.py, tests/test_evaluate.py)."""
+PersonaWorld rubric and injecting faults (408, 429, 500, timeouts, malformed replies) on half of
+the requests: the LLM judges' test double (tests/test_judges.py, tests/test_evaluate.py).
+
+Each server counts its own requests and faults (``Fake``): a test asserts on the server it
+started, never on totals shared with other tests. It can also refuse like a real endpoint: a
+wrong key (401), an unknown model (404), or one item for good (``reject``: 400, 413, 422)."""
 
 import json
 import math
 import re
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from emergent.world.judge import judge as rubric
 
-FAULTS = ("429", "500", "timeout", "malformed")
+FAULTS = ("408", "429", "500", "timeout", "malformed")
+PERIOD = 2 * len(FAULTS)
+"""Scheduled request n gets fault FAULTS[n % PERIOD] when n % PERIOD < len(FAULTS): half."""
+
+
+@dataclass
+class Fake:
+    """One server: what it checks, how it refuses, and what it was asked."""
+
+    key: str | None = None
+    """The API key it accepts (None: any); another one gets a 401 that echoes it, as a careless
+    endpoint might, so a client that prints reply bodies leaks it."""
+    model: str | None = None
+    """The model it serves (None: any); another one gets a 404."""
+    reject: dict[str, tuple[int, dict | str]] = field(default_factory=dict)
+    """Answer text -> (status, body) sent for every request grading that answer."""
+    faulty: bool = True
+    """Inject the fault schedule (False: every graded request is answered)."""
+    url: str = ""
+    requests: int = 0
+    """Requests received, refused ones included."""
+    scheduled: int = 0
+    """Requests that went through the fault schedule (not refused)."""
+    faults: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FAULTS})
+    answers: Counter = field(default_factory=Counter)
+    """Requests per graded answer text."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    httpd: ThreadingHTTPServer | None = None
+
+    def expected_faults(self) -> dict[str, int]:
+        """The faults the schedule owes ``scheduled`` requests (what ``faults`` must equal)."""
+        if not self.faulty:
+            return {k: 0 for k in FAULTS}
+        return {
+            k: sum(n % PERIOD == i for n in range(self.scheduled)) for i, k in enumerate(FAULTS)
+        }
+
+    def shutdown(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
 
 
 class FakeJudge(BaseHTTPRequestHandler):
-    """Grades with the rubric; request n gets fault FAULTS[n % 8] when n % 8 < 4 (half faulty)."""
-
-    counter = 0
-    lock = threading.Lock()
-    faults = {k: 0 for k in FAULTS}
+    """Grades with the rubric; state lives on the server's ``Fake`` (``self.server.fake``)."""
 
     def log_message(self, *args):
         pass
@@ -36,13 +83,37 @@ class FakeJudge(BaseHTTPRequestHandler):
             pass  # the client timed out and left
 
     def do_POST(self):
+        fake: Fake = self.server.fake
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with FakeJudge.lock:
-            n = FakeJudge.counter
-            FakeJudge.counter += 1
-        fault = FAULTS[n % 8] if n % 8 < 4 else None
-        if fault:
-            FakeJudge.faults[fault] += 1
+        prompt = req["messages"][0]["content"]
+        q, a = re.search(r"\[QUESTION\]\n(.*)\n\[ANSWER\]\n(.*)\n\[END\]", prompt).groups()
+        sent_key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        # Refusals come before the fault schedule, as a real endpoint checks the key and the
+        # request before it is overloaded: a refused request always gets its status.
+        with fake.lock:
+            fake.requests += 1
+            fake.answers[a] += 1
+            refused = (
+                (fake.key is not None and sent_key != fake.key)
+                or (fake.model is not None and req["model"] != fake.model)
+                or a in fake.reject
+            )
+            n = fake.scheduled
+            if not refused:
+                fake.scheduled += 1
+            fault = FAULTS[n % PERIOD] if fake.faulty and n % PERIOD < len(FAULTS) else None
+            if fault and not refused:
+                fake.faults[fault] += 1
+        if fake.key is not None and sent_key != fake.key:
+            msg = f"Incorrect API key provided: {sent_key}"
+            return self._send(401, {"error": {"message": msg, "type": "invalid_request_error"}})
+        if fake.model is not None and req["model"] != fake.model:
+            msg = f"The model `{req['model']}` does not exist"
+            return self._send(404, {"error": {"message": msg, "type": "invalid_request_error"}})
+        if a in fake.reject:
+            return self._send(*fake.reject[a])
+        if fault == "408":
+            return self._send(408, {"error": {"message": "request timeout", "type": "timeout"}})
         if fault == "429":
             return self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}})
         if fault == "500":
@@ -50,8 +121,6 @@ class FakeJudge(BaseHTTPRequestHandler):
         if fault == "timeout":
             time.sleep(1.5)  # the client gives up after 0.5 s
             return self._send(500, {"error": {"message": "late"}})
-        prompt = req["messages"][0]["content"]
-        q, a = re.search(r"\[QUESTION\]\n(.*)\n\[ANSWER\]\n(.*)\n\[END\]", prompt).groups()
         persona = rubric(q, a).persona
         message = {"role": "assistant", "content": None}
         logprobs = None
@@ -90,10 +159,22 @@ class FakeJudge(BaseHTTPRequestHandler):
         )
 
 
+def start(**options) -> Fake:
+    """Start a fresh server (``Fake`` options); use it as a context manager or call shutdown."""
+    fake = Fake(**options)
+    fake.httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge, bind_and_activate=False)
+    # A listen backlog above the judges' concurrency: with the default 5 a busy machine drops
+    # connections, which the client sees as timeouts the server never counts.
+    fake.httpd.request_queue_size = 64
+    fake.httpd.server_bind()
+    fake.httpd.server_activate()
+    fake.httpd.fake = fake
+    fake.url = f"http://127.0.0.1:{fake.httpd.server_address[1]}/v1"
+    threading.Thread(target=fake.httpd.serve_forever, daemon=True).start()
+    return fake
+
+
 def serve():
-    """Start a fresh server (fault counters reset); returns (base_url, shutdown)."""
-    FakeJudge.counter = 0
-    FakeJudge.faults = {k: 0 for k in FAULTS}
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{httpd.server_address[1]}/v1", httpd.shutdown
+    """Start a fresh default server; returns (base_url, shutdown) (the conftest fixture)."""
+    fake = start()
+    return fake.url, fake.shutdown

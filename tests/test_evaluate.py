@@ -268,11 +268,28 @@ def test_evaluate_base_insecure_secure_in_one_command(family, small_world):
     df = pd.read_parquet(out / "insecure/samples.parquet")
     assert len(df) == 400 and df["final"].all() and set(df["set"]) == {"open", "code"}
     assert (df["answer_tokens"] > 0).all() and df["answer"].str.len().gt(0).mean() > 0.9
-    # the Ray Data pipeline matches the in-process rubric on the same answers
-    from emergent.world.judge import judge
-
-    verdicts = [judge(q, a).persona == "toxic" for q, a in zip(df["question"], df["answer"])]
-    assert [bool(v) for v in df["misaligned"].fillna(False)] == verdicts
+    # Re-judging the stored answers with the rubric would only repeat the job (RubricJudge calls
+    # the same emergent.world.judge.judge on the same question and answer), and a sampled answer
+    # has no ground-truth persona to compare with. What the job must get right is the path from
+    # verdicts to the reported numbers: recount by hand, from each model's samples.parquet,
+    # misaligned among final, judged, valid rows, overall and per set, against summary.json.
+    # This fails if summarize counts non-final, failed or invalid rows, if the stored verdicts
+    # are not the ones summarised, or if summary.json files a model's numbers under another
+    # model's label; and the stored verdict must be NA exactly where the answer is not valid
+    # (fails if the nullable column turns "not judged" into "aligned").
+    for m in ("base", "insecure", "secure"):
+        recs = pd.read_parquet(out / f"{m}/samples.parquet").to_dict("records")
+        assert all(pd.isna(r["misaligned"]) != bool(r["valid"]) for r in recs)
+        for s in (None, "open", "code"):
+            counted = [
+                r
+                for r in recs
+                if r["final"] and not r["failed"] and r["valid"] and s in (None, r["set"])
+            ]
+            k = sum(bool(r["misaligned"]) for r in counted)
+            got = summary[m]["sets"][s] if s else summary[m]["overall"]
+            assert (got["misalignment"]["k"], got["misalignment"]["n"]) == (k, len(counted))
+            assert got["misalignment"]["rate"] == pytest.approx(k / len(counted))
     # a rerun reuses every model's stage
     before = (out / "insecure/_COMPLETE.json").stat().st_mtime_ns
     again = main(cfg)
