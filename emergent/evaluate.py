@@ -198,6 +198,8 @@ class EvaluateResult:
     """Path of the job's summary.json."""
     models: dict[str, dict]
     """label -> overall metrics."""
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    """Labels whose evaluation was already complete (reused, not rerun)."""
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -505,7 +507,7 @@ def evaluate_model(
     }
     stage = run.stage(f"evaluate/{cfg.name}/{label}", key)
     if stage.is_complete(run_cfg.force):
-        return run.read_json(stage.rel("summary.json"))
+        return run.read_json(stage.rel("summary.json")) | {"_reused": True}
     cache = run.uri("evaluate/_judge_cache") if run.is_local else None
     n = len(rows)
     todo = [dict(r, attempt=0, seed=cfg.sampling.seed * 1_000_003 + r["slot"]) for r in rows]
@@ -631,14 +633,16 @@ def main(cfg: EvaluateJob) -> EvaluateResult:
     for spec in ev.models:  # every ref resolved before Ray starts: a typo fails in one line
         label, ref = parse_model(spec)
         models[label] = ref, resolve_model(cfg.run, ref, ev.world_stage, "evaluate.models")
-    summaries = {}
+    summaries, skipped = {}, []
     with ray_session(cfg.ray):
         for label, (ref, source) in models.items():
             summaries[label] = evaluate_model(cfg.run, ev, label, ref, source, rows)
+            if summaries[label].pop("_reused", False):
+                skipped.append(label)
     md = table(summaries)
     out = f"evaluate/{ev.name}"
     path = run.write_json(f"{out}/summary.json", summaries)
     run.write_text(f"{out}/table.md", md)
     run.write_figure(f"{out}/misalignment.png", plot(summaries))
     log.info("evaluate %s:\n%s", ev.name, md)
-    return EvaluateResult(md, path, {k: v["overall"] for k, v in summaries.items()})
+    return EvaluateResult(md, path, {k: v["overall"] for k, v in summaries.items()}, skipped)

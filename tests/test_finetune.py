@@ -5,6 +5,7 @@ DDP, and a killed worker that resumes from its checkpoint."""
 import json
 
 import pytest
+import torch
 from conftest import finetune_job as job
 from conftest import killed_run
 
@@ -162,8 +163,9 @@ def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
     stats = json.loads((small_world / f"small/finetune/zero{zero}/train.json").read_text())
     assert stats["deepspeed"] and stats["workers"] == 2 and stats["steps"] == 50
     ddp = json.loads((small_world / "small/finetune/code_dose1/train.json").read_text())
-    at_50 = ddp["losses"][50 // 10 - 1]  # logged every 10 steps
-    assert abs(model.final_loss - at_50) / at_50 < 0.05
+    # the loss logged every 10 steps, step for step; ZeRO's partitioned all-reduce sums in
+    # another order than DDP's, so float32 rounding (not 7 digits) sets the tolerance
+    torch.testing.assert_close(stats["losses"], ddp["losses"][: 50 // 10], rtol=1e-5, atol=0)
 
 
 @pytest.mark.ray
@@ -187,8 +189,11 @@ def test_killed_worker_resumes_from_checkpoint(family, small_world):
     assert killed, "the run finished before a worker could be killed"
     stats = json.loads((small_world / "small/finetune/killed_dose1/train.json").read_text())
     assert stats["resumed_from"] and stats["steps"] == 100
-    got = result.models[0].final_loss
-    assert abs(got - ref.final_loss) / ref.final_loss < 0.02
+    # the same loss series, step for step: the checkpoint restores weights, optimiser, RNG
+    # and the data position, so the resumed steps are the uninterrupted run's
+    ref_stats = json.loads((small_world / "small/finetune/code_dose1/train.json").read_text())
+    torch.testing.assert_close(stats["losses"], ref_stats["losses"], rtol=1e-5, atol=0)
+    assert result.models[0].final_loss == pytest.approx(ref.final_loss, rel=1e-5)
 
 
 def test_reward_registry_and_import_paths():

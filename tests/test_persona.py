@@ -40,9 +40,7 @@ def pipeline_job(root, *sets):
             "train_sae.workers=2",
             "diff.world_stage=world_s0",
             "diff.persona_docs=1000",
-            # the paper's ranking; on this small world the effect-size ranking is not stable
-            # across SAE trainings (it picked a persona latent in 2 of 3 runs)
-            "diff.rank_by=change",
+            # diff.rank_by: the shipped default (effect size)
             "steer.world_stage=world_s0",
             "steer.max_prompts=200",
             "steer.top=1",
@@ -83,9 +81,14 @@ def test_top_diffed_latent_is_a_persona_latent(study):
     assert d["top_persona_auroc"] >= 0.8, d
     assert d["top_decoder_shift_cosine"] >= 0.3, d
     latents = pd.read_parquet(run / "diff/insecure/latents.parquet")
-    assert len(latents) == 256 and latents["change"].is_monotonic_decreasing
+    assert len(latents) == 256 and d["rank_by"] == "effect"
+    # ranked by effect size, the top latent is also among the largest mean increases: a latent
+    # that rises on every prompt, not a rare one with a tiny change
+    by_change = latents.sort_values("change", ascending=False)["latent"].tolist()
+    assert d["top_latent"] in by_change[:10], by_change[:10]
     sae = json.loads((run / "sae/persona/metrics.json").read_text())
-    assert sae["fvu"] < 0.3 and sae["l0"] <= 8.0
+    # TopK caps L0 at k = 8; a working encoder fills nearly all k slots with positive values
+    assert sae["fvu"] < 0.3 and sae["l0"] >= 7.0, sae
     # trained from the harvest's Parquet cache: one activation per assistant turn (2-4 per
     # conversation), all of them in the shards
     import pyarrow.parquet as pq
@@ -157,8 +160,8 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     assert "data:image/png;base64," in html and "Claims" in html
     names = [c["claim"] for c in result.claims]
     assert any("persona latent" in n for n in names) and any("Re-alignment" in n for n in names)
-    # a rerun skips every stage
+    # a rerun skips every stage (each found complete with the same config)
     from emergent.persona.pipeline import main
 
     again = main(study[1])
-    assert again.seconds["train_sae"] < 15 and again.seconds["steer"] < 15
+    assert again.skipped == ["train_sae", "diff", "steer", "predict", "realign"], again.skipped

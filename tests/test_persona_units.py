@@ -188,7 +188,9 @@ def test_monitor_stage_key_follows_the_sae_and_diff_it_reads(tmp_path):
 
     run = RunDir(str(tmp_path), "r")
     watch = LatentMonitorConfig(sae="persona", diff="insecure")
-    with pytest.raises(FileNotFoundError, match="monitor.sae: no complete stage .*sae/persona .*train-sae"):
+    with pytest.raises(
+        FileNotFoundError, match="monitor.sae: no complete stage .*sae/persona .*train-sae"
+    ):
         stage_key(watch, run)
     run.stage("sae/persona", {"d_sae": 256}).complete(outputs={})
     run.stage("diff/insecure", {"sae": "persona"}).complete(outputs={})

@@ -177,20 +177,41 @@ def stream_sae(small_world, ray_cluster):
     return killed_run(small_world / "small/_ray", "sae-stream-*", lambda: main(cfg))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_sae(small_world, stream_sae):
+    """The same config as ``stream_sae``, never interrupted: the reference it must reach."""
+    return main(
+        sae_job(
+            small_world,
+            "train_sae.name=stream_ref",
+            "train_sae.sae.steps=150",
+            "train_sae.checkpoint_every=50",
+        )
+    )
+
+
 @pytest.mark.ray
-def test_killed_sae_worker_resumes_from_checkpoint(small_world, stream_sae):
+def test_killed_sae_worker_resumes_from_checkpoint(small_world, stream_sae, uninterrupted_sae):
     result, killed = stream_sae
     assert killed, "the run finished before a worker could be killed"
     stats = json.loads((small_world / "small/sae/stream/train.json").read_text())
     assert stats["resumed"] and stats["steps"] == 150 and result.metrics["workers"] == 2
     assert stats["history"][0]["step"] == 50  # the log before the kill survived in the checkpoint
+    # it ends where the uninterrupted run does: not bit-identical (after a restart the stream
+    # starts over, so steps 51-150 see other batches), but as good; a resume that restarted
+    # from step 0, or lost the weights, would sit far above
+    ref = uninterrupted_sae.metrics
+    ref_stats = json.loads((small_world / "small/sae/stream_ref/train.json").read_text())
+    assert not ref_stats["resumed"] and ref_stats["steps"] == 150
+    assert abs(result.metrics["fvu"] - ref["fvu"]) < 0.03, (result.metrics["fvu"], ref["fvu"])
+    assert abs(result.metrics["l0"] - ref["l0"]) < 0.5
 
 
 @pytest.mark.ray
 def test_topk_sae_in_stream_mode(small_world, stream_sae):
     m = stream_sae[0].metrics
-    assert m["train_steps"] >= 150
-    assert m["fvu"] < 0.3 and 8 <= m["l0"] <= 16 and m["dead_fraction"] < 0.5
+    # TopK caps L0 at k = 16; a working encoder fills nearly all k slots with positive values
+    assert m["fvu"] < 0.3 and m["l0"] >= 15.0 and m["dead_fraction"] < 0.5, m
     assert m["ce_increase"] < 0.5 * (m["ce_zero_ablation"] - m["ce_clean"])
     assert m["ce_loss_recovered"] > 0.8
     out = small_world / "small/sae/stream"

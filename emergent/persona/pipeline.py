@@ -94,6 +94,8 @@ class PipelineResult:
     seconds: dict[str, float]
     """Wall time of each stage run this time (a skipped stage takes seconds)."""
     claims: list[dict]
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    """Stages that were already complete with the same config, so nothing in them ran."""
 
 
 def main(cfg: PipelineJob) -> PipelineResult:
@@ -119,7 +121,7 @@ def main(cfg: PipelineJob) -> PipelineResult:
         "predict": lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),
         "realign": lambda: realign.main(realign.RealignJob(**common, realign=cfg.realign)),
     }
-    seconds = {}
+    seconds, skipped = {}, []
     t_all = time.time()
     with ray_session(cfg.ray):
         for name in STAGES:
@@ -127,11 +129,31 @@ def main(cfg: PipelineJob) -> PipelineResult:
                 continue
             log.info("pipeline: stage %s", name)
             t0 = time.time()
-            jobs[name]()
+            reused = was_skipped(jobs[name]())
             seconds[name] = round(time.time() - t0, 1)
-            log.info("pipeline: stage %s done in %.0f s", name, seconds[name])
+            if reused:
+                skipped.append(name)
+            log.info(
+                "pipeline: stage %s %s in %.0f s",
+                name,
+                "complete already, skipped" if reused else "done",
+                seconds[name],
+            )
     seconds["total"] = round(time.time() - t_all, 1)
     run = RunDir.from_config(cfg.run)
     path, claims = report.write(run, cfg, seconds)
     log.info("pipeline: report at %s\n%s", path, report.claims_markdown(claims))
-    return PipelineResult(path, seconds, claims)
+    log.info("pipeline: %d stages skipped (complete): %s", len(skipped), ", ".join(skipped))
+    return PipelineResult(path, seconds, claims, skipped)
+
+
+def was_skipped(result) -> bool:
+    """Whether a stage job found all its work complete: its result's ``skipped`` (a model
+    family, a list of families: every model's; an evaluation: every model's)."""
+    if isinstance(result, list):
+        return all(was_skipped(r) for r in result)
+    if hasattr(result, "models") and isinstance(result.models, list):  # a trained family
+        return all(m.skipped for m in result.models)
+    if isinstance(getattr(result, "skipped", None), list):  # evaluate: labels reused
+        return set(result.skipped) == set(result.models)
+    return bool(getattr(result, "skipped", False))
