@@ -13,6 +13,7 @@ any machine that sees the storage. The contract that makes reruns safe:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -64,8 +65,15 @@ def versions(names=STACK) -> dict[str, str | None]:
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
+        return _remote(uri)
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+@functools.cache
+def _remote(uri: str) -> tuple[pafs.FileSystem, str]:
+    # One filesystem object per URI in a process: object-store clients are reused, and an
+    # in-memory store (mock://, used by tests) is the same store for every RunDir of the run.
+    return pafs.FileSystem.from_uri(uri)
 
 
 def _copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str) -> None:
