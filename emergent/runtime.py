@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 
 from emergent.config import RayConfig
@@ -82,6 +83,53 @@ def cluster_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
+_REAPER = """
+import sys, psutil
+procs = []
+for pid in sys.argv[1:]:
+    try:
+        procs.append(psutil.Process(int(pid)))
+    except psutil.Error:
+        pass
+sys.stdin.buffer.read()  # returns at EOF: once the driver has exited, however it did
+for p in procs:
+    try:
+        p.kill()  # psutil checks that the pid was not reused meanwhile
+    except psutil.Error:
+        pass
+"""
+
+
+def _reap_agents_with_driver() -> subprocess.Popen | None:
+    """Start a reaper that SIGKILLs the embedded raylet's agents once this driver exits.
+
+    A SIGKILLed driver takes Ray's head processes with it (GCS, raylet, dashboard, log monitor:
+    Ray starts them with PR_SET_PDEATHSIG), and the raylet's workers end with the raylet. Not its
+    dashboard and runtime-env agents: they see the raylet go at once, then block 60 s (a timeout
+    hard-coded in ``ray._private.process_watcher``) reporting its death to the GCS, which died
+    too; no Ray option shortens that (``RAY_gcs_rpc_server_reconnect_timeout_s`` does not).
+    Ray's own reaper runs only where the kernel cannot fate-share, and it kills the driver's
+    whole process group, which can hold the driver's caller (a shell pipeline, pytest).
+    """
+    import psutil  # a Ray dependency
+
+    raylet = next((p for p in psutil.Process().children() if p.name() == "raylet"), None)
+    if raylet is None:
+        log.warning("no raylet among this driver's children: its agents will not be reaped")
+        return None
+    # The raylet starts its agents before it registers with the GCS, which ray.init waits for,
+    # so they are among its children now (with any workers it started). The reaper wakes when
+    # the driver's end of its stdin closes: at the driver's exit, SIGKILL included (a child the
+    # driver forks without exec holds that end too). Its own session: a Ctrl-C or hang-up meant
+    # for the job must not stop it before it acts.
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER, *(str(p.pid) for p in raylet.children())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig):
     """Connect to the configured cluster or start an embedded one; yields ``ray``.
@@ -99,6 +147,7 @@ def ray_session(cfg: RayConfig):
         {k: os.environ[k] for k in ("WANDB_MODE", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
     )
     address = cluster_address(cfg)
+    reaper = None
     if ray.is_initialized():
         yield ray
         return
@@ -124,10 +173,14 @@ def ray_session(cfg: RayConfig):
             dashboard_host="127.0.0.1",
             runtime_env=env,
         )
+        reaper = _reap_agents_with_driver()
     try:
         yield ray
     finally:
         ray.shutdown()
+        if reaper is not None:  # EOF: it kills what shutdown left, if anything, and exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reaper.communicate(timeout=30)
 
 
 def actor_pool_map(

@@ -1,5 +1,6 @@
 """The embedded runtime and a real `ray job submit` against a local `ray start --head`."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -142,3 +143,74 @@ def test_ray_job_submit_doctor(tmp_path):
     assert probe["versions"]["ray"] and probe["deepspeed"]["accelerator"] == "cpu"
     assert "error" not in probe["deepspeed"] and probe["deepspeed"]["ops"]
     assert (stage / "_COMPLETE.json").exists() and (stage / "report.md").exists()
+
+
+HELD = """
+import time
+from emergent.config import RayConfig
+from emergent.runtime import ray_session
+
+with ray_session(RayConfig(num_cpus=1, dashboard=True)) as r:
+    r.get(r.remote(lambda: 0).remote())  # a worker too, not only the head processes
+    print("up", flush=True)
+    time.sleep(600)
+"""
+
+
+def _procs() -> dict[tuple[int, str], tuple[int, int, str]]:
+    """Live processes: (pid, start time) -> (parent pid, process group, name); no zombies."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text() if d.name.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        if not stat:
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        f = rest.split()  # state ppid pgrp ... starttime is field 22 of stat, 20 here
+        if f[0] != "Z":
+            out[int(d.name), f[19]] = (int(f[1]), int(f[2]), name)
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_embedded_ray_goes_with_a_sigkilled_driver():
+    # Ray's head processes die with the driver by PR_SET_PDEATHSIG, but the raylet's agents
+    # (dashboard, runtime env) outlived a SIGKILLed driver by ~60 s
+    # (see emergent.runtime._reap_agents_with_driver)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # its own session: every process Ray starts is in the driver's process group, so the group
+    # finds them (their command lines are rewritten to "ray::DashboardAgent" and so on) and the
+    # cleanup's killpg reaches no one else
+    driver = subprocess.Popen(
+        [sys.executable, "-c", HELD],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert driver.stdout.readline().startswith("up"), "the embedded Ray did not start"
+        before = _procs()
+        # the driver's descendants (some may leave its group) and its group
+        ours, grew = {k for k, v in before.items() if v[1] == driver.pid}, True
+        while grew:
+            kids = {k for k, v in before.items() if v[0] in {p for p, _ in ours}} - ours
+            ours, grew = ours | kids, bool(kids)
+        names = {before[k][2] for k in ours}
+        assert {"ray::DashboardA", "ray::RuntimeEnv", "raylet"} <= names, names  # not vacuous
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while (left := {k: v for k, v in _procs().items() if k in ours or v[1] == driver.pid}) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+        assert not left, f"left behind 30 s after the driver's SIGKILL: {sorted(left.values())}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
