@@ -140,7 +140,9 @@ def run_condition(
             "finetune": cfg.study.finetune,
             "sampling": cfg.study.sampling,
             "cond": cond,
-            "world": (world_record or run.read_json(f"{cond.world}/_COMPLETE.json"))["config_hash"],
+            "world": world_record["config_hash"]
+            if world_record
+            else run.completed_hash(cond.world, "study", "run `emergent world-study` again"),
         }
     )
     if run.exists(rel) and not cfg.run.force:
