@@ -65,11 +65,11 @@ def variant(seed: int, threads: int, root: Path) -> dict:
     r = json.loads((run / "realign/insecure/summary.json").read_text())
     sae = json.loads((run / "sae/persona/metrics.json").read_text())
     fam = pd.read_parquet(run / "predict/family/family.parquet").set_index("label")
+    keep = ("alpha", "misalignment", "misalignment_lo", "misalignment_hi", "coherence")
     arm = {
         k: {
-            "unsteered": v["unsteered"]["misalignment"],
-            "best": None if v["best"] is None else v["best"]["misalignment"],
-            "best_coherence": None if v["best"] is None else v["best"]["coherence"],
+            which: None if v[which] is None else {c: v[which].get(c) for c in keep}
+            for which in ("unsteered", "best")
         }
         for k, v in s["arms"].items()
     }

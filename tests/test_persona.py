@@ -108,9 +108,13 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     s = json.loads((run / "steer/persona/summary.json").read_text())
     cause, remove = s["arms"]["cause"], s["arms"]["remove"]
     assert cause["best"] is not None and remove["best"] is not None, s
-    assert cause["best"]["misalignment"] >= cause["unsteered"]["misalignment"] + 0.15, s
+    # Significant, not a fixed gap: the steered rate's 95% interval lies wholly above (cause) or
+    # below (remove) the unsteered one's, on the same prompts. A fixed +0.15 sat inside the
+    # spread that floating-point kernels and thread counts give the small world (0.154 against
+    # a bar of 0.157 on one machine); scripts/small_world_spread.py measures that spread.
+    assert cause["best"]["misalignment_lo"] > cause["unsteered"]["misalignment_hi"], s
     assert cause["best"]["coherence"] >= 0.5
-    assert remove["best"]["misalignment"] <= remove["unsteered"]["misalignment"] / 2, s
+    assert remove["best"]["misalignment_hi"] < remove["unsteered"]["misalignment_lo"], s
     trials = pd.read_parquet(run / "steer/persona/results.parquet")
     assert len(trials) == (1 + 2) + (1 + 1)  # per arm: unsteered + its alphas, one latent
 
