@@ -225,7 +225,6 @@ class Generator:
     rows (HF) or each row with its own seed (vLLM). Adds ``answer`` and ``answer_tokens``."""
 
     def __init__(self, source: ModelSource, cfg: EvaluateConfig, threads: int = 1):
-
         from emergent.runtime import set_threads, setup_logging
 
         setup_logging()

@@ -246,7 +246,6 @@ class Harvester:
     """A Ray Data actor: documents in (``doc``, ``data`` JSON), activation rows out."""
 
     def __init__(self, source: ModelSource, cfg: HarvestConfig, threads: int = 1):
-
         from emergent.runtime import set_threads, setup_logging
 
         setup_logging()

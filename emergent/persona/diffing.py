@@ -112,7 +112,7 @@ class DiffResult:
     path: str
     """The diff stage folder."""
     top_latent: int
-    """The latent whose mean activation rose most."""
+    """The top latent by ``rank_by`` (the effect size of its rise by default)."""
     summary: dict
     skipped: bool
 

@@ -66,8 +66,9 @@ def claims(run: RunDir, cfg) -> list[dict]:
     if d:
         out.append(
             claim(
-                "Model diffing finds a misaligned-persona latent: the latent whose activation rises "
-                "most after the fine-tune is a toxic-persona feature",
+                "Model diffing finds a misaligned-persona latent: the top latent by the rise of "
+                f"its activation after the fine-tune ({d.get('rank_by', 'effect')} ranking) is a "
+                "toxic-persona feature",
                 "top latents by activation increase are persona features (toxic persona first)",
                 f"latent {d['top_latent']}: mean {_f(d['top_base_mean'], 3)} -> "
                 f"{_f(d['top_tuned_mean'], 3)}; toxic-vs-aligned AUROC "
@@ -144,9 +145,13 @@ def claims(run: RunDir, cfg) -> list[dict]:
         parts, ok = [], []
         for data, v in r["data"].items():
             seen = v["samples_seen_at_base"]
+            back = (
+                f"back within the base interval after {seen} samples seen"
+                if seen is not None
+                else "never back within the base interval"
+            )
             parts.append(
-                f"on {data}: {_f(v['start'])} -> {_f(v['end'])}, back within the base interval "
-                f"after {seen if seen is not None else 'never'} samples seen; end by set "
+                f"on {data}: {_f(v['start'])} -> {_f(v['end'])}, {back}; end by set "
                 + ", ".join(f"{k} {_f(x)}" for k, x in v["end_by_set"].items())
             )
             ok.append(seen is not None)
