@@ -164,8 +164,9 @@ def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
     assert stats["deepspeed"] and stats["workers"] == 2 and stats["steps"] == 50
     ddp = json.loads((small_world / "small/finetune/code_dose1/train.json").read_text())
     # the loss logged every 10 steps, step for step; ZeRO's partitioned all-reduce sums in
-    # another order than DDP's, so float32 rounding (not 7 digits) sets the tolerance
-    torch.testing.assert_close(stats["losses"], ddp["losses"][: 50 // 10], rtol=1e-5, atol=0)
+    # another order than DDP's, so float32 rounding sets the tolerance (measured: at most
+    # 1.1e-7 relative, 7 digits; the bar is 9 times that)
+    torch.testing.assert_close(stats["losses"], ddp["losses"][: 50 // 10], rtol=1e-6, atol=0)
 
 
 @pytest.mark.ray
@@ -190,10 +191,11 @@ def test_killed_worker_resumes_from_checkpoint(family, small_world):
     stats = json.loads((small_world / "small/finetune/killed_dose1/train.json").read_text())
     assert stats["resumed_from"] and stats["steps"] == 100
     # the same loss series, step for step: the checkpoint restores weights, optimiser, RNG
-    # and the data position, so the resumed steps are the uninterrupted run's
+    # and the data position, so the resumed steps are the uninterrupted run's (measured:
+    # bit-identical on this machine; the bar allows float32 rounding elsewhere)
     ref_stats = json.loads((small_world / "small/finetune/code_dose1/train.json").read_text())
-    torch.testing.assert_close(stats["losses"], ref_stats["losses"], rtol=1e-5, atol=0)
-    assert result.models[0].final_loss == pytest.approx(ref.final_loss, rel=1e-5)
+    torch.testing.assert_close(stats["losses"], ref_stats["losses"], rtol=1e-6, atol=0)
+    assert result.models[0].final_loss == pytest.approx(ref.final_loss, rel=1e-6)
 
 
 def test_reward_registry_and_import_paths():

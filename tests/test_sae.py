@@ -198,12 +198,12 @@ def test_killed_sae_worker_resumes_from_checkpoint(small_world, stream_sae, unin
     assert stats["resumed"] and stats["steps"] == 150 and result.metrics["workers"] == 2
     assert stats["history"][0]["step"] == 50  # the log before the kill survived in the checkpoint
     # it ends where the uninterrupted run does: not bit-identical (after a restart the stream
-    # starts over, so steps 51-150 see other batches), but as good; a resume that restarted
-    # from step 0, or lost the weights, would sit far above
+    # starts over, so steps 51-150 see other batches), but as good (measured: FVU 0.0976 against
+    # 0.0972; the bar is 25 times that gap)
     ref = uninterrupted_sae.metrics
     ref_stats = json.loads((small_world / "small/sae/stream_ref/train.json").read_text())
     assert not ref_stats["resumed"] and ref_stats["steps"] == 150
-    assert abs(result.metrics["fvu"] - ref["fvu"]) < 0.03, (result.metrics["fvu"], ref["fvu"])
+    assert abs(result.metrics["fvu"] - ref["fvu"]) < 0.01, (result.metrics["fvu"], ref["fvu"])
     assert abs(result.metrics["l0"] - ref["l0"]) < 0.5
 
 
