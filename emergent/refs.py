@@ -7,7 +7,8 @@ Model refs (``finetune.model``, ``evaluate.models``, ``harvest.model``, ``steer.
 - ``finetune:<name>`` / ``rl:<name>``: a model this run trained (so fine-tunes chain: fine-tune a
   fine-tune, re-align an RL model);
 - ``pkg:<module>/<dir>``: a model shipped inside an installed Python package;
-- a path (``/``, ``./``, ``../``, ``~``): a local HF model directory, which must exist;
+- a path (``/``, ``./``, ``../``, ``~``, or any existing directory): a local HF model
+  directory, which must exist;
 - anything else: a hub id, ``org/name`` or ``org/name@revision`` (the revision, ``main`` when
   none is given, is part of the model's identity in stage hashes).
 
@@ -94,7 +95,7 @@ def model(run_cfg: RunConfig, ref: str, world_stage: str, field: str = "model") 
         stage, rel, job = world_stage, f"{world_stage}/{name}", "world"
     elif kind in RUN_KINDS and name:
         stage, rel, job = f"{kind}/{name}", f"{kind}/{name}/model", kind
-    elif looks_like_path(ref):
+    elif looks_like_path(ref) or Path(ref).expanduser().is_dir():  # an existing relative dir too
         path = Path(ref).expanduser()
         if not path.is_dir():
             raise MissingInput(f"{field}: {ref}: no such model directory")

@@ -46,7 +46,7 @@ def test_run_models_resolve_to_their_stage_with_its_hash(run_cfg):
     )
 
 
-def test_missing_stages_and_paths_name_the_field(run_cfg, tmp_path):
+def test_missing_stages_and_paths_name_the_field(run_cfg, tmp_path, monkeypatch):
     with pytest.raises(
         UserError, match=r"finetune\.model: no complete stage .*finetune/x .*emergent finetune"
     ):
@@ -62,6 +62,8 @@ def test_missing_stages_and_paths_name_the_field(run_cfg, tmp_path):
     local = tmp_path / "m"
     local.mkdir()
     assert refs.model(run_cfg, str(local), "world").identity == str(local.resolve())
+    monkeypatch.chdir(tmp_path)  # an existing relative directory is a path, not a hub id
+    assert refs.model(run_cfg, "m", "world").identity == str(local.resolve())
 
 
 def test_hub_ids_carry_their_revision(run_cfg):
