@@ -488,8 +488,9 @@ def evaluate_model(
     ref: str,
     source: ModelSource,
     rows: list[dict],
-) -> dict:
-    """Generate, judge and summarise one model (a stage: skipped when already complete)."""
+) -> tuple[dict, bool]:
+    """Generate, judge and summarise one model (a stage: skipped when already complete); its
+    summary, and whether it was reused."""
     import pandas as pd
 
     run = RunDir.from_config(run_cfg)
@@ -506,7 +507,7 @@ def evaluate_model(
     }
     stage = run.stage(f"evaluate/{cfg.name}/{label}", key)
     if stage.is_complete(run_cfg.force):
-        return run.read_json(stage.rel("summary.json")) | {"_reused": True}
+        return run.read_json(stage.rel("summary.json")), True
     cache = run.uri("evaluate/_judge_cache") if run.is_local else None
     n = len(rows)
     todo = [dict(r, attempt=0, seed=cfg.sampling.seed * 1_000_003 + r["slot"]) for r in rows]
@@ -555,7 +556,7 @@ def evaluate_model(
         inputs={"model": source.identity},
         metrics={"misalignment": summary["overall"]["misalignment"]["rate"]},
     )
-    return summary
+    return summary, False
 
 
 def fmt(rate: dict) -> str:
@@ -635,8 +636,8 @@ def main(cfg: EvaluateJob) -> EvaluateResult:
     summaries, skipped = {}, []
     with ray_session(cfg.ray):
         for label, (ref, source) in models.items():
-            summaries[label] = evaluate_model(cfg.run, ev, label, ref, source, rows)
-            if summaries[label].pop("_reused", False):
+            summaries[label], reused = evaluate_model(cfg.run, ev, label, ref, source, rows)
+            if reused:
                 skipped.append(label)
     md = table(summaries)
     out = f"evaluate/{ev.name}"

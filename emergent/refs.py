@@ -18,7 +18,8 @@ a Train worker): the run may be on an object store.
 
 Dataset refs ``world:<name>`` (``world:finetune/code_toxic``, ``world:eval/open``) name a JSONL
 file of this run's world stage: ``world_dataset``. SAE refs (``sae: persona`` or
-``sae:persona``) name a trained SAE of this run: ``sae``.
+``sae:persona``) name a trained SAE of this run: ``sae``; diff refs (``diff: insecure``) a
+finished model diff: ``diff``.
 
 A ref that cannot resolve is a ``MissingInput`` naming the field and what to run first.
 """
@@ -180,6 +181,27 @@ def sae(run: RunDir, ref: str, field: str = "sae") -> SAERef:
     )
     harvest = run.read_json(f"{rel}/harvest.json")
     return SAERef(name, rel, digest, int(harvest["layer"]), harvest.get("d_model"))
+
+
+@dataclass(frozen=True)
+class DiffRef:
+    """A finished model diff of this run."""
+
+    name: str
+    hash: str
+    """The diff stage's completion hash."""
+    summary: dict
+    """Its ``summary.json`` (``top_latent``, ``top_up``, ...)."""
+
+
+def diff(run: RunDir, ref: str, field: str = "diff") -> DiffRef:
+    """The diff ``ref`` (``<name>`` or ``diff:<name>``) names, which must be complete."""
+    name = ref.removeprefix("diff:")
+    rel = f"diff/{name}"
+    digest = run.completed_hash(
+        rel, field, "run `emergent diff` (or the pipeline's diff stage) first"
+    )
+    return DiffRef(name, digest, run.read_json(f"{rel}/summary.json"))
 
 
 def check_sae_fits(sae_ref: SAERef, source: ModelSource, field: str) -> None:

@@ -88,3 +88,12 @@ def test_world_datasets_and_saes(run_cfg):
         assert s.hash == run.read_json("sae/persona/_COMPLETE.json")["config_hash"]
     with pytest.raises(UserError, match=r"steer\.sae: no complete stage .*sae/other .*train-sae"):
         refs.sae(run, "other", "steer.sae")
+    with pytest.raises(
+        UserError, match=r"predict\.diff: no complete stage .*diff/insecure .*emergent diff"
+    ):
+        refs.diff(run, "insecure", "predict.diff")
+    run.stage("diff/insecure", {"sae": "persona"}).complete(outputs={})
+    run.write_json("diff/insecure/summary.json", {"top_latent": 7, "top_up": [7, 3]})
+    d = refs.diff(run, "diff:insecure")
+    assert d.summary["top_up"] == [7, 3]
+    assert d.hash == run.read_json("diff/insecure/_COMPLETE.json")["config_hash"]

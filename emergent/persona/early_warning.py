@@ -57,12 +57,9 @@ def watched(cfg: LatentMonitorConfig, run) -> list[int]:
     """The latents to watch (given ones, then the diff's top ones)."""
     out = list(cfg.latents)
     if cfg.diff:
-        rel = f"diff/{cfg.diff}/summary.json"
-        if not run.exists(rel):
-            from emergent.refs import MissingInput
+        from emergent import refs
 
-            raise MissingInput(f"monitor.diff: no diff at {run.uri(rel)}")
-        out += run.read_json(rel)["top_up"][: cfg.top]
+        out += refs.diff(run, cfg.diff, "monitor.diff").summary["top_up"][: cfg.top]
     return list(dict.fromkeys(out))
 
 

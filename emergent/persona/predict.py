@@ -251,12 +251,7 @@ def main(cfg: PredictJob) -> PredictResult:
     layer = sae_ref.layer
     latent = pr.latent
     if latent is None:
-        run.completed_hash(
-            f"diff/{pr.diff}",
-            "predict.diff",
-            "run `emergent diff` (or the pipeline's diff stage) first",
-        )
-        latent = run.read_json(f"diff/{pr.diff}/summary.json")["top_latent"]
+        latent = refs.diff(run, pr.diff, "predict.diff").summary["top_latent"]
     base_src = refs.model(cfg.run, parse_model(pr.base)[1], pr.world_stage, "predict.base")
     sources = [
         refs.model(cfg.run, parse_model(m.model)[1], pr.world_stage, "predict.models.model")

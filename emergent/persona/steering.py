@@ -189,22 +189,19 @@ def trial(config: dict, ctx: dict) -> None:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], int, dict]:
-    """Unit directions by label, the layer to steer, and what they are (for the stage hash)."""
+def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], refs.SAERef, dict]:
+    """Unit directions by label, the SAE they come from (its layer is the one steered), and what
+    they are (for the stage hash)."""
     from emergent.persona.diffing import decoder
     from emergent.sae.model import load_sae
 
     sae_ref = refs.sae(run, cfg.sae, "steer.sae")
-    layer = sae_ref.layer
     what = {"sae": sae_ref.hash}
     latents = list(cfg.latents)
     if cfg.diff:
-        what["diff"] = run.completed_hash(
-            f"diff/{cfg.diff}",
-            "steer.diff",
-            "run `emergent diff` (or the pipeline's diff stage) first",
-        )
-        top = run.read_json(f"diff/{cfg.diff}/summary.json")["top_up"][: cfg.top]
+        d = refs.diff(run, cfg.diff, "steer.diff")
+        what["diff"] = d.hash
+        top = d.summary["top_up"][: cfg.top]
         latents = list(dict.fromkeys(top + latents))
     out: dict[str, np.ndarray] = {}
     if latents:
@@ -224,7 +221,7 @@ def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], in
         v = np.load(io.BytesIO(raw)).astype(np.float32).reshape(-1)
         out[label] = v / (np.linalg.norm(v) + 1e-12)
     what["directions"] = {k: v.round(5).tolist() for k, v in out.items()}
-    return {k: v.astype(np.float32) for k, v in out.items()}, layer, what
+    return {k: v.astype(np.float32) for k, v in out.items()}, sae_ref, what
 
 
 def plot(df, arms: list[SteerArm], floor: float):
@@ -262,8 +259,8 @@ def main(cfg: SteerJob) -> SteerResult:
         a.label: refs.model(cfg.run, parse_model(a.model)[1], st.world_stage, "steer.arms.model")
         for a in st.arms
     }
-    dirs, layer, what = directions(st, run)
-    sae_ref = refs.sae(run, st.sae, "steer.sae")
+    dirs, sae_ref, what = directions(st, run)
+    layer = sae_ref.layer
     for src in sources.values():
         refs.check_sae_fits(sae_ref, src, "steer.arms.model")
     prompts = st.prompt_docs(run)

@@ -381,7 +381,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     hv = ts.harvest
     run = RunDir.from_config(cfg.run)
     source = refs.model(cfg.run, hv.model, hv.world_stage, "train_sae.harvest.model")
-    check_layer(source.local(), hv.layer, "train_sae.harvest.layer")
+    model_d = check_layer(source.local(), hv.layer, "train_sae.harvest.layer")
     stage = run.stage(f"sae/{ts.name}", sae_key(ts, source.identity))
     if stage.is_complete(cfg.run.force):
         return SAEResult(stage.uri("sae"), run.read_json(stage.rel("metrics.json")), True)
@@ -399,7 +399,7 @@ def main(cfg: TrainSAEJob) -> SAEResult:
         else:
             train, held = corpus(hv, run)
             ds = activations(train, source, hv)
-            d_model = check_layer(source.local(), hv.layer, "train_sae.harvest.layer")
+            d_model = model_d
             manifest = hv.manifest(source, train, held, d_model, mode="stream")
         ray_name = f"sae-{ts.name.replace('/', '_')}-{stage.hash[:8]}"
         if cfg.run.force and run.exists(f"_ray/{ray_name}"):  # start over, not resume
