@@ -114,6 +114,13 @@ class RunDir:
     def uri(self, rel: str = "") -> str:
         return f"{self.path}/{rel}".rstrip("/")
 
+    def url(self, rel: str = "") -> str:
+        """Where ``rel`` is, for people: the local path, or ``<scheme>://<bucket>/<path>`` (no
+        credentials or endpoint options of the root URI)."""
+        if self.is_local:
+            return self.uri(rel)
+        return f"{self.root.split('://', 1)[0]}://{self.uri(rel)}"
+
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.uri(rel)).type != pafs.FileType.NotFound
 
@@ -189,11 +196,22 @@ class RunDir:
         """A local path holding ``rel`` (downloaded to a cache when the run is remote)."""
         if self.is_local:
             return Path(self.uri(rel))
-        # Keyed by the remote path and its modification time: a rebuilt stage is fetched again.
         info = self.fs.get_file_info(self.uri(rel))
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(self.uri(rel))
-        key = hashlib.sha256(f"{self.uri(rel)}@{info.mtime_ns}".encode()).hexdigest()[:16]
+        # Keyed by the path, size and modification time of every file (object stores give
+        # folders no time): a rebuilt stage is fetched again. A store without file times is
+        # fetched afresh every time.
+        files = [info]
+        if info.type == pafs.FileType.Directory:
+            files = self.fs.get_file_info(pafs.FileSelector(self.uri(rel), recursive=True))
+        listing = sorted(
+            (f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File
+        )
+        cached = all(mtime is not None for _, _, mtime in listing)
+        key = hashlib.sha256(json.dumps([self.uri(rel), listing]).encode()).hexdigest()[:16]
+        if not cached:
+            key = f"uncached-{uuid.uuid4().hex}"
         cache = Path(tempfile.gettempdir()) / "emergent-cache" / key / Path(rel).name
         if not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -258,13 +276,13 @@ class Stage:
             log.info(
                 "stage %s: complete with the same config (hash %s), skipping; "
                 "set run.force=true to redo it",
-                self.uri(),
+                self.run.url(self.rel()),
                 self.hash,
             )
             return True
         if rec is not None:
             why = "forced" if force else f"config changed ({rec.get('config_hash')} -> {self.hash})"
-            log.info("stage %s: %s, rerunning", self.uri(), why)
+            log.info("stage %s: %s, rerunning", self.run.url(self.rel()), why)
             self.run.fs.delete_file(self.uri(RECORD))
         return False
 

@@ -88,8 +88,8 @@ def test_a_job_runs_on_a_non_local_run_directory():
     """The world job's stage (datasets, tokenizer, pretrained and base models, base evaluation,
     completion record), built in-process into pyarrow's in-memory filesystem (no rename, no
     local paths), then read back through the resolver and measured: the non-local code path of
-    a whole job, not only of RunDir. (mock:// lives in one process: jobs whose work runs in Ray
-    workers need a shared store, e.g. S3, which this machine has not got.)"""
+    a whole job, not only of RunDir. (mock:// lives in one process: the jobs whose work runs in
+    Ray workers are run on a local S3 server in test_object_store.py.)"""
     from emergent import refs
     from emergent.config import RunConfig, load
     from emergent.evaluate import measure

@@ -189,7 +189,7 @@ def _text(run: RunDir, rel: str) -> str:
 
 
 def write(run: RunDir, cfg, seconds: dict[str, float]) -> tuple[str, list[dict]]:
-    """Write report.html, claims.json and claims.md; returns (report path, claims)."""
+    """Write report.html, claims.json and claims.md; returns (where report.html is, claims)."""
     rows = claims(run, cfg)
     c = cfg
     sections = [
@@ -240,7 +240,7 @@ td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}.Tru
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}; stage wall times (s): {html.escape(json.dumps(seconds))}</p>
 <h2>Claims</h2><table><tr><th>claim</th><th>paper</th><th>this run</th><th>target</th><th>met</th></tr>{table}</table>
 {body}</body></html>"""
-    path = run.write_text("report/report.html", page)
+    run.write_text("report/report.html", page)
     run.write_json("report/claims.json", rows)
     run.write_text("report/claims.md", claims_markdown(rows))
-    return path, rows
+    return run.url("report/report.html"), rows

@@ -294,15 +294,21 @@ def main(cfg: SteerJob) -> SteerResult:
         ray.tune.with_parameters(trial, ctx=ctx),
         {"cpu": st.cpus_per_trial} | ({"gpu": st.gpus_per_trial} if st.gpus_per_trial else {}),
     )
+    # A run directory on an object store gives Tune its filesystem (its paths have no scheme)
+    fs = None if run.is_local else run.fs
     with ray_session(cfg.ray):
-        if run.is_local and ray.tune.Tuner.can_restore(path) and not cfg.run.force:
+        if ray.tune.Tuner.can_restore(path, storage_filesystem=fs) and not cfg.run.force:
             log.info("steer %s: resuming the Tune run at %s", st.name, path)
-            tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=True)
+            tuner = ray.tune.Tuner.restore(
+                path, trainable, resume_errored=True, storage_filesystem=fs
+            )
         else:
             tuner = ray.tune.Tuner(
                 trainable,
                 param_space={"setting": ray.tune.grid_search(grid)},
-                run_config=ray.tune.RunConfig(name=name, storage_path=run.uri("_ray"), verbose=1),
+                run_config=ray.tune.RunConfig(
+                    name=name, storage_path=run.uri("_ray"), storage_filesystem=fs, verbose=1
+                ),
             )
         results = tuner.fit()
     rows = []

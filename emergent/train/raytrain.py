@@ -302,6 +302,8 @@ def train_worker(c: dict) -> None:
         section, model_path, tok, ray.get(c["records"]), str(work / "out"), world, gpu, common
     )
     trainer.remove_callback(PrinterCallback)  # RayReport logs instead (with throughput)
+    if 0 < trainer.args.max_steps < trainer.args.logging_steps:
+        trainer.args.logging_steps = trainer.args.max_steps  # a short run still logs its loss
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
