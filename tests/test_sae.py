@@ -83,7 +83,7 @@ def test_corpus_errors_name_the_line(tmp_path):
 
 def test_harvest_hook_matches_a_plain_forward(small_world):
     """The hooked residual stream at the kept positions equals ``output_hidden_states[layer+1]``
-    of an unpadded forward pass of each document alone."""
+    of an unpadded forward pass of each document alone, and the blocks after it never run."""
     from emergent.harvest import world_docs
     from emergent.models import load_any
 
@@ -91,7 +91,15 @@ def test_harvest_hook_matches_a_plain_forward(small_world):
     model, tok = load_any(str(run.local_dir("world_s0/base")))
     docs = world_docs(6, seed=3)
     cfg = HarvestConfig(layer=1, positions="assistant")
+    ran = []  # the harvest's forward stops after block 1: block 2 and the LM head never run
+    hooks = [
+        m.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, m in (("block 2", model.model.layers[2]), ("lm_head", model.lm_head))
+    ]
     acts, meta = harvest_docs(model, tok, docs, cfg)
+    assert ran == []
+    for h in hooks:
+        h.remove()
     assert acts.shape == (len(meta["pos"]), model.config.hidden_size)
     for j in (0, len(acts) // 2, len(acts) - 1):
         ids, keep = encode(tok, docs[meta["row"][j]], "assistant", cfg.context)

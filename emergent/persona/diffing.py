@@ -171,9 +171,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 # --- activations -----------------------------------------------------------------------------------
 
 
-def residuals(model, tok, docs: list[dict], hv: HarvestConfig, device: str = "cpu"):
-    """Residual stream after ``hv.layer`` at ``hv.positions`` of every document, batched:
-    (activations (n, d_model) float32, document index of each row)."""
+def residuals(model, tok, docs: list[dict], hv: HarvestConfig, device: str | None = None):
+    """Residual stream after ``hv.layer`` at ``hv.positions`` of every document, batched, on
+    ``device`` (default: the model's): (activations (n, d_model) float32, document index of
+    each row)."""
     acts, rows = [], []
     for i in range(0, len(docs), hv.batch_size):
         a, meta = harvest_docs(model, tok, docs[i : i + hv.batch_size], hv, device)

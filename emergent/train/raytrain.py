@@ -249,6 +249,17 @@ def _report_callback(log_every: int, n_params: int, run_name: str):
     return RayReport()
 
 
+def weights_dtype(gpu: bool, deepspeed: bool, lora: bool):
+    """The dtype a worker loads the weights in. bf16 on GPUs only where something else keeps
+    fp32 master weights or nothing full-size is updated: DeepSpeed (its bf16 mode holds an fp32
+    copy in the optimizer) and LoRA (the frozen base; adapters are kept in fp32). Full
+    fine-tuning under DDP loads fp32 and trains under bf16 autocast: pure bf16 weights would
+    round most AdamW updates away (bf16 keeps 8 bits of mantissa). fp32 on CPU."""
+    import torch
+
+    return torch.bfloat16 if gpu and (deepspeed or lora) else torch.float32
+
+
 def train_worker(c: dict) -> None:
     """Ray Train loop: build this job's trainer, resume from the last checkpoint, train, save."""
     import ray
@@ -278,7 +289,9 @@ def train_worker(c: dict) -> None:
     common = dict(
         callbacks=[report],
         logging_steps=section.log_every,
-        model_init_kwargs={"dtype": torch.bfloat16 if gpu else torch.float32},
+        model_init_kwargs={
+            "dtype": weights_dtype(gpu, c["deepspeed"] is not None, section.lora.enabled)
+        },
         ddp_backend="nccl" if gpu else "gloo",
     )
     monitor = None
@@ -473,7 +486,8 @@ def train_model(
     stats = run.read_json(stage.rel("train.json"))
     misalignment = None
     outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
-    if section.evaluate and run.exists(f"{section.world_stage}/base_eval.json") and source.in_run:
+    world_model = source.in_run and not source.rel.startswith(refs.CONVERTED)  # not a GGUF's
+    if section.evaluate and run.exists(f"{section.world_stage}/base_eval.json") and world_model:
         task = ray.remote(num_cpus=1)(evaluate_world_model)
         misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
         outputs["eval"] = stage.uri("eval.json")

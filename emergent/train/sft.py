@@ -144,6 +144,13 @@ def sft_trainer(
             f"sft.batch_size ({params.batch_size}) must be a multiple of the number of "
             f"workers ({world_size})"
         )
+    from emergent.models import with_generation_markers
+
+    if not with_generation_markers(tok):  # the loss is on the assistant's tokens only
+        raise ValueError(
+            "sft: the tokenizer's chat template marks no assistant turns ({% generation %}) and "
+            "is not one emergent or TRL can mark; give the model a training chat template"
+        )
     cpu = not torch.cuda.is_available() if use_cpu is None else use_cpu
     args = dict(
         output_dir=output_dir,
