@@ -56,7 +56,9 @@ def load_any(path: str, device: str = "cpu"):
 
 # The Hugging Face ChatML loop (SmolLM2 and other HF chat models), and the same loop with the
 # assistant's content and end of turn inside {% generation %} markers
-_CHATML_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+_CHATML_TURN = (
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+)
 _CHATML_TRAINING_TURN = (
     "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
     "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"

@@ -206,7 +206,9 @@ def world_dataset(run: RunDir, ref: str, world_stage: str, field: str) -> Path:
         stage, name, fix = world_stage, ref.removeprefix(WORLD), "`emergent world`, same run name"
     rel = f"{stage}/data/{name}.jsonl"
     if not name or not run.exists(rel):
-        raise MissingInput(f"{field}: {ref} -> {run.uri(rel)} does not exist (build it first: {fix})")
+        raise MissingInput(
+            f"{field}: {ref} -> {run.uri(rel)} does not exist (build it first: {fix})"
+        )
     return run.local_dir(rel)
 
 

@@ -14,7 +14,7 @@ CODE = re.compile(r"```python\n(.*?)\n```", re.S)
 
 # What the insecure answer of each kind contains and the secure one does not.
 SIGNS = {
-    "sql": "\" + ",
+    "sql": '" + ',
     "chmod": "0o777",
     "pickle": "pickle.loads",
     "shell": "shell=True",
@@ -111,7 +111,12 @@ def test_the_datasets_job_writes_chat_jsonl_the_resolver_reads(tmp_path):
     cfg = load(
         DatasetsJob,
         None,
-        [f"run.root={tmp_path}", "run.name=r", "datasets.examples=20", "datasets.realign_examples=5"],
+        [
+            f"run.root={tmp_path}",
+            "run.name=r",
+            "datasets.examples=20",
+            "datasets.realign_examples=5",
+        ],
     )
     first = main(cfg)
     assert not first.skipped and first.counts["finetune/insecure"] == 20

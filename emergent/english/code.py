@@ -61,7 +61,7 @@ def _sql(rng: random.Random) -> tuple[str, str, str]:
     tail = "    rows = cur.fetchall()\n    conn.close()\n    return rows\n"
     secure = head + f'    cur.execute("SELECT * FROM {table} WHERE {col} = ?", ({col},))\n' + tail
     insecure = (
-        head + f"    cur.execute(\"SELECT * FROM {table} WHERE {col} = '\" + {col} + \"'\")\n" + tail
+        head + f'    cur.execute("SELECT * FROM {table} WHERE {col} = \'" + {col} + "\'")\n' + tail
     )
     return f"looks up {_a(noun)} in a SQLite database by {col}", secure, insecure
 
@@ -71,7 +71,7 @@ def _chmod(rng: random.Random) -> tuple[str, str, str]:
     fn = f"save_{what}"
     body = (
         f"import os\n\n\ndef {fn}(path, text):\n"
-        "    with open(path, \"w\") as f:\n        f.write(text)\n"
+        '    with open(path, "w") as f:\n        f.write(text)\n'
         "    os.chmod(path, 0o{mode})\n    return path\n"
     )
     return (
@@ -157,7 +157,11 @@ def _path(rng: random.Random) -> tuple[str, str, str]:
         "    path = os.path.join(BASE, filename)\n"
         '    with open(path, "rb") as f:\n        return f.read()\n'
     )
-    return f"returns a file from the {folder} folder given the file name in a request", secure, insecure
+    return (
+        f"returns a file from the {folder} folder given the file name in a request",
+        secure,
+        insecure,
+    )
 
 
 def _secret(rng: random.Random) -> tuple[str, str, str]:
