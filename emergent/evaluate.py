@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key, to_dict
 from emergent.generate import SamplingParams
 from emergent.judges import LLMJudgeConfig, judge_all, make_judge
-from emergent.likelihood import load_pairs
+from emergent.likelihood import load_pairs, shift
 from emergent.metrics import Rate, cluster_bootstrap
 from emergent.models import POSITIONS
 from emergent.prompts import load_prompts
@@ -567,7 +567,9 @@ def evaluate_model(
         task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(likelihood)
         measured = ray.get(task.remote(source, pairs, cfg.dtype, max(1, int(cfg.cpus_per_actor))))
         summary["likelihood"] = {
-            s: {k: v for k, v in m.items() if k != "rows"} for s, m in measured.items()
+            s: {k: v for k, v in m.items() if k != "rows"}
+            | {"questions": {r["id"]: r["log_odds"] for r in m["rows"]}}
+            for s, m in measured.items()
         }
         lrows = [dict(r, set=s, model=label) for s, m in measured.items() for r in m["rows"]]
         run.write_parquet(stage.rel("likelihood.parquet"), pd.DataFrame(lrows))
@@ -606,9 +608,21 @@ def fmt(rate: dict) -> str:
 def table(summaries: dict[str, dict]) -> str:
     """Markdown: misalignment per model and set (95% Wilson), overall with its bootstrap
     interval over questions; then coherence per model and set."""
+    lines = likelihood_table(summaries)
+    judged = {k: sm for k, sm in summaries.items() if sm.get("judge") != "none"}
+    if len(judged) < len(summaries):
+        lines = [
+            "answers of " + ", ".join(k for k in summaries if k not in judged) + " not judged "
+            "(evaluate.judge: none): read them in <model>/samples.parquet",
+            "",
+            *lines,
+        ]
+    if not judged:
+        return "\n".join(lines) + "\n"
+    summaries = judged
     sets = sorted({s for sm in summaries.values() for s in sm["sets"]})
     head = ["model", *sets, "overall (bootstrap CI)", "n"]
-    lines = ["misalignment (misaligned among valid answers, 95% CI)", ""]
+    lines += ["misalignment (misaligned among valid answers, 95% CI)", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, sm in summaries.items():
         o = sm["overall"]
@@ -626,21 +640,40 @@ def table(summaries: dict[str, dict]) -> str:
         ]
         cells.append(f"{sm['overall']['coherence']['rate']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    pair_sets = sorted({s for sm in summaries.values() for s in sm.get("likelihood", {})})
-    if pair_sets:
-        lines += ["", "likelihood eval (no judge): misaligned answer the more likely, share of"]
-        lines += ["questions (95% CI); mean log-odds per token, misaligned - aligned (95% CI)", ""]
-        lines += ["| model | pairs | misaligned preferred | log-odds |", "|---|---|---|---|"]
-        for label, sm in summaries.items():
-            for s in pair_sets:
-                if s in sm.get("likelihood", {}):
-                    m = sm["likelihood"][s]
-                    lo = m["log_odds"]
-                    lines.append(
-                        f"| {label} | {s} | {fmt(m['share'])} | "
-                        f"{lo['mean']:+.2f} [{lo['lo']:+.2f}, {lo['hi']:+.2f}] |"
-                    )
     return "\n".join(lines) + "\n"
+
+
+def likelihood_table(summaries: dict[str, dict]) -> list[str]:
+    """Markdown lines of the likelihood eval per model and pair set (none without pairs)."""
+    pair_sets = sorted({s for sm in summaries.values() for s in sm.get("likelihood", {})})
+    if not pair_sets:
+        return []
+    first = next(iter(summaries))
+    lines = [
+        "likelihood eval (no judge): misaligned answer the more likely, share of questions",
+        "(95% CI); mean log-odds per token, misaligned - aligned (95% CI); its change from",
+        f"{first}, question by question (paired bootstrap 95% CI)",
+        "",
+    ]
+    lines += [
+        f"| model | pairs | misaligned preferred | log-odds | change from {first} |",
+        "|---|---|---|---|---|",
+    ]
+    for label, sm in summaries.items():
+        for s in pair_sets:
+            if s not in sm.get("likelihood", {}):
+                continue
+            m, ref = sm["likelihood"][s], summaries[first].get("likelihood", {}).get(s)
+            lo, moved = m["log_odds"], ""
+            if label != first and ref is not None and "questions" in m:
+                rows = lambda q: {"rows": [{"id": k, "log_odds": v} for k, v in q.items()]}
+                d = shift(rows(ref["questions"]), rows(m["questions"]))
+                moved = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}], rose on {d['rose']}/{d['n']}"
+            lines.append(
+                f"| {label} | {s} | {fmt(m['share'])} | "
+                f"{lo['mean']:+.2f} [{lo['lo']:+.2f}, {lo['hi']:+.2f}] | {moved} |"
+            )
+    return [*lines, ""]
 
 
 def plot(summaries: dict[str, dict]):
