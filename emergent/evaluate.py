@@ -564,7 +564,7 @@ def evaluate_model(
         import ray
 
         tl = time.time()
-        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(likelihood)
+        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(likelihood_task)
         measured = ray.get(task.remote(source, pairs, cfg.dtype, max(1, int(cfg.cpus_per_actor))))
         summary["likelihood"] = {
             s: {k: v for k, v in m.items() if k != "rows"}
@@ -584,7 +584,7 @@ def evaluate_model(
     return summary, False
 
 
-def likelihood(source: ModelSource, pairs: dict[str, list[dict]], dtype, threads: int) -> dict:
+def likelihood_task(source: ModelSource, pairs: dict[str, list[dict]], dtype, threads: int) -> dict:
     """The likelihood eval of one model on each pair set (run as a Ray task)."""
     import torch
 

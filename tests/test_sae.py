@@ -109,6 +109,48 @@ def test_harvest_hook_matches_a_plain_forward(small_world):
         np.testing.assert_allclose(acts[j], hs[2][0, meta["pos"][j]].numpy(), atol=1e-4)
 
 
+def test_sae_evaluation_per_batch_matches_a_dense_reference(small_world, tmp_path):
+    """evaluate_sae accumulates batch by batch (sums, firing counts, a running top-k): its FVU,
+    L0, dead / dense fractions and top examples equal those computed from the dense features of
+    every held-out token at once."""
+    from emergent import refs
+    from emergent.config import RunConfig
+    from emergent.harvest import world_docs
+    from emergent.models import load_any
+    from emergent.sae.evaluate import evaluate_sae
+
+    source = refs.model(RunConfig(name="small", root=str(small_world)), "world:base", "world_s0")
+    model, tok = load_any(source.local())
+    torch.manual_seed(0)
+    save_sae(make_sae(SAEParams(architecture="topk", d_sae=64, k=4), 64), 1.0, tmp_path / "sae")
+    docs = world_docs(23, seed=5)
+    hv = HarvestConfig(layer=1, positions="non_special", batch_size=5)
+    metrics, top = evaluate_sae(str(tmp_path / "sae"), source, hv, docs, top=3)
+
+    acts, meta = harvest_docs(model, tok, docs, HarvestConfig(**{**hv.__dict__, "batch_size": 23}))
+    x = torch.from_numpy(acts).double()
+    with torch.no_grad():
+        sae = load_sae(tmp_path / "sae")
+        f = sae.encode(x.float())
+        recon = sae.decode(f).double()
+    freq = (f > 0).double().mean(0)
+    assert metrics["tokens"] == len(x)
+    assert metrics["fvu"] == pytest.approx(
+        float(((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-4
+    )
+    assert metrics["l0"] == pytest.approx(float((f > 0).double().sum(1).mean()), rel=1e-6)
+    assert metrics["dead_fraction"] == float((freq == 0).double().mean())
+    assert metrics["dense_fraction"] == float((freq > 0.1).double().mean())
+    vals, idx = torch.topk(f, 3, dim=0)
+    want = {
+        (latent, r, int(meta["row"][idx[r, latent]]), int(meta["pos"][idx[r, latent]]))
+        for latent in range(f.shape[1])
+        for r in range(3)
+        if vals[r, latent] > 0
+    }
+    assert set(zip(top["latent"], top["rank"], top["doc"], top["pos"])) == want
+
+
 @pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu"])
 def test_saved_sae_loads_with_sae_lens_and_encodes_the_same(tmp_path, arch):
     """Train a few steps on scaled data, save with the scale folded in: sae-lens' loader gives an

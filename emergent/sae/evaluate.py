@@ -12,25 +12,29 @@ from emergent.sae.model import load_sae
 
 
 def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: list[dict], top: int):
-    """Held-out metrics of a saved SAE, and its top-activating examples (a DataFrame)."""
+    """Held-out metrics of a saved SAE, and its top-activating examples (a DataFrame).
+
+    Accumulated batch by batch: sums for FVU and L0, per-latent firing counts and a running
+    top-``top`` per latent, so memory stays at one batch plus ``top`` x d_sae (never the dense
+    N x d_sae features, GBs for a wide SAE on a big held-out set). Runs where it is called: the
+    train-sae job calls it in a Ray task (``evaluate_task``), off the driver."""
     import numpy as np
     import pandas as pd
     import torch
 
     model, tok = load_any(source.local())
-    sae = load_sae(sae_dir)
-    acts, feats, meta_all = [], [], {"row": [], "pos": [], "token": []}
+    device = next(model.parameters()).device
+    sae = load_sae(sae_dir).to(device)
+    n, l0, err = 0, 0.0, 0.0
+    sum_x = sum_sq = fired = None
+    best_v = best_i = None  # (k, d_sae): the running top activations and their row numbers
+    meta_all = {"row": [], "pos": [], "token": []}
     ce = {"clean": [], "spliced": [], "zero": []}
     causal = model.get_output_embeddings() is not None
     enc = [encode(tok, d, hv.positions, hv.context) for d in docs]  # once: acts, CE, contexts
     for i in range(0, len(docs), hv.batch_size):
         chunk = enc[i : i + hv.batch_size]
         a, meta = harvest_encoded(model, tok, chunk, dataclasses.replace(hv, dtype="float32"))
-        x = torch.from_numpy(a)
-        with torch.no_grad():
-            f = sae.encode(x)
-        acts.append(x)
-        feats.append(f)
         for k in meta_all:
             meta_all[k].append(meta[k] + (i if k == "row" else 0))
         if causal and len(meta["pos"]):
@@ -38,18 +42,35 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
                 model, tok, [ids for ids, _ in chunk], hv.layer, sae, meta
             ).items():
                 ce[mode].append(value)
-    x, f = torch.cat(acts), torch.cat(feats)
-    with torch.no_grad():
-        recon = sae.decode(f)
-    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    active = (f > 0).float()
-    freq = active.mean(0)
+        if not len(a):
+            continue
+        x = torch.from_numpy(a).to(device)
+        with torch.no_grad():
+            f = sae.encode(x)
+            recon = sae.decode(f)
+        x64 = x.double()
+        err += float(((x - recon) ** 2).double().sum())
+        sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
+        sum_sq = float((x64**2).sum()) + (sum_sq or 0.0)
+        active = f > 0
+        l0 += float(active.sum())
+        fired = active.sum(0) if fired is None else fired + active.sum(0)
+        rows = torch.arange(n, n + len(f), device=device).unsqueeze(1).expand(-1, f.shape[1])
+        cand_v = f if best_v is None else torch.cat([best_v, f])
+        cand_i = rows if best_i is None else torch.cat([best_i, rows])
+        best_v, at = torch.topk(cand_v, min(top, len(cand_v)), dim=0)
+        best_i = torch.gather(cand_i, 0, at)
+        n += len(f)
+    if n == 0:
+        raise ValueError("evaluate_sae: no activations in the held-out documents")
+    total = sum_sq - float((sum_x**2).sum()) / n  # sum of squared deviations from the mean
+    freq = fired.double() / n
     metrics = {
-        "tokens": len(x),
-        "fvu": float(fvu),
-        "l0": float(active.sum(1).mean()),
-        "dead_fraction": float((freq == 0).float().mean()),
-        "dense_fraction": float((freq > 0.1).float().mean()),
+        "tokens": n,
+        "fvu": err / total,
+        "l0": l0 / n,
+        "dead_fraction": float((freq == 0).double().mean()),
+        "dense_fraction": float((freq > 0.1).double().mean()),
     }
     if causal and ce["clean"]:
         tot = {m: sum(v[0] for v in vals) / sum(v[1] for v in vals) for m, vals in ce.items()}
@@ -63,11 +84,10 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
     rows = np.concatenate(meta_all["row"])
     pos = np.concatenate(meta_all["pos"])
     token = np.concatenate(meta_all["token"])
-    k = min(top, len(f))
-    vals, idx = torch.topk(f, k, dim=0)  # (k, d_sae)
+    vals, idx = best_v.cpu(), best_i.cpu()
     ex = []
-    for latent in range(f.shape[1]):
-        for r in range(k):
+    for latent in range(vals.shape[1]):
+        for r in range(vals.shape[0]):
             v = float(vals[r, latent])
             if v <= 0:
                 break
@@ -84,6 +104,18 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
                 }
             )
     return metrics, pd.DataFrame(ex)
+
+
+def evaluate_task(root: str, run_name: str, sae_rel: str, source, hv, docs, top: int, threads: int):
+    """``evaluate_sae`` as a Ray task: the SAE fetched from the run where the task runs (a
+    KubeRay head has no CPUs to spare and the driver should not hold a model)."""
+    from emergent.runs import RunDir
+    from emergent.runtime import set_threads, setup_logging
+
+    setup_logging()
+    set_threads(threads)
+    sae_dir = str(RunDir(root, run_name).local_dir(sae_rel))
+    return evaluate_sae(sae_dir, source, hv, docs, top)
 
 
 def _context(tok, ids: list[int], pos: int, before: int = 12, after: int = 3) -> str:
@@ -103,8 +135,10 @@ def _ce(model, tok, seqs: list[list[int]], layer: int, sae, meta) -> dict[str, t
 
     from emergent.models import edit_residual
 
-    ids, mask = pad_right(tok, seqs)
-    rows, pos = torch.as_tensor(meta["row"]), torch.as_tensor(meta["pos"])
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in pad_right(tok, seqs))
+    rows = torch.as_tensor(meta["row"], device=device)
+    pos = torch.as_tensor(meta["pos"], device=device)
     target = ids[:, 1:].clone()
     target[mask[:, 1:] == 0] = -100
 

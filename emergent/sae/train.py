@@ -47,7 +47,7 @@ from emergent.harvest import (
 from emergent.models import check_layer
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.sae.evaluate import evaluate_sae
+from emergent.sae.evaluate import evaluate_task
 from emergent.sae.model import SAEParams, make_sae, save_sae, step_module
 
 log = logging.getLogger(__name__)
@@ -432,8 +432,22 @@ def main(cfg: TrainSAEJob) -> SAEResult:
             ),
         )
         trainer.fit()
-    sae_dir = str(run.local_dir(stage.rel("sae")))
-    metrics, top = evaluate_sae(sae_dir, source, hv, held, ts.top_examples)
+        # held-out evaluation in a task of a worker's size, not in the driver
+        task = ray.remote(num_cpus=ts.cpus_per_worker, num_gpus=1 if ts.use_gpu else 0)(
+            evaluate_task
+        )
+        metrics, top = ray.get(
+            task.remote(
+                cfg.run.root,
+                cfg.run.name,
+                stage.rel("sae"),
+                source,
+                hv,
+                held,
+                ts.top_examples,
+                max(1, int(ts.cpus_per_worker)),
+            )
+        )
     stats = run.read_json(stage.rel("train.json"))
     metrics |= {
         "train_steps": stats["steps"],
