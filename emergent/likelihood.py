@@ -116,18 +116,14 @@ def answer_logprobs(
     from emergent.generate import stop_ids
 
     stops = stop_ids(model, tok)
+    from emergent.harvest import pad_right
+
     encoded = [answer_tokens(tok, m, a, system, stops) for m, a in items]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
     out = []
     for b in range(0, len(encoded), batch_size):
         chunk = encoded[b : b + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (seq, _) in enumerate(chunk):  # right padding: positions stay 0..n-1
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
+        ids, mask = pad_right(tok, [seq for seq, _ in chunk])  # positions stay 0..n-1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         target = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
