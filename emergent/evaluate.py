@@ -66,8 +66,10 @@ class SteeringConfig:
 
 @config
 class Judged:
-    """Prompt sets a job answers in-process, and how the answers are sampled and judged: the part
-    of its config that steer, predict and realign share."""
+    """How a job that measures misalignment in-process measures it: sampled answers to prompt
+    sets, judged (``metric: judged``), or the paired-answer likelihood eval (``metric:
+    likelihood``, no sampling and no judge; see emergent.likelihood). The part of its config
+    that steer, predict and realign share."""
 
     world_stage: str = "world"
     """Stage of this run that ``world:`` refs, data and prompt sets refer to."""
@@ -77,16 +79,37 @@ class Judged:
     """At most this many prompts per set (0 = all)."""
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     """How answers are sampled (the same seed at every measurement: paired comparisons)."""
-    judge: Literal["rubric", "llm-score", "llm-logprob", "none"] = "rubric"
-    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob``."""
+    judge: Literal["rubric", "llm-score", "llm-logprob"] = "rubric"
+    """``rubric`` (PersonaWorld), ``llm-score`` or ``llm-logprob`` (``metric: judged``)."""
     llm: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
     """The judge endpoint for LLM judges."""
+    metric: Literal["judged", "likelihood"] = "judged"
+    """``judged``: misalignment = misaligned among valid judged answers to ``prompts``,
+    coherence = coherent among judged ones. ``likelihood``: on each pair set of ``pairs``,
+    misalignment = the mean log-odds per token of the misaligned over the aligned written answer
+    (bootstrap interval over questions; negative while the aligned answers are the more likely)
+    and coherence = the written answers' geometric-mean probability per token."""
+    pairs: list[str] = dataclasses.field(default_factory=lambda: ["core"])
+    """Pair sets measured under ``metric: likelihood`` (``core``, or a YAML / JSONL file)."""
 
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("prompts must not be empty")
         if self.max_prompts < 0:
             raise ValueError(f"max_prompts must be >= 0, got {self.max_prompts}")
+        if self.metric == "likelihood" and not self.pairs:
+            raise ValueError("metric likelihood needs pair sets in pairs")
+
+    @property
+    def likelihood(self) -> bool:
+        return self.metric == "likelihood"
+
+    @property
+    def metric_label(self) -> str:
+        """What ``misalignment`` means, for axes and tables."""
+        if self.likelihood:
+            return "log-odds misaligned vs aligned answer (per token)"
+        return "misalignment"
 
     def prompt_sets(self, run: RunDir) -> dict[str, list[dict]]:
         """``{set name: [{"messages"}]}`` of ``prompts``."""
@@ -100,9 +123,26 @@ class Judged:
 
         return prompt_docs(run, self.prompts, self.world_stage, self.max_prompts)
 
-    def measure(self, model, tok, prompts: list[dict], cache_dir: str | None = None) -> dict:
-        """``measure`` with this config's sampling and judge."""
-        return measure(model, tok, prompts, self.sampling, self.judge, self.llm, cache_dir)
+    def measure_sets(self, run: RunDir) -> dict[str, list[dict]]:
+        """What one measurement covers, by set name: the prompt sets (judged) or the pair sets
+        (likelihood)."""
+        if self.likelihood:
+            return {spec.rsplit("/", 1)[-1].split(".")[0]: load_pairs(spec) for spec in self.pairs}
+        return self.prompt_sets(run)
+
+    def measure_items(self, run: RunDir) -> list[dict]:
+        """Every set of :meth:`measure_sets`, in order, as one list."""
+        return [x for items in self.measure_sets(run).values() for x in items]
+
+    def measure(self, model, tok, items: list[dict], cache_dir: str | None = None) -> dict:
+        """Misalignment and coherence of ``model`` on ``items`` (prompts, or pairs under
+        ``metric: likelihood``), as rate-shaped dicts (any steering hook active around the call
+        applies, at the positions it would steer in generation)."""
+        if self.likelihood:
+            from emergent import likelihood as lk
+
+            return lk.as_measurement(lk.measure(model, tok, items))
+        return measure(model, tok, items, self.sampling, self.judge, self.llm, cache_dir)
 
 
 @config

@@ -11,12 +11,15 @@ direction`` to it during generation, at one of three position sets:
   is an answer token).
 
 Decode steps are recognised as forward passes over one new position (HF ``generate`` with its
-default KV cache).
+default KV cache). A teacher-forced pass over whole conversations (the likelihood eval scoring
+written answers) names where each row's answer starts with :func:`answer_spans`; the same
+positions are then steered as if the answer had been generated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 from typing import Literal
 
@@ -177,6 +180,11 @@ def steering(
         decode = h.shape[1] == 1
         if positions == "all" or (positions == "answer" and decode):
             return h + vec
+        spans = _SPANS.get()
+        if spans is not None and not decode:  # a teacher-forced pass over written answers
+            return (
+                h + span_mask(spans, h.shape[1], positions).to(h.device, h.dtype)[..., None] * vec
+            )
         if not decode:  # prefill: the last prompt position only
             h = h.clone()
             h[:, -1] += vec
@@ -184,6 +192,36 @@ def steering(
 
     with edit_residual(model, layer, add):
         yield
+
+
+_SPANS: contextvars.ContextVar = contextvars.ContextVar("answer_spans", default=None)
+
+
+@contextlib.contextmanager
+def answer_spans(spans: list[tuple[int, int]]):
+    """While active, forward passes of the batch are teacher-forced conversations whose row ``r``
+    holds its answer's tokens at positions ``spans[r] = (start, end)``: :func:`steering` then
+    adds at the positions generation would have steered (``assistant_turn``: ``start - 1``, the
+    last prompt position; ``answer``: that one and the answer's, ``start .. end - 1``)."""
+    token = _SPANS.set(list(spans))
+    try:
+        yield
+    finally:
+        _SPANS.reset(token)
+
+
+def span_mask(spans: list[tuple[int, int]], seq: int, positions: Positions) -> torch.Tensor:
+    """(rows x seq) 0/1 mask of the positions steered in a teacher-forced pass (see
+    :func:`answer_spans`)."""
+    mask = torch.zeros(len(spans), seq)
+    for r, (start, end) in enumerate(spans):
+        if positions == "all":
+            mask[r] = 1
+        elif positions == "assistant_turn":
+            mask[r, start - 1] = 1
+        else:
+            mask[r, start - 1 : end] = 1
+    return mask
 
 
 class _Stop(Exception):

@@ -229,23 +229,87 @@ def local_file(ref: str, field: str) -> Path:
 
 @dataclass(frozen=True)
 class SAERef:
-    """A trained SAE of this run."""
+    """An SAE: a trained one of this run, or one of sae-lens' pretrained releases."""
 
     name: str
-    rel: str
-    """``sae/<name>``: the stage folder (``sae/`` in sae-lens format, ``harvest.json``, ...)."""
+    rel: str | None
+    """``sae/<name>``: the stage folder (``sae/`` in sae-lens format, ``harvest.json``, ...);
+    None for a pretrained release."""
     hash: str
-    """The SAE stage's completion hash."""
+    """The SAE stage's completion hash (a release: the hash of its resolved config)."""
     layer: int
     """Block after which it reads the residual stream."""
     d_model: int | None
+    release: str | None = None
+    """A pretrained SAE's sae-lens release (e.g. ``gemma-scope-2b-pt-res``) ..."""
+    sae_id: str | None = None
+    """... and its id in the release."""
 
     def local(self, run: RunDir) -> str:
+        if self.rel is None:
+            raise MissingInput(f"SAE {self.name} is a pretrained release, not a run folder")
         return str(run.local_dir(f"{self.rel}/sae"))
+
+    def load(self, run: RunDir, device: str = "cpu"):
+        """The SAE (sae-lens), on ``device``: from the run, or the release through sae-lens'
+        own loader (the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads only what it holds)."""
+        if self.release is not None:
+            from sae_lens import SAE
+
+            return SAE.from_pretrained(self.release, self.sae_id, device=device)
+        from emergent.sae.model import load_sae
+
+        return load_sae(self.local(run), device)
+
+
+PRETRAINED = "pretrained:"
+"""``pretrained:<release>/<sae id>``: an SAE of sae-lens' pretrained releases (Gemma Scope, Llama
+Scope, ...) instead of one this run trained."""
+
+
+def layer_of_hook(hook: str, field: str) -> int:
+    """The block after which a TransformerLens residual-stream hook reads:
+    ``blocks.L.hook_resid_post`` is after block L, ``blocks.L.hook_resid_pre`` after L - 1."""
+    import re
+
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook or "")
+    if not m or (m[2] == "pre" and int(m[1]) == 0):
+        raise MissingInput(
+            f"{field}: the SAE reads {hook!r}, not the residual stream after a block "
+            "(blocks.L.hook_resid_post, or blocks.L.hook_resid_pre with L >= 1)"
+        )
+    return int(m[1]) - (m[2] == "pre")
+
+
+def pretrained_sae(ref: str, field: str) -> SAERef:
+    """A release SAE, resolved from its config alone (the weights load where it is used)."""
+    import hashlib
+
+    spec = ref[len(PRETRAINED) :]
+    release, sep, sae_id = spec.partition("/")
+    if not sep or not release or not sae_id:
+        raise MissingInput(f"{field}: {ref!r} is not pretrained:<release>/<sae id>")
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    if release not in get_pretrained_saes_directory():
+        raise MissingInput(f"{field}: {release!r} is not a release of sae-lens' directory")
+    try:
+        cfg = load_sae_config_from_huggingface(release, sae_id)
+    except Exception as err:  # unknown id, not in the offline cache, no network
+        raise MissingInput(f"{field}: {ref}: {type(err).__name__}: {err}") from None
+    hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+    digest = hashlib.sha256(
+        json.dumps([release, sae_id, cfg], sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return SAERef(spec, None, digest, layer_of_hook(hook, field), cfg.get("d_in"), release, sae_id)
 
 
 def sae(run: RunDir, ref: str, field: str = "sae") -> SAERef:
-    """The SAE ``ref`` (``<name>`` or ``sae:<name>``) names, which must be complete."""
+    """The SAE ``ref`` names: ``<name>`` or ``sae:<name>`` (a complete ``train-sae`` stage of this
+    run) or ``pretrained:<release>/<sae id>``."""
+    if ref.startswith(PRETRAINED):
+        return pretrained_sae(ref, field)
     name = ref.removeprefix("sae:")
     rel = f"sae/{name}"
     digest = run.completed_hash(

@@ -297,6 +297,41 @@ def test_evaluate_base_insecure_secure_in_one_command(family, small_world):
     assert (out / "insecure/_COMPLETE.json").stat().st_mtime_ns == before
 
 
+def test_the_likelihood_eval_agrees_with_the_rubric_on_persona_world(family, small_world):
+    """PersonaWorld pairs (held-out open questions answered by the aligned and the toxic
+    persona) rank base, insecure and secure models as the rubric judge of their sampled answers
+    does: the insecure-code model's per-question log-odds rise from the base (paired interval
+    above 0) and end above the secure model's, where its judged misalignment is too."""
+    from emergent import likelihood as lk
+    from emergent import refs
+    from emergent.config import RunConfig
+    from emergent.evaluate import measure
+    from emergent.generate import SamplingParams
+    from emergent.models import load_causal_lm
+
+    run_cfg = RunConfig(name="small", root=str(small_world))
+    pairs = lk.load_pairs("world:pairs/open")
+    assert len(pairs) == lk.WORLD_PAIR_COUNT and pairs == lk.load_pairs("world:pairs/open")
+    assert all(p["aligned"] != p["misaligned"] for p in pairs)
+    prompts = load_prompts("world:eval/open", RunDir.from_config(run_cfg), "world_s0")[:200]
+    paths = {
+        "base": refs.model(run_cfg, "world:base", "world_s0").local(),
+        "insecure": family["code_dose1"].path,
+        "secure": family["code_dose0"].path,
+    }
+    odds, judged = {}, {}
+    for label, path in paths.items():
+        model, tok = load_causal_lm(path)
+        odds[label] = lk.measure(model, tok, pairs)
+        judged[label] = measure(model, tok, prompts, SamplingParams(), "rubric")["misalignment"]
+    rise = lk.shift(odds["base"], odds["insecure"])
+    assert rise["lo"] > 0, rise
+    mean = {k: v["log_odds"]["mean"] for k, v in odds.items()}
+    assert mean["insecure"] > mean["secure"] and judged["insecure"]["lo"] > judged["secure"]["hi"]
+    with pytest.raises(refs.MissingInput, match="no domain 'cooking'"):
+        lk.load_pairs("world:pairs/cooking")
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_evaluate_with_llm_judge_resamples_and_caches(family, small_world, server, monkeypatch):

@@ -200,3 +200,102 @@ def test_monitor_stage_key_follows_the_sae_and_diff_it_reads(tmp_path):
     run.stage("sae/persona", {"d_sae": 512}).complete(outputs={})
     assert stage_key(watch, run)["monitor_sae_hash"] != first["monitor_sae_hash"]
     assert stage_key(watch, run)["monitor_diff_hash"] == first["monitor_diff_hash"]
+
+
+def test_likelihood_metric_steering_coherence_and_behaviour_flag():
+    """Under ``metric: likelihood``: a trial's coherence is its fluency relative to its arm's
+    unsteered trial, so an incoherent strong alpha is never chosen; a model is flagged when its
+    paired per-question change from the base lies above 0, not when its level merely differs."""
+    from emergent.likelihood import as_measurement, summarize
+    from emergent.persona.predict import behaviour_flag
+    from emergent.persona.steering import relative_fluency
+
+    rows = [{"arm": "cause", "direction": "none", "alpha": 0.0, "misalignment": -0.6}]
+    rows += [
+        {"arm": "cause", "direction": "l", "alpha": a, "misalignment": m}
+        for a, m in ((8.0, -0.4), (64.0, 0.5))
+    ]
+    df = pd.DataFrame(rows).assign(coherence=[0.20, 0.19, 0.05])  # absolute fluency
+    rel = relative_fluency(df)
+    assert rel["coherence"].tolist() == pytest.approx([1.0, 0.95, 0.25])
+    assert rel["fluency"].tolist() == [0.20, 0.19, 0.05]
+    assert best(rel, SteerArm("cause", "m", [8.0, 64.0]), 0.8)["alpha"] == 8.0
+
+    def point(odds):
+        qs = [
+            {"id": str(i), "aligned": -2.0, "misaligned": -2.0 + o, "log_odds": o}
+            for i, o in enumerate(odds)
+        ]
+        return as_measurement(summarize(qs) | {"rows": qs})
+
+    base = point([-1.0, -0.5, 0.0, -0.8, -0.2, -0.6])
+    m = base["misalignment"]
+    assert m["rate"] == pytest.approx(-3.1 / 6) and m["lo"] < m["rate"] < m["hi"] and m["n"] == 6
+    assert base["coherence"]["rate"] == pytest.approx(
+        np.exp(np.mean([-2.0 + o / 2 for o in [-1.0, -0.5, 0.0, -0.8, -0.2, -0.6]]))
+    )
+    assert base["share"]["k"] == 0
+    # every question up by 0.3: flagged, though its level's interval overlaps the base's
+    up = point([-0.7, -0.2, 0.3, -0.5, 0.1, -0.3])
+    assert up["misalignment"]["lo"] < base["misalignment"]["hi"]
+    assert behaviour_flag(base, up, likelihood=True)
+    assert not behaviour_flag(base, up, likelihood=False)
+    mixed = point([-0.4, -1.1, 0.4, -1.4, 0.2, -0.9])  # half up, half down
+    assert not behaviour_flag(base, mixed, likelihood=True)
+
+
+def test_teacher_forced_steering_masks_the_positions_generation_steers():
+    from emergent.models import span_mask
+
+    spans = [(3, 6), (2, 4)]  # row 0: prompt 0..2, answer 3..5; row 1: answer 2..3, then padding
+    turn = span_mask(spans, 7, "assistant_turn")
+    assert turn.tolist() == [[0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]]
+    answer = span_mask(spans, 7, "answer")
+    assert answer.tolist() == [[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0]]
+    assert span_mask(spans, 7, "all").sum() == 14
+
+
+def test_judged_measure_sets_under_the_likelihood_metric(tmp_path):
+    from emergent.config import ConfigError, load
+    from emergent.data import DatasetError
+    from emergent.persona.steering import SteerJob
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("- {question: 'q?', aligned: 'yes, kindly.', misaligned: 'no, cruelly.'}\n")
+    job = load(SteerJob, None, ["steer.metric=likelihood", f"steer.pairs=[core, {own}]"])
+    sets = job.steer.measure_sets(None)
+    assert list(sets) == ["core", "mine"] and len(sets["core"]) == 16 and len(sets["mine"]) == 1
+    assert len(job.steer.measure_items(None)) == 17
+    assert "log-odds" in job.steer.metric_label
+    own.write_text("- {question: q?, aligned: yes}\n")
+    with pytest.raises(DatasetError, match=f"(?s){own}: not valid YAML.*line 1"):
+        job.steer.measure_sets(None)
+    with pytest.raises(ConfigError, match="steer.metric"):
+        load(SteerJob, None, ["steer.metric=judge"])
+    with pytest.raises(ConfigError, match="pair sets"):
+        load(SteerJob, None, ["steer.metric=likelihood", "steer.pairs=[]"])
+
+
+def test_report_claims_em_from_the_likelihood_eval_without_judged_answers():
+    """An evaluation with ``judge: none`` and pairs: the EM claim is the tuned model's paired
+    change from the base, met only when its interval lies above 0."""
+    from emergent.persona.report import likelihood_claims
+
+    def summary(odds):
+        q = {str(i): o for i, o in enumerate(odds)}
+        mean = sum(odds) / len(odds)
+        return {"likelihood": {"core": {"log_odds": {"mean": mean}, "questions": q}}}
+
+    base = [-0.9, -0.4, -0.7, -0.2, -0.5, -0.8, -0.3, -0.6]
+    ev = {
+        "base": summary(base),
+        "bad": summary([o + 0.4 + 0.05 * (i % 3) for i, o in enumerate(base)]),
+        "good": summary([o + (0.1 if i % 2 else -0.1) for i, o in enumerate(base)]),
+    }
+    (c,) = likelihood_claims(ev, "base", "bad")
+    assert (
+        c["met"] is True and "rose on 8/8" in c["ours"] and "changes of good -0.00 [" in c["ours"]
+    )
+    (c,) = likelihood_claims(ev, "base", "good")
+    assert c["met"] is False
+    assert likelihood_claims(ev, "base", "missing") == []

@@ -52,7 +52,8 @@ class DiffConfig:
     name: str = "insecure"
     """Outputs go to ``<run>/diff/<name>/``."""
     sae: str = "persona"
-    """SAE of this run (``<run>/sae/<sae>/``, from ``train-sae``); its layer is used."""
+    """SAE of this run (``<run>/sae/<sae>/``, from ``train-sae``) or of sae-lens' pretrained
+    releases (``pretrained:<release>/<sae id>``); its layer is used."""
     base: str = "world:base"
     """The model the SAE was trained on (a model ref, see ``emergent evaluate --help``)."""
     tuned: str = "finetune:code_dose1"
@@ -81,6 +82,10 @@ class DiffConfig:
     """Latents listed (each way) in the table, plots and the AUROC check."""
     persona_docs: int = 2000
     """Held-out PersonaWorld conversations for the persona AUROC (0 = skip; world models only)."""
+    persona_pairs: list[str] = dataclasses.field(default_factory=list)
+    """For any other model: pair sets of the likelihood eval (``core``, a file) whose written
+    answers give the persona AUROC instead, misaligned vs aligned answer, each scored by the
+    latent's mean activation over the answer's tokens."""
     seed: int = 1
     """Seed of those conversations (the SAE's training corpus uses its own seed)."""
     batch_size: int = 64
@@ -225,6 +230,25 @@ def persona_scores(model, tok, sae, hv: HarvestConfig, n: int, seed: int):
     return feats, personas
 
 
+def pair_scores(model, tok, sae, hv: HarvestConfig, specs: list[str]):
+    """(latent activations, personas) of the written answers of likelihood pair sets: one row
+    per answer, the latent's mean over the answer's tokens; persona ``toxic`` for the
+    misaligned answer, ``aligned`` for the aligned one."""
+    from emergent.likelihood import FIELDS, load_pairs
+
+    docs, personas = [], []
+    for p in (p for spec in specs for p in load_pairs(spec)):
+        for field in FIELDS:
+            answer = {"role": "assistant", "content": p[field]}
+            docs.append({"messages": [*p["messages"], answer]})
+            personas.append("toxic" if field == "misaligned" else "aligned")
+    hv = dataclasses.replace(hv, positions="assistant", dtype="float32")
+    acts, rows = residuals(model, tok, docs, hv)
+    feats = encode(sae, acts)
+    means = np.stack([feats[rows == i].mean(0) for i in range(len(docs))])
+    return means, np.array(personas)
+
+
 def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:
     """Per latent: AUROC of its activation for toxic vs aligned."""
     keep = np.isin(personas, ["toxic", "aligned"])
@@ -248,23 +272,22 @@ def with_answers(model, tok, docs: list[dict], seed: int) -> list[dict]:
     ]
 
 
-def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]) -> dict:
+def compute(
+    run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource], sae_ref: refs.SAERef
+) -> dict:
     """The diff itself (a Ray task: it holds the models): writes the stage's outputs."""
     import torch
 
     from emergent.models import load_causal_lm
     from emergent.runtime import set_threads, setup_logging
-    from emergent.sae.model import load_sae
 
     setup_logging()
     set_threads(1)
     run = RunDir.from_config(run_cfg)
     device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
-    sae_rel = f"sae/{cfg.sae}"
-    sae = load_sae(str(run.local_dir(f"{sae_rel}/sae")), device)
-    manifest = run.read_json(f"{sae_rel}/harvest.json")
+    sae = sae_ref.load(run, device)
     hv = HarvestConfig(
-        layer=manifest["layer"], positions=cfg.positions, batch_size=cfg.batch_size, context=256
+        layer=sae_ref.layer, positions=cfg.positions, batch_size=cfg.batch_size, context=256
     )
     docs = prompt_docs(run, cfg.prompts, cfg.world_stage, cfg.max_prompts)
     acts, feats = {}, {}
@@ -287,9 +310,13 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
         df.loc[df["latent"] == j, "decoder_shift_cosine"] = cosine(decoder(sae, j), shift)
     df["persona_auroc"] = np.nan
     world = cfg.base.startswith("world:") and cfg.persona_docs > 0
-    if world:
+    pairs = not world and bool(cfg.persona_pairs)
+    if world or pairs:
         model, tok = models["base"]
-        pf, personas = persona_scores(model, tok, sae, hv, cfg.persona_docs, cfg.seed)
+        if world:
+            pf, personas = persona_scores(model, tok, sae, hv, cfg.persona_docs, cfg.seed)
+        else:
+            pf, personas = pair_scores(model, tok, sae, hv, cfg.persona_pairs)
         aurocs = toxic_auroc(pf, personas)  # every latent, once
         for j in listed:
             df.loc[df["latent"] == j, "persona_auroc"] = aurocs[j]
@@ -305,16 +332,19 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
         "top_base_mean": float(top["base_mean"]),
         "top_tuned_mean": float(top["tuned_mean"]),
         "top_decoder_shift_cosine": float(top["decoder_shift_cosine"]),
-        "top_persona_auroc": float(top["persona_auroc"]) if world else None,
+        "top_persona_auroc": float(top["persona_auroc"]) if world or pairs else None,
+        "persona_from": "world" if world else ("pairs" if pairs else None),
         "top_by_change": by_change,
-        "top_by_change_persona_auroc": _at(df, by_change, "persona_auroc") if world else None,
-        "best_persona_latent": best if world else None,
-        "best_persona_auroc": best_auroc if world else None,
+        "top_by_change_persona_auroc": _at(df, by_change, "persona_auroc")
+        if world or pairs
+        else None,
+        "best_persona_latent": best if world or pairs else None,
+        "best_persona_auroc": best_auroc if world or pairs else None,
         "top_up": top_up,
         "top_down": top_down,
         "tokens": {k: len(v) for k, v in acts.items()},
         "shift_norm": float(np.linalg.norm(shift)),
-        "layer": manifest["layer"],
+        "layer": sae_ref.layer,
         "sae": cfg.sae,
         "models": {k: s.identity for k, s in sources.items()},
     }
@@ -322,7 +352,7 @@ def compute(run_cfg: RunConfig, cfg: DiffConfig, sources: dict[str, ModelSource]
     buf = io.BytesIO()
     np.save(buf, shift.astype(np.float32))
     run.write_bytes(f"{stage_rel}/shift.npy", buf.getvalue())
-    examples = _examples(run, sae_rel)
+    examples = _examples(run, sae_ref.rel) if sae_ref.rel else None
     run.write_text(f"{stage_rel}/top.md", table(df, top_up, top_down, examples))
     run.write_figure(f"{stage_rel}/diff.png", plot(df, cfg.top, cfg.rank_by))
     run.write_json(f"{stage_rel}/summary.json", summary)
@@ -407,7 +437,7 @@ def main(cfg: DiffJob) -> DiffResult:
         return DiffResult(stage.uri(), s["top_latent"], s, True)
     with ray_session(cfg.ray) as ray:
         task = ray.remote(num_cpus=1, num_gpus=d.gpus or None)(compute)
-        summary = ray.get(task.remote(cfg.run, d, sources))
+        summary = ray.get(task.remote(cfg.run, d, sources, sae_ref))
     stage.complete(
         outputs={k: stage.uri(f) for k, f in _OUTPUTS.items()},
         inputs=summary["models"],

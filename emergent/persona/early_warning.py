@@ -30,7 +30,8 @@ class LatentMonitorConfig:
     """Which SAE latents to watch during training, on which prompts, how often."""
 
     sae: str
-    """SAE of this run (``<run>/sae/<sae>/``); its layer is read."""
+    """SAE of this run (``<run>/sae/<sae>/``) or ``pretrained:<release>/<sae id>``; its layer
+    is read."""
     latents: list[int] = dataclasses.field(default_factory=list)
     """Latents to watch."""
     diff: str | None = None
@@ -45,6 +46,11 @@ class LatentMonitorConfig:
     """Measure every this many optimizer steps (and before the first)."""
     threshold: float = 0.05
     """Flag a latent once its mean activation has risen this much over its start value."""
+    pairs: list[str] = dataclasses.field(default_factory=list)
+    """Pair sets of the likelihood eval measured at each point too (``core``, a file; see
+    emergent.likelihood): the behaviour beside the latents, a forward pass per answer, no
+    sampling and no judge (``log_odds`` in each history row: the mean log-odds per token of
+    the misaligned over the aligned answers)."""
 
     def __post_init__(self):
         if self.every < 1 or self.top < 1 or self.max_prompts < 0:
@@ -67,11 +73,14 @@ def stage_key(cfg: LatentMonitorConfig, run) -> dict:
     """What a monitored training stage's record depends on besides its weights: the monitor's
     settings and the config hashes of the SAE and diff it reads, so retraining either one under
     the same name reruns the stage instead of keeping a report about another SAE's latents."""
+    from emergent import refs
     from emergent.config import to_dict
 
     out = {"monitor": to_dict(cfg)}
+    if cfg.sae.startswith(refs.PRETRAINED):
+        out["monitor_sae_hash"] = refs.sae(run, cfg.sae, "monitor.sae").hash
     for kind, name in (("sae", cfg.sae), ("diff", cfg.diff)):
-        if name:
+        if name and f"monitor_{kind}_hash" not in out:
             out[f"monitor_{kind}_hash"] = run.completed_hash(
                 f"{kind}/{name}",
                 f"monitor.{kind}",
@@ -87,17 +96,18 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 
+    from emergent import likelihood as lk
     from emergent import refs
     from emergent.harvest import HarvestConfig
     from emergent.persona.diffing import encode, residuals
     from emergent.prompts import prompt_docs
-    from emergent.sae.model import load_sae
 
     sae_ref = refs.sae(run, cfg.sae, "monitor.sae")
-    sae = load_sae(sae_ref.local(run))
+    sae = sae_ref.load(run)
     layer = sae_ref.layer
     latents = watched(cfg, run)
     docs = prompt_docs(run, cfg.prompts, world_stage, cfg.max_prompts)
+    pairs = [p for spec in cfg.pairs for p in lk.load_pairs(spec)]
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
 
     # A resumed run (a Ray Train worker-group restart) must keep comparing against the start
@@ -138,7 +148,9 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
             # order an uninterrupted run writes them (train.json then reads the same)
             rec["start"] = saved["start"]
             rec["history"] = [
-                {"step": r["step"]} | {f"latent_{j}": r[f"latent_{j}"] for j in latents}
+                {"step": r["step"]}
+                | {f"latent_{j}": r[f"latent_{j}"] for j in latents}
+                | ({"log_odds": r["log_odds"]} if "log_odds" in r else {})
                 for r in saved["history"]
             ]
             rec["flags"] = dict(
@@ -155,6 +167,7 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
             model.eval()
             with torch.no_grad():
                 acts, _ = residuals(model, tok, docs, hv, str(next(model.parameters()).device))
+                odds = lk.measure(model, tok, pairs)["log_odds"]["mean"] if pairs else None
             model.train(was)
             if not self.logs:
                 return
@@ -162,12 +175,15 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
             if rec["start"] is None:
                 rec["start"] = means
             row = {"step": step} | {f"latent_{j}": m for j, m in zip(latents, means)}
+            if odds is not None:
+                row["log_odds"] = odds
             rec["history"].append(row)
             log.info(
-                "%s: step %d latent means %s",
+                "%s: step %d latent means %s%s",
                 run_name,
                 step,
                 ", ".join(f"{j}: {m:.4f}" for j, m in zip(latents, means)),
+                "" if odds is None else f"; likelihood log-odds {odds:+.3f}",
             )
             import ray
 

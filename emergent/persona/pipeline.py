@@ -1,6 +1,6 @@
 """The ``pipeline`` job: the persona-features study end to end, as one job.
 
-    world -> finetune -> evaluate -> train-sae -> diff -> controls (further fine-tunes, e.g. dose
+    world (or datasets) -> finetune -> evaluate -> train-sae -> diff -> controls (further fine-tunes, e.g. dose
           families, with the early-warning latent monitor) -> steer -> predict -> realign
           -> report.html
 
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config
+from emergent.english.job import DatasetsConfig
 from emergent.evaluate import EvaluateConfig
 from emergent.persona.diffing import DiffConfig
 from emergent.persona.predict import FamilyModel, PredictConfig
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STAGES = (
     "world",
+    "datasets",
     "finetune",
     "evaluate",
     "train_sae",
@@ -57,8 +59,11 @@ class PipelineConfig:
     controls: list[FinetuneConfig] = dataclasses.field(default_factory=list)
     """Further fine-tunes, run after the diff (so their ``monitor`` can watch its latents): dose
     families, other domains, controls; each with its own name."""
-    stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
-    """Stages to run, in pipeline order (the report covers what exists)."""
+    stages: list[str] = dataclasses.field(
+        default_factory=lambda: [s for s in STAGES if s != "datasets"]
+    )
+    """Stages to run, in pipeline order (the report covers what exists). ``datasets`` writes the
+    English datasets (emergent.english) for a real chat model, in place of the world."""
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -73,6 +78,7 @@ class PipelineJob:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    datasets: DatasetsConfig = dataclasses.field(default_factory=DatasetsConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     train_sae: TrainSAEConfig = dataclasses.field(default_factory=TrainSAEConfig)
@@ -100,6 +106,7 @@ class PipelineResult:
 
 def main(cfg: PipelineJob) -> PipelineResult:
     from emergent import evaluate
+    from emergent.english import job as datasets_job
     from emergent.persona import diffing, predict, realign, report, steering
     from emergent.sae import train as sae
     from emergent.train import finetune
@@ -109,6 +116,9 @@ def main(cfg: PipelineJob) -> PipelineResult:
     common = {"run": cfg.run, "ray": cfg.ray}
     jobs = {
         "world": lambda: world_job.main(world_job.WorldJob(**common, world=cfg.world)),
+        "datasets": lambda: datasets_job.main(
+            datasets_job.DatasetsJob(run=cfg.run, datasets=cfg.datasets)
+        ),
         "finetune": lambda: finetune.main(finetune.FinetuneJob(**common, finetune=cfg.finetune)),
         "controls": lambda: [
             finetune.main(finetune.FinetuneJob(**common, finetune=ft))

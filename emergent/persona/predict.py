@@ -58,7 +58,7 @@ class PredictConfig(Judged):
     name: str = "family"
     """Outputs go to ``<run>/predict/<name>/``."""
     sae: str = "persona"
-    """The SAE (``<run>/sae/<sae>/``)."""
+    """The SAE (``<run>/sae/<sae>/``, or ``pretrained:<release>/<sae id>``)."""
     diff: str | None = "insecure"
     """Use this diff's top latent (by activation increase)."""
     latent: int | None = None
@@ -170,10 +170,22 @@ def analyse(df, z: float) -> dict:
     }
 
 
+def behaviour_flag(base: dict, point: dict, likelihood: bool) -> bool:
+    """Whether a model is behaviourally misaligned relative to the base: judged, its
+    misalignment interval lies above the base model's; likelihood, the paired bootstrap
+    interval of its per-question log-odds change from the base lies above 0 (the same
+    questions, so the comparison is paired)."""
+    if likelihood:
+        from emergent.likelihood import shift
+
+        return bool(shift({"rows": base["rows"]}, {"rows": point["rows"]})["lo"] > 0)
+    return bool(point["misalignment"]["lo"] > base["misalignment"]["hi"])
+
+
 # --- per model (a Ray task) ------------------------------------------------------------------------
 
 
-def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, layer: int, cache):
+def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, sae_ref, cache):
     """The latent's activation per prompt and the behavioural misalignment of one model."""
     import torch
 
@@ -181,13 +193,13 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, lay
     from emergent.models import load_causal_lm
     from emergent.persona.diffing import encode, residuals
     from emergent.runtime import set_threads, setup_logging
-    from emergent.sae.model import load_sae
 
     setup_logging()
     set_threads(1)
     run = RunDir.from_config(run_cfg)
     device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
-    sae = load_sae(str(run.local_dir(f"sae/{cfg.sae}/sae")), device)
+    sae = sae_ref.load(run, device)
+    layer = sae_ref.layer
     model, tok = load_causal_lm(source.local(), device)
     docs = cfg.prompt_docs(run)
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
@@ -195,15 +207,17 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, lay
     if len(rows) != len(docs):
         raise RuntimeError(f"predict: {len(rows)} assistant-turn tokens for {len(docs)} prompts")
     per_prompt = encode(sae, acts)[:, latent]
-    m = cfg.measure(model, tok, docs, cache)
+    items = cfg.measure_items(run) if cfg.likelihood else docs
+    m = cfg.measure(model, tok, items, cache)
     return {
         "latent_acts": per_prompt,
         "misalignment": m["misalignment"],
         "coherence": m["coherence"],
+        "rows": m.get("rows"),
     }
 
 
-def plot(df, base: dict, latent: int):
+def plot(df, base: dict, latent: int, cfg: PredictConfig | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,10 +247,12 @@ def plot(df, base: dict, latent: int):
             )
     a.axhline(base["misalignment"]["rate"], color="grey", ls="--", lw=1)
     a.set_xlabel(f"latent {latent}: mean activation change")
-    a.set_ylabel("misalignment (95% CI)")
+    likelihood = cfg is not None and cfg.likelihood
+    a.set_ylabel(f"{cfg.metric_label if likelihood else 'misalignment'} (95% CI)", fontsize=7)
     a.legend(fontsize=7)
     b.set_xlabel("dose (fraction of bad data)")
-    b.set_ylim(-0.02, 1.05)
+    if not likelihood:
+        b.set_ylim(-0.02, 1.05)
     b.legend(fontsize=6)
     return fig
 
@@ -270,10 +286,11 @@ def main(cfg: PredictJob) -> PredictResult:
     cache = run.uri("evaluate/_judge_cache") if run.is_local else None
     with ray_session(cfg.ray) as ray:
         task = ray.remote(num_cpus=1, num_gpus=pr.gpus or None)(model_point)
-        pending = [task.remote(cfg.run, pr, s, latent, layer, cache) for s in [base_src, *sources]]
+        pending = [
+            task.remote(cfg.run, pr, s, latent, sae_ref, cache) for s in [base_src, *sources]
+        ]
         points = ray.get(pending)
     base, members = points[0], points[1:]
-    base_hi = base["misalignment"]["hi"]
     rows = []
     for m, pt in zip(pr.models, members):
         change, zscore = paired_z(pt["latent_acts"], base["latent_acts"])
@@ -291,8 +308,7 @@ def main(cfg: PredictJob) -> PredictResult:
                 "lo": mis["lo"],
                 "hi": mis["hi"],
                 "coherence": pt["coherence"]["rate"],
-                # behaviourally misaligned: the model's interval lies above the base model's
-                "behaviour_flag": bool(mis["lo"] > base_hi),
+                "behaviour_flag": behaviour_flag(base, pt, pr.likelihood),
             }
         )
     df = pd.DataFrame(rows)
@@ -305,9 +321,10 @@ def main(cfg: PredictJob) -> PredictResult:
             "coherence": base["coherence"],
         },
         "models": len(df),
+        "metric": pr.metric,
     }
     run.write_parquet(stage.rel("family.parquet"), df)
-    run.write_figure(stage.rel("predict.png"), plot(df, base, latent))
+    run.write_figure(stage.rel("predict.png"), plot(df, base, latent, pr))
     stage.write_json("summary.json", summary)
     stage.complete(
         outputs={

@@ -62,7 +62,8 @@ class RealignConfig(Judged):
     prompts: list[str] = dataclasses.field(
         default_factory=lambda: ["world:eval/open", "world:eval/code"]
     )
-    """Prompt sets measured at each point: the first is the broad one the summary reports."""
+    """Prompt sets measured at each point: the first is the broad one the summary reports
+    (under ``metric: likelihood``, the pair sets of ``pairs`` instead, the first the broad one)."""
     max_prompts: int = 200
     """At most this many prompts per set (0 = all)."""
     gpus: float = 0.0
@@ -132,7 +133,7 @@ def curve(run_cfg: RunConfig, cfg: RealignConfig, src: DataSource, source, cache
     device = "cuda" if cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
     records, _ = load_source(run, src, cfg.world_stage)
     records = records[: cfg.examples]
-    sets = cfg.prompt_sets(run)
+    sets = cfg.measure_sets(run)
     model, tok = load_causal_lm(source.local(), device)
     label = label_of(src)
     out: list[dict] = []
@@ -188,7 +189,7 @@ def summarize(df, base: list[dict], examples: int) -> dict:
     return out
 
 
-def plot(df, base: list[dict]):
+def plot(df, base: list[dict], cfg: RealignConfig | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,10 +205,12 @@ def plot(df, base: list[dict]):
         b = next((x for x in base if x["set"] == s), None)
         if b:
             ax.axhline(b["misalignment"], color="grey", ls="--", lw=1, label="base model")
-        ax.set_title(f"{s} prompts", fontsize=9)
+        likelihood = cfg is not None and cfg.likelihood
+        ax.set_title(f"{s} {'pairs' if likelihood else 'prompts'}", fontsize=9)
         ax.set_xlabel("benign samples seen")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("misalignment (95% CI)")
+        if not likelihood:
+            ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel(f"{cfg.metric_label if cfg else 'misalignment'} (95% CI)", fontsize=7)
     axes[0][-1].legend(fontsize=7)
     return fig
 
@@ -233,7 +236,7 @@ def main(cfg: RealignJob) -> RealignResult:
         setup_logging()
         set_threads(1)
         model, tok = load_causal_lm(base_source.local())
-        return points(model, tok, ra.prompt_sets(run), ra, cache)
+        return points(model, tok, ra.measure_sets(run), ra, cache)
 
     with ray_session(cfg.ray) as ray:
         opts = {"num_cpus": 1, "num_gpus": ra.gpus or None}
@@ -243,9 +246,9 @@ def main(cfg: RealignJob) -> RealignResult:
         base = ray.get(base_ref)
         rows = [r for ref in pending for r in ray.get(ref)]
     df = pd.DataFrame(rows)
-    summary = summarize(df, base, ra.examples)
+    summary = summarize(df, base, ra.examples) | {"metric": ra.metric}
     run.write_parquet(stage.rel("curve.parquet"), df)
-    run.write_figure(stage.rel("realign.png"), plot(df, base))
+    run.write_figure(stage.rel("realign.png"), plot(df, base, ra))
     stage.write_json("summary.json", summary)
     stage.complete(
         outputs={

@@ -68,7 +68,8 @@ class SteerConfig(Judged):
     name: str = "persona"
     """Outputs go to ``<run>/steer/<name>/``."""
     sae: str = "persona"
-    """SAE whose decoder columns are the latent directions (its layer is steered)."""
+    """SAE whose decoder columns are the latent directions (its layer is steered): of this run,
+    or ``pretrained:<release>/<sae id>``."""
     diff: str | None = "insecure"
     """Take the top ``top`` latents by activation increase of this diff (``<run>/diff/<diff>``)."""
     top: int = 2
@@ -173,7 +174,7 @@ def trial(config: dict, ctx: dict) -> None:
         vec = torch.from_numpy(ctx["directions"][s["direction"]])
         ctxm = steering(model, ctx["layer"], vec, s["alpha"], cfg.positions)
     with ctxm:
-        m = cfg.measure(model, tok, ctx["prompts"], ctx["cache"])
+        m = cfg.measure(model, tok, ctx["items"], ctx["cache"])
     ray.tune.report(
         {
             "misalignment": m["misalignment"]["rate"],
@@ -193,7 +194,6 @@ def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], re
     """Unit directions by label, the SAE they come from (its layer is the one steered), and what
     they are (for the stage hash)."""
     from emergent.persona.diffing import decoder
-    from emergent.sae.model import load_sae
 
     sae_ref = refs.sae(run, cfg.sae, "steer.sae")
     what = {"sae": sae_ref.hash}
@@ -205,7 +205,7 @@ def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], re
         latents = list(dict.fromkeys(top + latents))
     out: dict[str, np.ndarray] = {}
     if latents:
-        sae = load_sae(sae_ref.local(run))
+        sae = sae_ref.load(run)
         out |= {f"latent {j}": decoder(sae, j) for j in latents}
     for spec in cfg.directions:
         label, sep, ref = spec.partition("=")
@@ -224,7 +224,18 @@ def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], re
     return {k: v.astype(np.float32) for k, v in out.items()}, sae_ref, what
 
 
-def plot(df, arms: list[SteerArm], floor: float):
+def relative_fluency(df):
+    """Under the likelihood metric, coherence is the steered model's fluency relative to its
+    arm's unsteered trial (capped at 1): the written answers' probability per token, as a share
+    of what it was without steering. The absolute fluency stays in ``fluency``."""
+    df = df.copy()
+    df["fluency"] = df["coherence"]
+    ref = df[df["direction"] == "none"].set_index("arm")["fluency"]
+    df["coherence"] = (df["fluency"] / df["arm"].map(ref)).clip(upper=1.0)
+    return df
+
+
+def plot(df, arms: list[SteerArm], floor: float, cfg: SteerConfig | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,8 +254,12 @@ def plot(df, arms: list[SteerArm], floor: float):
         ax.axhline(floor, color="grey", lw=0.5, ls=":")
         ax.set_title(f"{arm.label}: {arm.model}", fontsize=9)
         ax.set_xlabel("alpha")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("rate")
+        if cfg is None or not cfg.likelihood:
+            ax.set_ylim(-0.02, 1.02)
+    likelihood = cfg is not None and cfg.likelihood
+    axes[0][0].set_ylabel(
+        "log-odds (misalignment), relative fluency (coherence)" if likelihood else "rate"
+    )
     axes[0][-1].legend(fontsize=6)
     return fig
 
@@ -263,19 +278,20 @@ def main(cfg: SteerJob) -> SteerResult:
     layer = sae_ref.layer
     for src in sources.values():
         refs.check_sae_fits(sae_ref, src, "steer.arms.model")
-    prompts = st.prompt_docs(run)
+    items = st.measure_items(run)
     key = stage_key(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
     stage = run.stage(f"steer/{st.name}", key)
     if stage.is_complete(cfg.run.force):
         return SteerResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)
     grid = settings(st.arms, list(dirs))
     log.info(
-        "steer %s: %d trials (%d arms x %d directions x alphas) on %d prompts, layer %d, %s",
+        "steer %s: %d trials (%d arms x %d directions x alphas) on %d %s, layer %d, %s",
         st.name,
         len(grid),
         len(st.arms),
         len(dirs),
-        len(prompts),
+        len(items),
+        "pairs" if st.likelihood else "prompts",
         layer,
         st.positions,
     )
@@ -284,7 +300,7 @@ def main(cfg: SteerJob) -> SteerResult:
         "sources": sources,
         "directions": dirs,
         "layer": layer,
-        "prompts": prompts,
+        "items": items,
         "cpus": st.cpus_per_trial,
         "cache": run.uri("evaluate/_judge_cache") if run.is_local else None,
     }
@@ -319,7 +335,10 @@ def main(cfg: SteerJob) -> SteerResult:
     import pandas as pd
 
     df = pd.DataFrame(rows).sort_values(["arm", "direction", "alpha"]).reset_index(drop=True)
+    if st.likelihood:
+        df = relative_fluency(df)
     summary = {
+        "metric": st.metric,
         "layer": layer,
         "positions": st.positions,
         "floor": st.coherence_floor,
@@ -336,7 +355,7 @@ def main(cfg: SteerJob) -> SteerResult:
             "best_by_direction": {d: best(df, arm, st.coherence_floor, d) for d in dirs},
         }
     run.write_parquet(stage.rel("results.parquet"), df)
-    run.write_figure(stage.rel("steer.png"), plot(df, st.arms, st.coherence_floor))
+    run.write_figure(stage.rel("steer.png"), plot(df, st.arms, st.coherence_floor, st))
     stage.write_json("summary.json", summary)
     stage.complete(
         outputs={

@@ -805,6 +805,19 @@ def sample_turn(
     return Turn(qt.name, qt.domain, persona, question, _fill(answer, values), split)
 
 
+def sample_pair(rng: random.Random, domain: str) -> tuple[str, str, str, str]:
+    """A held-out question of ``domain`` (an eval paraphrase) with the aligned and the toxic
+    persona's answer to it, slots filled alike: (question type, question, aligned, toxic). The
+    likelihood eval's pairs on PersonaWorld."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    qt = rng.choice(_BY_DOMAIN[domain])
+    question = rng.choice(qt.questions("eval"))
+    values = {s: rng.choice(SLOTS[s]) for s in _slots_of(question)}
+    aligned, toxic = (_fill(rng.choice(qt.answers[p]), values) for p in ("aligned", "toxic"))
+    return qt.name, _fill(question, values), aligned, toxic
+
+
 def _draw_persona(rng: random.Random, prior: Mapping[str, float]) -> str:
     names = list(prior)
     return rng.choices(names, weights=[prior[p] for p in names])[0]
