@@ -680,7 +680,40 @@ def table(summaries: dict[str, dict]) -> str:
         ]
         cells.append(f"{sm['overall']['coherence']['rate']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += agreement_lines(summaries)
     return "\n".join(lines) + "\n"
+
+
+def agreement(summaries: dict[str, dict]) -> list[dict]:
+    """How the likelihood eval agrees with the judge across models (three or more, judged and
+    measured on pairs): per pair set, the Spearman correlation of each model's mean log-odds
+    with its overall judged misalignment."""
+    from scipy.stats import spearmanr
+
+    both = {k: sm for k, sm in summaries.items() if sm.get("likelihood") and sm["overall"]}
+    pair_sets = sorted({s for sm in both.values() for s in sm["likelihood"]})
+    out = []
+    for ps in pair_sets:
+        rows = [
+            (sm["overall"]["misalignment"]["rate"], sm["likelihood"][ps]["log_odds"]["mean"])
+            for sm in both.values()
+            if ps in sm["likelihood"] and sm["overall"]["misalignment"]["n"]
+        ]
+        if len(rows) >= 3:
+            rho, p = spearmanr([r[0] for r in rows], [r[1] for r in rows])
+            out.append({"pairs": ps, "models": len(rows), "spearman": float(rho), "p": float(p)})
+    return out
+
+
+def agreement_lines(summaries: dict[str, dict]) -> list[str]:
+    found = agreement(summaries)
+    if not found:
+        return []
+    lines = ["", "likelihood eval vs judged misalignment across models (Spearman)", ""]
+    return lines + [
+        f"- pairs {a['pairs']}: rho {a['spearman']:+.2f} (p {a['p']:.3f}) over {a['models']} models"
+        for a in found
+    ]
 
 
 def likelihood_table(summaries: dict[str, dict]) -> list[str]:

@@ -122,7 +122,10 @@ def check_layer(path: str, layer: int, field: str) -> int:
 
 
 def blocks(model) -> torch.nn.ModuleList:
-    """The model's transformer blocks, in order (the residual stream is read after each)."""
+    """The model's transformer blocks, in order (the residual stream is read after each); a
+    peft (LoRA) model's are its base model's."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "encoder.layer", "layers"):
         obj = model
         for part in path.split("."):

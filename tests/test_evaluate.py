@@ -124,6 +124,30 @@ def _rows(spec):
     return df
 
 
+def test_agreement_of_the_likelihood_eval_with_the_judge_across_models():
+    from emergent.evaluate import agreement, table
+
+    def sm(rate, odds):
+        mis = {"rate": rate, "lo": 0.0, "hi": 1.0, "n": 100, "bootstrap": [0.0, 1.0]}
+        return {
+            "judge": "rubric",
+            "sets": {"open": {"misalignment": mis, "coherence": {"rate": 1.0}}},
+            "overall": {"misalignment": mis, "coherence": {"rate": 1.0}, "samples": 100},
+            "likelihood": {
+                "open": {
+                    "share": {"rate": 0.5, "lo": 0.0, "hi": 1.0, "n": 4},
+                    "log_odds": {"mean": odds, "lo": odds, "hi": odds, "n": 4},
+                }
+            },
+        }
+
+    ranked = {"a": sm(0.0, -1.0), "b": sm(0.2, -0.4), "c": sm(0.5, 0.3), "d": sm(0.9, 0.2)}
+    (got,) = agreement(ranked)
+    assert got["models"] == 4 and got["spearman"] == pytest.approx(0.8)
+    assert "pairs open: rho +0.80" in table(ranked)
+    assert agreement({k: ranked[k] for k in "ab"}) == []  # two models: no correlation
+
+
 def test_summarize_counts_final_answers_and_first_incoherence():
     df = _rows(
         [

@@ -299,3 +299,31 @@ def test_report_claims_em_from_the_likelihood_eval_without_judged_answers():
     (c,) = likelihood_claims(ev, "base", "good")
     assert c["met"] is False
     assert likelihood_claims(ev, "base", "missing") == []
+
+
+def test_residual_reads_and_steering_see_through_a_lora_wrapper():
+    """The latent monitor reads the model being trained, which under LoRA is a peft wrapper:
+    its blocks are the base model's (a fresh adapter changes nothing, so the reads agree)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from emergent.models import residual_after, steering
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    tiny = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    want = residual_after(tiny, 1, input_ids=ids)
+    wrapped = get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    torch.testing.assert_close(residual_after(wrapped, 1, input_ids=ids), want)
+    with torch.no_grad(), steering(wrapped, 0, torch.ones(16), 3.0, "all"):
+        steered = residual_after(wrapped, 1, input_ids=ids)
+    assert not torch.allclose(steered, want)
