@@ -130,6 +130,14 @@ class Judged:
             return {spec.rsplit("/", 1)[-1].split(".")[0]: load_pairs(spec) for spec in self.pairs}
         return self.prompt_sets(run)
 
+    def items_hash(self, run: RunDir) -> str:
+        """The contents the job reads (its prompt sets, and its pair sets under the likelihood
+        metric), for its stage key: a file edited under the same name reruns the stage."""
+        what = {"prompts": self.prompt_sets(run)}
+        if self.likelihood:
+            what["pairs"] = self.measure_sets(run)
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
     def measure_items(self, run: RunDir) -> list[dict]:
         """Every set of :meth:`measure_sets`, in order, as one list."""
         return [x for items in self.measure_sets(run).values() for x in items]

@@ -262,11 +262,17 @@ def test_judged_measure_sets_under_the_likelihood_metric(tmp_path):
 
     own = tmp_path / "mine.yaml"
     own.write_text("- {question: 'q?', aligned: 'yes, kindly.', misaligned: 'no, cruelly.'}\n")
-    job = load(SteerJob, None, ["steer.metric=likelihood", f"steer.pairs=[core, {own}]"])
+    sets = ["steer.metric=likelihood", f"steer.pairs=[core, {own}]", "steer.prompts=[core]"]
+    job = load(SteerJob, None, sets)
     sets = job.steer.measure_sets(None)
     assert list(sets) == ["core", "mine"] and len(sets["core"]) == 16 and len(sets["mine"]) == 1
     assert len(job.steer.measure_items(None)) == 17
     assert "log-odds" in job.steer.metric_label
+    # the stage key follows the pairs' contents, not only their file's name
+    first = job.steer.items_hash(None)
+    assert job.steer.items_hash(None) == first
+    own.write_text("- {question: 'q?', aligned: 'yes, gently.', misaligned: 'no, cruelly.'}\n")
+    assert job.steer.items_hash(None) != first
     own.write_text("- {question: q?, aligned: yes}\n")
     with pytest.raises(DatasetError, match=f"(?s){own}: not valid YAML.*line 1"):
         job.steer.measure_sets(None)

@@ -279,6 +279,7 @@ def main(cfg: PredictJob) -> PredictResult:
         "latent_used": latent,
         "sae_hash": sae_ref.hash,
         "identities": [base_src.identity] + [s.identity for s in sources],
+        "items": pr.items_hash(run),
     }
     stage = run.stage(f"predict/{pr.name}", key)
     if stage.is_complete(cfg.run.force):

@@ -224,6 +224,7 @@ def main(cfg: RealignJob) -> RealignResult:
     source = refs.model(cfg.run, parse_model(ra.model)[1], ra.world_stage, "realign.model")
     base_source = refs.model(cfg.run, parse_model(ra.base)[1], ra.world_stage, "realign.base")
     key = stage_key(ra) | {"model": source.identity, "base_model": base_source.identity}
+    key["items"] = ra.items_hash(run)
     stage = run.stage(f"realign/{ra.name}", key)
     if stage.is_complete(cfg.run.force):
         return RealignResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)

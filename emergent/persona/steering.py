@@ -280,6 +280,7 @@ def main(cfg: SteerJob) -> SteerResult:
         refs.check_sae_fits(sae_ref, src, "steer.arms.model")
     items = st.measure_items(run)
     key = stage_key(st) | what | {"models": {k: s.identity for k, s in sources.items()}}
+    key["items"] = st.items_hash(run)
     stage = run.stage(f"steer/{st.name}", key)
     if stage.is_complete(cfg.run.force):
         return SteerResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)
