@@ -208,7 +208,7 @@ def test_likelihood_metric_steering_coherence_and_behaviour_flag():
     paired per-question change from the base lies above 0, not when its level merely differs."""
     from emergent.likelihood import as_measurement, summarize
     from emergent.persona.predict import behaviour_flag
-    from emergent.persona.steering import relative_fluency
+    from emergent.persona.steering import paired_change, relative_fluency
 
     rows = [{"arm": "cause", "direction": "none", "alpha": 0.0, "misalignment": -0.6}]
     rows += [
@@ -220,6 +220,21 @@ def test_likelihood_metric_steering_coherence_and_behaviour_flag():
     assert rel["coherence"].tolist() == pytest.approx([1.0, 0.95, 0.25])
     assert rel["fluency"].tolist() == [0.20, 0.19, 0.05]
     assert best(rel, SteerArm("cause", "m", [8.0, 64.0]), 0.8)["alpha"] == 8.0
+    # the change from the unsteered trial, paired over questions: a steady rise of 0.1 on
+    # questions whose levels spread widely is clear of 0; a rise on half, a fall on the rest not
+    levels = [-1.5, -0.8, 0.0, 0.6, -0.3, 0.9]
+    qs = lambda shift: {f"q/{i}": v + shift(i) for i, v in enumerate(levels)}
+    trials = pd.DataFrame(
+        [
+            {"arm": "cause", "direction": "none", "alpha": 0.0, **qs(lambda i: 0.0)},
+            {"arm": "cause", "direction": "l", "alpha": 8.0, **qs(lambda i: 0.1)},
+            {"arm": "cause", "direction": "l", "alpha": 16.0, **qs(lambda i: 0.3 if i % 2 else -0.2)},
+        ]
+    )
+    moved = paired_change(trials)
+    assert not any(c.startswith("q/") for c in moved.columns)
+    assert moved["change"].tolist() == pytest.approx([0.0, 0.1, 0.05])
+    assert moved.loc[1, "change_lo"] == pytest.approx(0.1) and moved.loc[2, "change_lo"] <= 0
 
     def point(odds):
         qs = [

@@ -278,7 +278,8 @@ def test_sae_diff_and_likelihood_steering_on_the_real_model(smollm2, lora_code, 
     with the persona AUROC read from the likelihood pairs' written answers, and ``steer`` under
     the likelihood metric along a persona vector (the mean residual shift an evil system
     prompt causes at the assistant-turn token, added at its own norm to the answer's positions:
-    the log-odds leave the unsteered interval upwards; the figure was seen once by hand before
+    the log-odds rise from the unsteered trial's, question by question (paired interval above
+    0; the unpaired intervals of the two levels overlap); the figure was seen once by hand before
     this test was written, +0.22 [+0.16, +0.29] per token, 16/16 questions)."""
     import numpy as np
     import pandas as pd
@@ -360,7 +361,7 @@ def test_sae_diff_and_likelihood_steering_on_the_real_model(smollm2, lora_code, 
     assert result.summary["metric"] == "likelihood" and arm["unsteered"]["coherence"] == 1.0
     best = arm["best"]
     assert best is not None and best["coherence"] >= 0.8, arm
-    assert best["misalignment"] > arm["unsteered"]["misalignment_hi"], arm
+    assert best["change_lo"] > 0 and best["misalignment"] > arm["unsteered"]["misalignment"], arm
 
 
 def test_assistant_positions_on_the_chatml_template(smollm2):

@@ -175,8 +175,11 @@ def trial(config: dict, ctx: dict) -> None:
         ctxm = steering(model, ctx["layer"], vec, s["alpha"], cfg.positions)
     with ctxm:
         m = cfg.measure(model, tok, ctx["items"], ctx["cache"])
+    # the likelihood eval's per-question log-odds, for changes paired over questions
+    per_question = {f"q/{i}": r["log_odds"] for i, r in enumerate(m.get("rows", []))}
     ray.tune.report(
-        {
+        per_question
+        | {
             "misalignment": m["misalignment"]["rate"],
             "misalignment_lo": m["misalignment"]["lo"],
             "misalignment_hi": m["misalignment"]["hi"],
@@ -233,6 +236,26 @@ def relative_fluency(df):
     ref = df[df["direction"] == "none"].set_index("arm")["fluency"]
     df["coherence"] = (df["fluency"] / df["arm"].map(ref)).clip(upper=1.0)
     return df
+
+
+def paired_change(df):
+    """Under the likelihood metric, each trial's change of the log-odds from its arm's
+    unsteered trial, question by question (columns ``q/<i>``, dropped after): ``change`` with
+    a paired bootstrap interval (``change_lo``, ``change_hi``). The questions are the same in
+    every trial, so this sees a shift that the spread of the questions' levels hides."""
+    from emergent.likelihood import bootstrap_mean
+
+    qcols = [c for c in df.columns if c.startswith("q/")]
+    df = df.copy()
+    for col in ("change", "change_lo", "change_hi"):
+        df[col] = np.nan
+    for _, g in df.groupby("arm"):
+        ref = g[g["direction"] == "none"][qcols].iloc[0].to_numpy(float)
+        for i, row in g.iterrows():
+            d = row[qcols].to_numpy(float) - ref
+            lo, hi = bootstrap_mean(list(d))
+            df.loc[i, ["change", "change_lo", "change_hi"]] = [float(d.mean()), lo, hi]
+    return df.drop(columns=qcols)
 
 
 def plot(df, arms: list[SteerArm], floor: float, cfg: SteerConfig | None = None):
@@ -332,12 +355,13 @@ def main(cfg: SteerJob) -> SteerResult:
     for r in results:
         if r.error is not None:
             raise RuntimeError(f"steer {st.name}: trial {r.config['setting']} failed: {r.error}")
-        rows.append({**r.config["setting"], **{k: r.metrics[k] for k in _METRICS}})
+        qs = {k: v for k, v in r.metrics.items() if k.startswith("q/")}
+        rows.append({**r.config["setting"], **{k: r.metrics[k] for k in _METRICS}, **qs})
     import pandas as pd
 
     df = pd.DataFrame(rows).sort_values(["arm", "direction", "alpha"]).reset_index(drop=True)
     if st.likelihood:
-        df = relative_fluency(df)
+        df = paired_change(relative_fluency(df))
     summary = {
         "metric": st.metric,
         "layer": layer,
