@@ -228,7 +228,12 @@ def test_likelihood_metric_steering_coherence_and_behaviour_flag():
         [
             {"arm": "cause", "direction": "none", "alpha": 0.0, **qs(lambda i: 0.0)},
             {"arm": "cause", "direction": "l", "alpha": 8.0, **qs(lambda i: 0.1)},
-            {"arm": "cause", "direction": "l", "alpha": 16.0, **qs(lambda i: 0.3 if i % 2 else -0.2)},
+            {
+                "arm": "cause",
+                "direction": "l",
+                "alpha": 16.0,
+                **qs(lambda i: 0.3 if i % 2 else -0.2),
+            },
         ]
     )
     moved = paired_change(trials)

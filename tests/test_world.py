@@ -105,6 +105,13 @@ def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo < 0.5 < hi and abs((hi - 0.5) - (0.5 - lo)) < 1e-9
     assert str(Rate(1, 4)).startswith("0.25 [")
+    # every rate lies inside its interval, exactly at the ends too (132 of 132 once gave an upper
+    # bound of 0.9999999999999999, and the evaluate plot refused the negative error bar)
+    for n in range(1, 400):
+        for k in (0, 1, n // 2, n - 1, n):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+    assert wilson(132, 132)[1] == 1.0 and wilson(0, 132)[0] == 0.0
 
 
 @pytest.mark.ray
