@@ -108,6 +108,9 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     s = json.loads((run / "steer/persona/summary.json").read_text())
     cause, remove = s["arms"]["cause"], s["arms"]["remove"]
     assert cause["best"] is not None and remove["best"] is not None, s
+    # the remove arm's insecure model may be below the floor already (0.49 on one machine's
+    # numerics): then its setting must keep the unsteered coherence (95% lower bound)
+    assert remove["floor"] <= 0.5 and remove["best"]["coherence"] >= remove["floor"], s
     # Significant, not a fixed gap: the steered rate's 95% interval lies wholly above (cause) or
     # below (remove) the unsteered one's, on the same prompts. A fixed +0.15 sat inside the
     # spread that floating-point kernels and thread counts give the small world (0.154 against

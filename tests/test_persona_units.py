@@ -99,6 +99,30 @@ def test_steering_grid_and_best_setting_under_the_coherence_floor():
     assert best(df, arms[0], 0.95) is None
 
 
+def test_an_arm_below_the_floor_keeps_its_unsteered_coherence_instead():
+    """An insecure-code model whose coherence collapsed below the floor (0.49 on one machine's
+    numerics): a remove setting that keeps its coherence within the unsteered trial's 95%
+    interval is eligible; one that costs more coherence is not; an arm above the floor keeps
+    the floor."""
+    from emergent.persona.steering import arm_floor
+
+    arm = SteerArm("remove", "m", [-1.0, -2.0], "lower")
+    rows = [
+        ("none", 0.0, 0.6, 0.49),
+        ("l", -1.0, 0.3, 0.46),  # inside the unsteered interval (0.42, 0.56 at n = 200)
+        ("l", -2.0, 0.0, 0.30),  # steering broke it further
+    ]
+    cols = ["direction", "alpha", "misalignment", "coherence"]
+    df = pd.DataFrame([dict(zip(cols, r), arm="remove", judged=200) for r in rows])
+    assert 0.41 < arm_floor(df, arm, 0.5) < 0.43
+    assert best(df, arm, 0.5)["alpha"] == -1.0
+    assert arm_floor(df, arm, 0.4) == 0.4  # above the floor: the floor rules
+    assert best(df.assign(coherence=[0.49, 0.40, 0.38]), arm, 0.4)["alpha"] == -1.0
+    coherent = df.assign(coherence=df["coherence"] + 0.3)  # unsteered 0.79
+    assert arm_floor(coherent, arm, 0.5) == 0.5
+    assert best(coherent, arm, 0.7)["alpha"] == -1.0
+
+
 def test_paired_z_threshold_classifier_and_analysis():
     rng = np.random.default_rng(1)
     base = rng.normal(0, 1, 200)
