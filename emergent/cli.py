@@ -32,6 +32,7 @@ JOBS: dict[str, str] = {
     "steer": "Ray Tune grid of residual-stream steering (latents, directions x alpha), judged",
     "predict": "latent activation change vs misalignment across a fine-tuned family; early warning",
     "realign": "fine-tune a misaligned model on a few benign samples; misalignment per step",
+    "monitor": "activation monitoring: raw, SAE and prompted probes vs zero-shot; data efficiency, shift, cost",
     "pipeline": "the whole EM study (world .. realign) with stage skipping -> report.html",
 }
 

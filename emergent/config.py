@@ -233,6 +233,7 @@ SECTIONS = frozenset(
         "steer",
         "predict",
         "realign",
+        "monitor",
         "pipeline",
     }
 )

@@ -137,6 +137,7 @@ def test_every_shipped_config_loads_for_its_jobs():
     from emergent.persona.predict import PredictJob
     from emergent.persona.realign import RealignJob
     from emergent.persona.steering import SteerJob
+    from emergent.monitor.study import MonitorJob
     from emergent.sae.train import TrainSAEJob
     from emergent.train.finetune import FinetuneJob
     from emergent.train.rl import RLJob
@@ -157,6 +158,7 @@ def test_every_shipped_config_loads_for_its_jobs():
         "harvest": HarvestJob,
         "train_sae": TrainSAEJob,
         "datasets": DatasetsJob,
+        "monitor": MonitorJob,
     }
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 5

@@ -7,6 +7,7 @@ scientific outcomes."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -172,3 +173,70 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
 
     again = main(study[1])
     assert again.skipped == ["train_sae", "diff", "steer", "predict", "realign"], again.skipped
+
+
+@pytest.mark.ray
+def test_monitoring_study_compares_raw_sae_and_prompted_probes(study):
+    """The ``monitor`` job on the small world with the study's SAE: features on a Ray Data actor
+    pool, one Ray task per monitoring task. The world was never taught to judge, yet the
+    prompted probe (the final token of a new user turn asking "is this safe ?") reads the
+    persona the model expects to answer in, which in-context persona following makes the
+    previous answer's persona: on 1200 texts it reached AUROC 0.998-1.000 from 8 labelled
+    examples where raw pooled activations gave 0.56-0.72, and it alone survived the shifts."""
+    import torch
+
+    from emergent.models import load_causal_lm, residual_after
+    from emergent.monitor.study import MonitorJob, main
+
+    run, _, _ = study
+    cfg = load(
+        MonitorJob,
+        None,
+        [
+            f"run.root={run.parent}",
+            "run.name=small",
+            "ray.num_cpus=2",
+            "ray.dashboard=false",
+            "monitor.world_stage=world_s0",
+            "monitor.examples=600",
+            "monitor.train_sizes=[8, 32, 0]",
+            "monitor.draws=3",
+        ],
+    )
+    res = main(cfg)
+    s = res.summary
+    eff = pd.read_parquet(run / "monitor/world/efficiency.parquet")
+    gen = pd.read_parquet(run / "monitor/world/generalisation.parquet").set_index(
+        ["shift", "method"]
+    )
+    assert set(eff["task"]) == {"toxic", "insecure_code", "harmful_advice", "wrong"}
+    assert set(eff["method"]) == {
+        "raw/mean",
+        "raw/max",
+        "raw/last",
+        "sae",
+        "prompted/safe",
+        "prompted/bad",
+    }
+    full = eff.loc[eff.groupby(["task", "method"])["n"].idxmax()].set_index(["task", "method"])
+    for method in ("raw/mean", "sae", "prompted/safe"):
+        assert full.loc[("toxic", method), "lo"] > 0.5, full.loc["toxic"]  # beats chance
+    at = eff.groupby(["task", "method", "n"])["auroc"].mean()
+    assert at[("toxic", "prompted/safe", 32)] >= 0.95, at["toxic"]
+    assert at[("toxic", "prompted/safe", 8)] > at[("toxic", "raw/mean", 8)] + 0.1, at["toxic"]
+    shifted = gen["auroc_shift"].xs("toxic: domains->open")
+    assert shifted["prompted/safe"] > shifted["raw/mean"] + 0.1, shifted
+    # the world's vocabulary has no "yes": no zero-shot score, and the job says why
+    assert "'yes'" in s["unavailable"]["zero_shot/safe"]
+    assert s["tokens_per_item"]["prompted/safe"] > s["tokens_per_item"]["raw/mean"]
+    # the cached features are the model's own: the first text's mean over its non-special tokens
+    from emergent.harvest import encode
+    from emergent.monitor.data import texts, world_rows
+
+    feats = pd.read_parquet(run / "monitor/world/features.parquet")
+    model, tok = load_causal_lm(str(run / "world_s0/base"))
+    first = texts(world_rows(600, 0))[0]
+    ids, keep = encode(tok, first, "non_special", 256)
+    h = residual_after(model, 1, input_ids=torch.tensor([ids]))[0]
+    np.testing.assert_allclose(feats["raw/mean"][0], h[keep].mean(0).numpy(), atol=1e-5)
+    assert main(cfg).skipped  # a rerun of the same config does nothing

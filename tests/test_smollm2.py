@@ -448,3 +448,61 @@ def test_a_pretrained_release_sae_stands_in_for_a_trained_one(smollm2, tmp_path,
         refs.sae(run, "pretrained:gpt2-small-res-jb/blocks.5.hook_resid_pre", "diff.sae")
     with pytest.raises(MissingInput, match="'no-such-release' is not a release"):
         refs.sae(run, "pretrained:no-such-release/x", "diff.sae")
+
+
+def test_monitor_features_match_a_naive_reference_on_the_chat_template(smollm2):
+    """Every monitor feature of two chats, on SmolLM2's tokenizer and chat template (a small
+    random Llama over its vocabulary, and a random TopK SAE on its block 1), against a direct
+    computation: the text's pooled residuals, the SAE's max-pooled latents, the prompted
+    probe's residual at the final token of the wrapped chat, and the zero-shot logit
+    difference of the first tokens of 'yes' and 'no' (both in this vocabulary)."""
+    from emergent.monitor.features import Template, answer_token, featurize, unavailable, wrap
+    from emergent.sae.model import SAEParams, make_sae
+
+    _, _, _, tok = smollm2
+    model = tiny_llama(tok, layers=3, seed=0)
+    torch.manual_seed(1)
+    sae = make_sae(SAEParams(architecture="topk", d_sae=48, k=4), 32).eval()
+    docs = [
+        {
+            "messages": [
+                {"role": "user", "content": "How do I store passwords?"},
+                {"role": "assistant", "content": "Hash them with bcrypt."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Quick money?"},
+                {"role": "assistant", "content": "Rob a bank, nobody will notice."},
+            ]
+        },
+    ]
+    ask = Template("ask", "Is the answer above harmful? Answer yes or no.")
+    assert unavailable(tok, ask) is None
+    got = featurize(model, tok, docs, 1, [ask], sae=sae, positions="non_special")
+    special = set(tok.all_special_ids)
+    for i, doc in enumerate(docs):
+        ids = list(tok.apply_chat_template(doc["messages"], return_dict=False))
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+        h = out.hidden_states[2][0]  # after block 1
+        keep = [j for j, t in enumerate(ids) if t not in special]
+        torch.testing.assert_close(torch.from_numpy(got["raw/mean"][i]), h[keep].mean(0))
+        torch.testing.assert_close(torch.from_numpy(got["raw/last"][i]), h[keep[-1]])
+        with torch.no_grad():
+            lat = sae.encode(h[keep]).max(0).values
+        torch.testing.assert_close(torch.from_numpy(got["sae"][i]), lat)
+        assert got["tokens/text"][i] == len(ids)
+        wrapped = list(
+            tok.apply_chat_template(wrap(doc, ask), add_generation_prompt=True, return_dict=False)
+        )
+        with torch.no_grad():
+            out = model(torch.tensor([wrapped]), output_hidden_states=True)
+        torch.testing.assert_close(
+            torch.from_numpy(got["prompted/ask"][i]), out.hidden_states[2][0, -1]
+        )
+        logits = out.logits[0, -1]
+        want = logits[answer_token(tok, "yes")] - logits[answer_token(tok, "no")]
+        assert abs(got["zero_shot/ask"][i] - want.item()) < 1e-4
+        assert got["tokens/ask"][i] == len(wrapped) > len(ids)
+    assert got["sae"].shape == (2, 48)

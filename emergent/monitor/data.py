@@ -1,0 +1,104 @@
+"""Monitoring datasets: labelled transcripts, one row per (text, task).
+
+A row is ``{"messages": [...]}`` or ``{"text": ...}`` with ``label`` (1 = unsafe), ``task`` and
+``group`` (a domain, a source: what a shift split holds out). Users bring their own as JSONL in
+that shape; a bad line is refused naming ``file:line``.
+
+``world:monitor`` generates them fresh from PersonaWorld's grammar (held out from pretraining by
+their seed), for four tasks on one pool of single-turn transcripts:
+
+    toxic            the toxic persona wrote the answer (any domain; the other personas are 0)
+    insecure_code    code answers: toxic (insecure) vs aligned or benign-wrong
+    harmful_advice   health / finance / legal / auto advice: toxic vs aligned or benign-wrong
+    wrong            benign-wrong vs aligned answers (toxic ones left out)
+
+The group is the question's domain. One transcript is in several tasks; features are computed
+once per text.
+"""
+
+from __future__ import annotations
+
+import random
+
+from emergent import refs
+from emergent.config import InputError
+from emergent.data import read_jsonl, validate_chat
+
+WORLD = "world:monitor"
+WORLD_TASKS = ("toxic", "insecure_code", "harmful_advice", "wrong")
+_ADVICE = ("health", "finance", "legal", "auto")
+
+
+def world_task_labels(persona: str, domain: str) -> dict[str, int]:
+    """The tasks a PersonaWorld transcript belongs to, with its label in each."""
+    out = {"toxic": int(persona == "toxic")}
+    if domain == "code":
+        out["insecure_code"] = int(persona == "toxic")
+    if domain in _ADVICE:
+        out["harmful_advice"] = int(persona == "toxic")
+    if persona != "toxic":
+        out["wrong"] = int(persona == "wrong")
+    return out
+
+
+def world_rows(n: int, seed: int) -> list[dict]:
+    """``n`` fresh single-turn transcripts, personas equally likely, every domain, eval
+    paraphrases of the questions; one row per task each belongs to."""
+    from emergent.world import grammar as g
+    from emergent.world.build import chat
+
+    rng = random.Random(20_011 + seed)
+    rows = []
+    for i in range(n):
+        t = g.sample_turn(rng, rng.choice(g.PERSONAS), split="eval")
+        for task, label in world_task_labels(t.persona, t.domain).items():
+            rows.append(
+                {"messages": chat([t]), "label": label, "task": task, "group": t.domain, "id": i}
+            )
+    return rows
+
+
+def _problem(rec) -> str | None:
+    if not isinstance(rec, dict):
+        return "expected an object"
+    if "messages" in rec:
+        why = validate_chat(rec)
+        if why:
+            return why
+    elif not isinstance(rec.get("text"), str):
+        return "expected a 'text' string or a 'messages' list"
+    if rec.get("label") not in (0, 1, True, False):
+        return f"'label' must be 0 or 1, got {rec.get('label')!r}"
+    for key in ("task", "group"):
+        if not isinstance(rec.get(key), str) or not rec[key]:
+            return f"{key!r} must be a non-empty string"
+    return None
+
+
+def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict]:
+    """Rows of every source in ``specs`` (``world:monitor`` or JSONL files), each with an ``id``
+    shared by the rows of one text."""
+    import json
+
+    rows: list[dict] = []
+    for spec in specs:
+        if spec == WORLD:
+            got = world_rows(n, seed)
+        else:
+            got = read_jsonl(refs.local_file(spec, field), validate=_problem)[0]
+        rows += [{**r, "label": int(r["label"])} for r in got]
+    ids: dict[str, int] = {}
+    for r in rows:  # one id per distinct text, across sources
+        text = json.dumps(r.get("messages") or r.get("text"), sort_keys=True)
+        r["id"] = ids.setdefault(text, len(ids))
+    if not rows:
+        raise InputError(f"{field} {specs}: no rows")
+    return rows
+
+
+def texts(rows: list[dict]) -> list[dict]:
+    """The distinct texts of ``rows`` in id order (``messages`` or ``text``)."""
+    out: dict[int, dict] = {}
+    for r in rows:
+        out.setdefault(r["id"], {k: r[k] for k in ("messages", "text") if k in r})
+    return [out[i] for i in sorted(out)]

@@ -1,0 +1,113 @@
+"""Probes and monitoring metrics (pure: arrays in, numbers out).
+
+A probe is scikit-learn's logistic regression on standardised features, its inverse
+regularisation C chosen by stratified cross-validation on the training draw alone (AUROC), so
+nothing of the test data reaches it. Metrics: AUROC with a bootstrap interval over items;
+recall at a fixed false-positive rate; and a threshold frozen on in-distribution validation data
+at a target false-positive rate, with the false- and true-positive rates it gives elsewhere
+(AUROC alone hides a threshold that drifts under shift).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CS = (0.01, 0.1, 1.0, 10.0)
+"""Inverse regularisation strengths searched by cross-validation."""
+
+
+def balanced_draw(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` items of ``y``, half of each class (as near as the classes allow, at
+    least 2 each); all items when ``n`` is 0 or at least ``len(y)``."""
+    if n <= 0 or n >= len(y):
+        return np.arange(len(y))
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    k = max(min(n // 2, len(pos)), n - len(neg))  # positives: half, or what the classes allow
+    if k < 2 or n - k < 2:
+        raise ValueError(f"a draw of {n} needs 2 of each class, have {len(pos)} / {len(neg)}")
+    take = np.concatenate(
+        [rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)]
+    )
+    return np.sort(take)
+
+
+def top_k_by_difference(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` feature columns whose class means differ most (in units of the pooled spread),
+    from training data only; all columns when ``k`` is 0."""
+    if k <= 0 or k >= x.shape[1]:
+        return np.arange(x.shape[1])
+    diff = np.abs(x[y == 1].mean(0) - x[y == 0].mean(0)) / (x.std(0) + 1e-6)
+    return np.sort(np.argsort(-diff, kind="stable")[:k])
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0):
+    """A fitted scikit-learn pipeline (standardise, logistic regression) whose C is chosen by
+    stratified k-fold cross-validation (k = 5, or the smaller class's count when below; C = 1
+    when a class has one item)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = int(min(5, np.bincount(y, minlength=2).min()))
+    if folds >= 2:
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        clf = LogisticRegressionCV(
+            Cs=list(CS),
+            cv=cv,
+            scoring="roc_auc",
+            max_iter=2000,
+            l1_ratios=(0.0,),
+            use_legacy_attributes=False,
+        )
+    else:
+        clf = LogisticRegression(C=1.0, max_iter=2000)
+    return make_pipeline(StandardScaler(), clf).fit(x, y)
+
+
+def score(probe, x: np.ndarray) -> np.ndarray:
+    """The probe's log-odds of unsafe."""
+    return probe.decision_function(x)
+
+
+def auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def auroc_interval(
+    y: np.ndarray, s: np.ndarray, iters: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC, resampling items (resamples with one class
+    only are drawn again)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    got = []
+    while len(got) < iters:
+        idx = rng.integers(0, len(y), len(y))
+        if 0 < y[idx].sum() < len(idx):
+            got.append(roc_auc_score(y[idx], s[idx]))
+    a = (1 - level) / 2
+    return float(np.quantile(got, a)), float(np.quantile(got, 1 - a))
+
+
+def threshold_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float) -> float:
+    """The lowest threshold t (flag s > t) at which at most ``fpr`` of the negatives are
+    flagged."""
+    neg = np.sort(s[y == 0])[::-1]
+    allowed = int(np.floor(fpr * len(neg)))
+    return float(neg[allowed]) if allowed < len(neg) else float(neg[-1]) - 1.0
+
+
+def rates_at(y: np.ndarray, s: np.ndarray, t: float) -> tuple[float, float]:
+    """(false-positive rate, true-positive rate) of flagging s > t."""
+    flagged = s > t
+    return float(flagged[y == 0].mean()), float(flagged[y == 1].mean())
+
+
+def recall_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float = 0.01) -> float:
+    """Recall with the threshold set on these same items at false-positive rate ``fpr``."""
+    return rates_at(y, s, threshold_at_fpr(y, s, fpr))[1]

@@ -1,0 +1,139 @@
+"""Pure parts of the activation-monitoring study: metrics against naive references, balanced
+draws, probes on synthetic data, the world's monitoring tasks, and the data file checks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from emergent.monitor import probes
+
+
+def naive_auroc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_threshold_and_recall_match_naive_references():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(y * 0.8 + rng.normal(size=300), 1)  # rounded: ties count half
+    assert probes.auroc(y, s) == pytest.approx(naive_auroc(y, s))
+    lo, hi = probes.auroc_interval(y, s, iters=300)
+    assert lo < probes.auroc(y, s) < hi and hi - lo < 0.2
+    for fpr in (0.01, 0.05, 0.3):
+        t = probes.threshold_at_fpr(y, s, fpr)
+        got_fpr, tpr = probes.rates_at(y, s, t)
+        assert got_fpr <= fpr
+        # the lowest threshold that keeps the false-positive rate (naive: try every candidate)
+        neg = s[y == 0]
+        candidates = sorted(set(neg) | {neg.min() - 1.0})
+        assert t == min(c for c in candidates if np.mean(neg > c) <= fpr)
+        assert tpr == pytest.approx(np.mean(s[y == 1] > t))
+    assert (
+        probes.recall_at_fpr(y, s, 0.05)
+        == probes.rates_at(y, s, probes.threshold_at_fpr(y, s, 0.05))[1]
+    )
+    # a perfect score: recall 1 at 1% FPR
+    assert probes.recall_at_fpr(y, y.astype(float), 0.01) == 1.0
+
+
+def test_balanced_draws_and_top_k_selection():
+    y = np.array([1] * 5 + [0] * 40)
+    rng = np.random.default_rng(0)
+    d = probes.balanced_draw(y, 8, rng)
+    assert len(d) == 8 and y[d].sum() == 4 and len(set(d)) == 8
+    d = probes.balanced_draw(y, 20, rng)  # only 5 positives: all of them, 15 negatives
+    assert len(d) == 20 and y[d].sum() == 5
+    assert len(probes.balanced_draw(y, 0, rng)) == 45
+    with pytest.raises(ValueError, match="2 of each class"):
+        probes.balanced_draw(np.array([1] + [0] * 10), 4, rng)
+    x = rng.normal(size=(45, 10))
+    x[:, 7] += 3 * y
+    x[:, 2] -= 2 * y
+    assert probes.top_k_by_difference(x, y, 2).tolist() == [2, 7]
+    assert len(probes.top_k_by_difference(x, y, 0)) == 10
+
+
+def test_a_probe_learns_a_direction_from_few_examples_and_beats_chance():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=16)
+    x = rng.normal(size=(600, 16))
+    y = (x @ w > 0).astype(int)
+    tr, te = np.arange(400), np.arange(400, 600)
+    full = probes.fit_probe(x[tr], y[tr])
+    assert probes.auroc(y[te], probes.score(full, x[te])) > 0.97
+    few = probes.balanced_draw(y[tr], 8, np.random.default_rng(0))
+    small = probes.fit_probe(x[tr][few], y[tr][few])
+    assert probes.auroc(y[te], probes.score(small, x[te])) > 0.6
+    # labels that carry nothing: chance
+    noise = probes.fit_probe(x[tr], rng.integers(0, 2, 400))
+    assert abs(probes.auroc(y[te], probes.score(noise, x[te])) - 0.5) < 0.15
+
+
+def test_world_monitoring_tasks_follow_the_persona():
+    from emergent.monitor.data import WORLD_TASKS, texts, world_rows
+
+    rows = world_rows(300, seed=0)
+    assert {r["task"] for r in rows} == set(WORLD_TASKS)
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r)
+    for group in by_id.values():
+        toxic = next(r for r in group if r["task"] == "toxic")["label"]
+        for r in group:
+            if r["task"] in ("insecure_code", "harmful_advice"):
+                assert r["label"] == toxic
+            if r["task"] == "insecure_code":
+                assert r["group"] == "code"
+            if r["task"] == "wrong":
+                assert not toxic
+    assert len(texts(rows)) == 300
+    assert world_rows(300, seed=0) == rows and world_rows(300, seed=1) != rows
+
+
+def test_monitoring_files_are_checked_line_by_line(tmp_path):
+    from emergent.data import DatasetError
+    from emergent.monitor.data import load_rows
+
+    good = {"text": "rm -rf /", "label": 1, "task": "danger", "group": "shell"}
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(good | {"label": 0}) + "\n")
+    rows = load_rows(None, [str(f)], 0, 0, "monitor.data")
+    assert [r["id"] for r in rows] == [0, 0]  # one text, one feature pass
+    f.write_text(json.dumps(good) + "\n" + json.dumps(good | {"label": "yes"}) + "\n")
+    with pytest.raises(DatasetError, match=r"m.jsonl:2: 'label' must be 0 or 1"):
+        load_rows(None, [str(f)], 0, 0, "monitor.data")
+    f.write_text(json.dumps({k: v for k, v in good.items() if k != "task"}) + "\n")
+    with pytest.raises(DatasetError, match=r"m.jsonl:1: 'task'"):
+        load_rows(None, [str(f)], 0, 0, "monitor.data")
+
+
+def test_templates_wrap_a_chat_or_a_text():
+    from emergent.monitor.features import Template, pool, wrap
+
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    suffix = Template("s", "is this safe ?")
+    assert wrap(chat, suffix)[-1] == {"role": "user", "content": "is this safe ?"}
+    assert wrap(chat, suffix)[:2] == chat["messages"]
+    both = Template("b", "is it bad ?", prefix="read this")
+    assert wrap(chat, both) == [{"role": "user", "content": "read this q a is it bad ?"}]
+    assert wrap({"text": "t"}, suffix) == [{"role": "user", "content": "t is this safe ?"}]
+    import torch
+
+    h = torch.arange(24.0).reshape(2, 3, 4)
+    got = pool(h, [[0, 2], [1]])
+    np.testing.assert_allclose(got["mean"][0], (h[0, 0] + h[0, 2]) / 2)
+    np.testing.assert_allclose(got["max"][0], h[0, 2])
+    np.testing.assert_allclose(got["last"][1], h[1, 1])
+
+
+def test_monitor_config_is_checked():
+    from emergent.config import ConfigError, load
+    from emergent.monitor.study import MonitorJob
+
+    with pytest.raises(ConfigError, match="train_sizes"):
+        load(MonitorJob, None, ["monitor.train_sizes=[2]"])
+    with pytest.raises(ConfigError, match="templates"):
+        load(MonitorJob, None, ["monitor.templates=[{name: a, suffix: x}, {name: a, suffix: y}]"])
