@@ -132,12 +132,12 @@ def test_every_shipped_config_loads_for_its_jobs():
     from emergent.english.job import DatasetsJob
     from emergent.evaluate import EvaluateJob
     from emergent.harvest import HarvestJob
+    from emergent.monitor.study import MonitorJob
     from emergent.persona.diffing import DiffJob
     from emergent.persona.pipeline import PipelineJob
     from emergent.persona.predict import PredictJob
     from emergent.persona.realign import RealignJob
     from emergent.persona.steering import SteerJob
-    from emergent.monitor.study import MonitorJob
     from emergent.sae.train import TrainSAEJob
     from emergent.train.finetune import FinetuneJob
     from emergent.train.rl import RLJob
