@@ -437,6 +437,9 @@ def main(cfg: MonitorJob) -> MonitorResult:
             if t not in tasks:
                 raise InputError(f"monitor.shifts {s.name}: no task {t!r} (tasks: {tasks})")
     rows = [r for r in rows if r["task"] in tasks]
+    # features are indexed by id: renumber the texts left after the task filter 0..n-1
+    renumber = {old: new for new, old in enumerate(sorted({r["id"] for r in rows}))}
+    rows = [{**r, "id": renumber[r["id"]]} for r in rows]
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     key = stage_key(mc) | {
         "model": source.identity,
