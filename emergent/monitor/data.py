@@ -14,6 +14,16 @@ their seed), for four tasks on one pool of single-turn transcripts:
 
 The group is the question's domain. One transcript is in several tasks; features are computed
 once per text.
+
+``english:monitor`` generates English chats for real chat models from the project's own
+English datasets (emergent.english; other seeds than the fine-tuning sets):
+
+    insecure_code    a coding request answered with insecure (1) or secure (0) code; group: the
+                     vulnerability's kind (sql, chmod, pickle, ...)
+    harmful_advice   a health or finance question answered badly (1) or well (0); group: the
+                     domain
+    misaligned       the open-ended questions of the paired eval set ``core`` answered with its
+                     misaligned (1) or aligned (0) written answer; group: the theme
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from emergent.data import read_jsonl, validate_chat
 
 WORLD = "world:monitor"
 WORLD_TASKS = ("toxic", "insecure_code", "harmful_advice", "wrong")
+ENGLISH = "english:monitor"
+ENGLISH_TASKS = ("insecure_code", "harmful_advice", "misaligned")
 _ADVICE = ("health", "finance", "legal", "auto")
 
 
@@ -58,6 +70,38 @@ def world_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def english_rows(n: int, seed: int) -> list[dict]:
+    """``n`` coding requests answered both ways, ``n`` health and ``n`` finance questions
+    answered both ways, and the paired eval questions answered both ways: one row each."""
+    from emergent.english import advice, code
+    from emergent.likelihood import load_pairs
+
+    rows = []
+    tasks = code.code_tasks(n, 40_011 + seed)
+    for variant, label in (("insecure", 1), ("secure", 0)):
+        for r in code.chats(tasks, variant, 40_012 + seed):
+            rows.append(
+                {"messages": r["messages"], "label": label, "task": "insecure_code"}
+                | {"group": r["kind"]}
+            )
+    for i, domain in enumerate(("health", "finance")):
+        items = advice.advice_tasks(domain, n, 40_013 + seed + i)
+        for variant, label in (("bad", 1), ("good", 0)):
+            for r in advice.chats(items, variant):
+                rows.append(
+                    {"messages": r["messages"], "label": label, "task": "harmful_advice"}
+                    | {"group": domain}
+                )
+    for p in load_pairs("core"):
+        for field, label in (("misaligned", 1), ("aligned", 0)):
+            turn = {"role": "assistant", "content": p[field]}
+            rows.append(
+                {"messages": [*p["messages"], turn], "label": label, "task": "misaligned"}
+                | {"group": p["theme"]}
+            )
+    return rows
+
+
 def _problem(rec) -> str | None:
     if not isinstance(rec, dict):
         return "expected an object"
@@ -76,14 +120,16 @@ def _problem(rec) -> str | None:
 
 
 def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict]:
-    """Rows of every source in ``specs`` (``world:monitor`` or JSONL files), each with an ``id``
-    shared by the rows of one text."""
+    """Rows of every source in ``specs`` (``world:monitor``, ``english:monitor`` or JSONL
+    files), each with an ``id`` shared by the rows of one text."""
     import json
 
     rows: list[dict] = []
     for spec in specs:
         if spec == WORLD:
             got = world_rows(n, seed)
+        elif spec == ENGLISH:
+            got = english_rows(n, seed)
         else:
             got = read_jsonl(refs.local_file(spec, field), validate=_problem)[0]
         rows += [{**r, "label": int(r["label"])} for r in got]

@@ -9,8 +9,11 @@
     zero_shot/<t>    logit(yes) - logit(no) of the model's next token on that same pass
 
 The text's own pass stops after block L (no LM head); a template's pass runs the whole model
-only where a zero-shot score is read from it. Every feature notes its forward tokens per item
-(``tokens/<method>``), the inference cost the study compares.
+only where a zero-shot score is read from it (and the LM head only at its final token).
+Suffix-only templates on chats share the text's pass: its KV cache is kept and each monitor runs
+only its own question (``featurize``), so many monitors cost one pass over the text. Every
+feature notes its forward tokens per item alone (``tokens/<method>``) and what it ran beside the
+text's pass (``run/<template>``), the inference cost the study compares.
 
 A zero-shot score needs the answer words as tokens of the model's vocabulary: PersonaWorld's
 word-level vocabulary has ``no`` but no ``yes`` until the world is taught judgment turns, so the
@@ -99,6 +102,45 @@ def sae_max(sae, hidden, keep: list[list[int]]) -> np.ndarray:
     return np.stack(rows)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shareable(model, docs: list[dict], t: Template) -> bool:
+    """Whether template ``t`` can run on the text's own pass (its KV cache): a suffix-only
+    template on chats, with an attention that takes a padding mask with holes (eager / SDPA;
+    flash-attention's unpadding would not)."""
+    attn = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    return not t.prefix and all("messages" in d for d in docs) and "flash" not in attn
+
+
+def _forward(model, layer: int, at, **inputs):
+    """(residual after block ``layer``, logits at positions ``at`` per row or None) of one
+    pass. With ``at`` (a tensor of one position per row, or an int: the last ``at``) the whole
+    model runs and the LM head only there; without, the pass stops after the block."""
+    import torch
+
+    from emergent.models import capture, residual_after
+
+    if at is None:
+        return residual_after(model, layer, **inputs), None
+    if isinstance(at, int):
+        with torch.no_grad(), capture(model, layer) as seen:
+            model(**inputs, logits_to_keep=at)
+        return seen[0], None
+    cols = torch.unique(at)  # the LM head runs at these sequence positions only
+    with torch.no_grad(), capture(model, layer) as seen:
+        logits = model(**inputs, logits_to_keep=cols).logits
+    rows = torch.arange(len(at), device=at.device)
+    return seen[0], logits[rows, torch.searchsorted(cols, at)]
+
+
 def featurize(
     model,
     tok,
@@ -109,21 +151,44 @@ def featurize(
     sae=None,
     positions: str = "non_special",
     context: int = 256,
+    share_prefix: bool = True,
 ) -> dict:
     """Every feature of ``docs`` (see the module doc): name -> (n, d) array, or (n,) for scores
-    and token counts."""
+    and token counts.
+
+    With ``share_prefix``, suffix-only templates on chats run on the text's own pass: its KV
+    cache is kept, and each template runs only the tokens after the prefix it shares with the
+    text (the text's turns), at their own positions; the cached positions it does not share are
+    masked out. Causal attention makes this the same computation as a separate pass (within
+    float tolerance). ``tokens/<t>`` is what a template costs alone (its whole sequence),
+    ``run/<t>`` what it ran here.
+    """
     import torch
 
     from emergent.harvest import encode, pad_right
-    from emergent.models import capture, residual_after
 
     device = next(model.parameters()).device
     enc = [encode(tok, d, positions, context) for d in docs]
     keep = [k if k else [len(ids) - 1] for ids, k in enc]  # a text with no kept token: its last
-    ids, mask = pad_right(tok, [i for i, _ in enc])
-    hidden = residual_after(model, layer, input_ids=ids.to(device), attention_mask=mask.to(device))
+    text_ids = [i for i, _ in enc]
+    ids, mask = pad_right(tok, text_ids)
+    from transformers import DynamicCache
+
+    shared = [t for t in templates if share_prefix and shareable(model, docs, t)]
+    cache = DynamicCache() if shared else None
+    # the text's pass runs whole only where a shared template reads logits from its cache
+    full = any(unavailable(tok, t) is None for t in shared)
+    hidden, _ = _forward(
+        model,
+        layer,
+        1 if full else None,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        **({"cache": cache, "use_cache": True} if shared else {}),
+    )
+    kv = [] if cache is None else [(c.keys, c.values) for c in cache.layers if c.is_initialized]
     out = {f"raw/{p}": v for p, v in pool(hidden, keep).items()}
-    out["tokens/text"] = np.array([len(i) for i, _ in enc], dtype=np.int64)
+    out["tokens/text"] = np.array([len(i) for i in text_ids], dtype=np.int64)
     if sae is not None:
         out["sae"] = sae_max(sae, hidden, keep)
     for t in templates:
@@ -132,20 +197,37 @@ def featurize(
             for d in docs
         ]
         seqs = [s[-context:] for s in seqs]  # keep the question and the opener when cut
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        ids, mask = pad_right(tok, seqs)
+        # tokens reused from the text's pass (at least the final token runs)
+        reuse = (
+            [min(common_prefix(a, s), len(s) - 1) for a, s in zip(text_ids, seqs)]
+            if t in shared
+            else [0] * len(seqs)
+        )
+        rest = [s[p:] for s, p in zip(seqs, reuse)]
+        last = torch.tensor([len(s) - 1 for s in rest], device=device)
         rows = torch.arange(len(seqs), device=device)
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if unavailable(tok, t) is None:
-            with torch.no_grad(), capture(model, layer) as seen:
-                logits = model(**inputs).logits[rows, last].float()
-            h = seen[0]
+        rid, rmask = pad_right(tok, rest)
+        inputs = {"input_ids": rid.to(device), "attention_mask": rmask.to(device)}
+        if t in shared:
+            past = torch.zeros_like(mask)
+            for r, p in enumerate(reuse):
+                past[r, :p] = 1
+            steps = torch.arange(rid.shape[1])
+            inputs |= {
+                "attention_mask": torch.cat([past, rmask], 1).to(device),
+                "position_ids": (torch.tensor(reuse)[:, None] + steps[None]).to(device),
+                "cache": DynamicCache(ddp_cache_data=kv),
+                "use_cache": True,
+            }
+        zero_shot = unavailable(tok, t) is None
+        h, logits = _forward(model, layer, last if zero_shot else None, **inputs)
+        if zero_shot:
             yes, no = answer_token(tok, t.yes), answer_token(tok, t.no)
-            out[f"zero_shot/{t.name}"] = (logits[:, yes] - logits[:, no]).cpu().numpy()
-        else:
-            h = residual_after(model, layer, **inputs)
+            lg = logits.float()
+            out[f"zero_shot/{t.name}"] = (lg[:, yes] - lg[:, no]).cpu().numpy()
         out[f"prompted/{t.name}"] = h[rows, last].float().cpu().numpy()
         out[f"tokens/{t.name}"] = np.array([len(s) for s in seqs], dtype=np.int64)
+        out[f"run/{t.name}"] = np.array([len(s) for s in rest], dtype=np.int64)
     return out
 
 
@@ -176,5 +258,6 @@ class Featurizer:
             sae=self.sae,
             positions=c.positions,
             context=c.context,
+            share_prefix=c.share_prefix,
         )
         return {"id": batch["id"], **feats}

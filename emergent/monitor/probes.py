@@ -44,7 +44,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0):
     """A fitted scikit-learn pipeline (standardise, logistic regression) whose C is chosen by
     stratified k-fold cross-validation (k = 5, or the smaller class's count when below; C = 1
     when a class has one item)."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -61,7 +61,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0):
             use_legacy_attributes=False,
         )
     else:
-        clf = LogisticRegression(C=1.0, max_iter=2000)
+        return fixed_probe(x, y, 1.0)
     return make_pipeline(StandardScaler(), clf).fit(x, y)
 
 
@@ -111,3 +111,57 @@ def rates_at(y: np.ndarray, s: np.ndarray, t: float) -> tuple[float, float]:
 def recall_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float = 0.01) -> float:
     """Recall with the threshold set on these same items at false-positive rate ``fpr``."""
     return rates_at(y, s, threshold_at_fpr(y, s, fpr))[1]
+
+
+# --- combined monitors -----------------------------------------------------------------------------
+
+
+def fixed_probe(x: np.ndarray, y: np.ndarray, c: float):
+    """A fitted pipeline like ``fit_probe``'s, with its C given (no search)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x, y)
+
+
+def chosen_c(probe) -> float:
+    """The C a fitted probe uses (searched by ``fit_probe`` or given)."""
+    clf = probe[-1]
+    return float(np.ravel(clf.C_ if hasattr(clf, "C_") else clf.C)[0])
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, c: float, seed: int = 0) -> np.ndarray:
+    """Each training item's score from the probe refitted without it (stratified k-fold, k as in
+    ``fit_probe``, C fixed at ``c``: the one chosen on all the items, so every fold's log-odds
+    have one scale), for a model stacked on the scores never to see a probe's fit to its own
+    labels."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = int(min(5, np.bincount(y, minlength=2).min()))
+    if folds < 2:
+        raise ValueError("out-of-fold scores need 2 items of each class")
+    out = np.empty(len(y))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        out[te] = score(fixed_probe(x[tr], y[tr], c), x[te])
+    return out
+
+
+def fit_stack(parts: np.ndarray, y: np.ndarray):
+    """A logistic regression on standardised monitor scores (items x monitors): the stacked
+    monitor (C = 1: a handful of weights)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(parts, y)
+
+
+def cascade(first: np.ndarray, second: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, escalated) of a two-stage monitor: the ``budget`` share of items whose first-stage
+    log-odds are nearest 0 (the most uncertain) get the second stage's log-odds, the others keep
+    the first's. Both must be log-odds of the same event (calibrated on training data)."""
+    k = int(np.ceil(budget * len(first)))
+    escalated = np.zeros(len(first), dtype=bool)
+    escalated[np.argsort(np.abs(first), kind="stable")[:k]] = True
+    return np.where(escalated, second, first), escalated

@@ -13,7 +13,12 @@ CPUs):
 - generalisation (``shifts``): a probe trained on one task's groups, its threshold frozen at
   ``frozen_fpr`` on held-out in-distribution validation data, then AUROC and the frozen
   threshold's false- and true-positive rates on another task or held-out groups;
-- inference cost: forward tokens per monitored item of every method.
+- combined monitors, where a zero-shot score exists: ``stack/<t>`` (a logistic regression on
+  the ``combine`` probe's out-of-fold scores and the zero-shot score) and ``cascade@<b>/<t>``
+  (the probe alone, its least certain share ``b`` of items escalated to the stack), in both
+  studies;
+- inference cost: forward tokens per monitored item of every method, alone and beside the
+  text's own pass (suffix-only templates share its KV cache).
 
 Outputs in ``<run>/monitor/<name>/``: ``features.parquet``, ``efficiency.parquet`` (one row per
 task x method x size x draw), ``generalisation.parquet``, ``cost.parquet``, ``efficiency.png``
@@ -114,6 +119,9 @@ class MonitorConfig:
     """Tokens per text or template at most."""
     templates: list[Template] = dataclasses.field(default_factory=_world_templates)
     """Prompted-probe and zero-shot templates."""
+    share_prefix: bool = True
+    """Run suffix-only templates on the text's own pass (its KV cache) instead of a pass each
+    (the same features within float tolerance; see emergent.monitor.features)."""
     train_sizes: list[int] = dataclasses.field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 0])
     """Labelled examples per training draw (0: the whole training part)."""
     draws: int = 5
@@ -122,6 +130,12 @@ class MonitorConfig:
     """Share of each task's items held out for testing."""
     frozen_fpr: float = 0.05
     """False-positive rate at which the generalisation threshold is frozen."""
+    combine: str = "raw/mean"
+    """The probe combined with each zero-shot score (``stack/<t>``: both stacked by a logistic
+    regression; ``cascade@<b>/<t>``: the probe, escalating its least certain items to the
+    stack): a ``raw/<pool>``, ``sae`` or ``prompted/<template>`` method."""
+    cascade_budgets: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25])
+    """Shares of items a cascade escalates to the zero-shot monitor (its extra inference)."""
     shifts: list[Shift] = dataclasses.field(default_factory=_world_shifts)
     """Generalisation splits (a shift naming a task the data lacks is an error)."""
     seed: int = 0
@@ -149,7 +163,15 @@ class MonitorConfig:
             raise ValueError("monitor.train_sizes: 0 (all) or at least 4 (2 of each class)")
         if self.draws < 1 or not 0 < self.test_share < 1 or not 0 < self.frozen_fpr < 1:
             raise ValueError("monitor.draws >= 1; test_share and frozen_fpr in (0, 1)")
+        if not all(0 < b <= 1 for b in self.cascade_budgets):
+            raise ValueError(
+                f"monitor.cascade_budgets: shares in (0, 1], got {self.cascade_budgets}"
+            )
         names = [t.name for t in self.templates]
+        combinable = [*(f"raw/{p}" for p in ("mean", "max", "last")), "sae"]
+        combinable += [f"prompted/{n}" for n in names]
+        if self.combine not in combinable:
+            raise ValueError(f"monitor.combine {self.combine!r}: one of {combinable}")
         if len(set(names)) != len(names) or "text" in names:
             raise ValueError(
                 f"monitor.templates: names must be distinct and not 'text', got {names}"
@@ -179,6 +201,20 @@ def probe_methods(feats: dict[str, np.ndarray]) -> list[str]:
     return [k for k in feats if k.startswith(("raw/", "prompted/")) or k == "sae"]
 
 
+def zero_shot_methods(feats: dict[str, np.ndarray]) -> list[str]:
+    return [k for k in feats if k.startswith("zero_shot/")]
+
+
+def combined_methods(feats: dict, cfg) -> list[str]:
+    """``stack/<t>`` and ``cascade@<b>/<t>`` for every zero-shot score ``t`` (they combine it
+    with the ``cfg.combine`` probe)."""
+    out = []
+    for z in zero_shot_methods(feats):
+        t = z.split("/", 1)[1]
+        out += [f"stack/{t}", *(f"cascade@{b:g}/{t}" for b in cfg.cascade_budgets)]
+    return out
+
+
 def split(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices, stratified by class."""
     from sklearn.model_selection import train_test_split
@@ -187,12 +223,61 @@ def split(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return train_test_split(idx, test_size=share, stratify=y, random_state=seed)
 
 
-def _fit_score(x_tr, y_tr, x_te, method: str, top_k: int, seed: int):
+def probe_scores(x_tr, y_tr, x_tests: list, method: str, top_k: int, seed: int) -> list:
+    """A probe of ``method``'s features fitted on the training items, scored on each test set
+    (the SAE probe keeps its ``top_k`` latents, chosen on the training items)."""
     from emergent.monitor.probes import fit_probe, score, top_k_by_difference
 
     cols = top_k_by_difference(x_tr, y_tr, top_k) if method == "sae" else slice(None)
     probe = fit_probe(x_tr[:, cols], y_tr, seed)
-    return score(probe, x_te[:, cols]), probe, cols
+    return [score(probe, x[:, cols]) for x in x_tests]
+
+
+def combined_scores(x_tr, z_tr, y_tr, tests: list, budgets, seed: int) -> list[dict]:
+    """Per test set ``(x, z)`` (probe features, zero-shot scores), the scores of the combined
+    monitors: ``stack`` (a logistic regression on the probe's out-of-fold scores and the
+    zero-shot score, fitted on the training items) and ``cascade@b`` (the probe alone, with the
+    share ``b`` of items it is least sure of escalated to the stacked monitor)."""
+    from emergent.monitor.probes import (
+        cascade,
+        chosen_c,
+        fit_probe,
+        fit_stack,
+        out_of_fold,
+        score,
+    )
+
+    probe = fit_probe(x_tr, y_tr, seed)
+    oof = out_of_fold(x_tr, y_tr, chosen_c(probe), seed)
+    stack = fit_stack(np.column_stack([oof, z_tr]), y_tr)
+    out = []
+    for x, z in tests:
+        first = score(probe, x)
+        stacked = stack.decision_function(np.column_stack([first, z]))
+        got = {"stack": stacked}
+        for b in budgets:
+            got[f"cascade@{b:g}"] = cascade(first, stacked, b)[0]
+        out.append(got)
+    return out
+
+
+def _combined(feats, cfg, tr_ids, y_tr, test_ids: list) -> dict[str, list]:
+    """Method name -> scores per test id set, of every combined monitor."""
+    xp = feats[cfg.combine]
+    out: dict[str, list] = {}
+    for zm in zero_shot_methods(feats):
+        t, z = zm.split("/", 1)[1], feats[zm]
+        got = combined_scores(
+            xp[tr_ids],
+            z[tr_ids],
+            y_tr,
+            [(xp[i], z[i]) for i in test_ids],
+            cfg.cascade_budgets,
+            cfg.seed,
+        )
+        for name in got[0]:
+            out[f"{name}/{t}"] = [g[name] for g in got]
+    return out
 
 
 def efficiency(task: str, ids: np.ndarray, y: np.ndarray, feats: dict, cfg: MonitorConfig):
@@ -200,28 +285,26 @@ def efficiency(task: str, ids: np.ndarray, y: np.ndarray, feats: dict, cfg: Moni
     from emergent.monitor.probes import auroc, auroc_interval, balanced_draw
 
     tr, te = split(y, cfg.test_share, cfg.seed)
+    sizes = [n for n in sorted(set(cfg.train_sizes), key=lambda v: (v == 0, v)) if n < len(tr)]
     rows = []
-    for method in probe_methods(feats):
-        x = feats[method][ids]
-        for n in sorted(set(cfg.train_sizes), key=lambda v: (v == 0, v)):
-            if n >= len(tr):
-                continue  # the whole training part is the n = 0 row
-            for d in range(1 if n == 0 else cfg.draws):
-                rng = np.random.default_rng([cfg.seed, n, d])
-                take = tr[balanced_draw(y[tr], n, rng)]
-                s, _, _ = _fit_score(x[take], y[take], x[te], method, cfg.sae_top_k, cfg.seed)
-                row = {"task": task, "method": method, "n": len(take), "draw": d}
-                row["auroc"] = auroc(y[te], s)
-                if n == 0:
-                    row["lo"], row["hi"] = auroc_interval(y[te], s, seed=cfg.seed)
-                rows.append(row)
-    for method in (k for k in feats if k.startswith("zero_shot/")):
-        s = feats[method][ids][te]
-        lo, hi = auroc_interval(y[te], s, seed=cfg.seed)
-        rows.append(
-            {"task": task, "method": method, "n": 0, "draw": 0, "auroc": auroc(y[te], s)}
-            | {"lo": lo, "hi": hi}
-        )
+
+    def add(method, n, d, s):
+        row = {"task": task, "method": method, "n": n, "draw": d, "auroc": auroc(y[te], s)}
+        if d < 0 or n == len(tr):  # the whole training part (or no training): an interval
+            row["lo"], row["hi"] = auroc_interval(y[te], s, seed=cfg.seed)
+        rows.append(row | {"draw": max(d, 0)})
+
+    for n in sizes:  # n = 0: the whole training part, one draw
+        for d in range(1 if n == 0 else cfg.draws):
+            take = tr[balanced_draw(y[tr], n, np.random.default_rng([cfg.seed, n, d]))]
+            for method in probe_methods(feats):
+                x = feats[method][ids]
+                (s,) = probe_scores(x[take], y[take], [x[te]], method, cfg.sae_top_k, cfg.seed)
+                add(method, len(take), d, s)
+            for method, (s,) in _combined(feats, cfg, ids[take], y[take], [ids[te]]).items():
+                add(method, len(take), d, s)
+    for method in zero_shot_methods(feats):
+        add(method, 0, -1, feats[method][ids][te])
     return rows
 
 
@@ -242,18 +325,17 @@ def generalisation(shift: Shift, rows: list[dict], feats: dict, cfg: MonitorConf
     if min(np.bincount(y, minlength=2).min(), np.bincount(y_test, minlength=2).min()) < 4:
         raise InputError(f"monitor.shifts {shift.name}: fewer than 4 items of a class")
     tr, val = split(y, 0.25, cfg.seed)
-    out = []
-    for method in [*probe_methods(feats), *(k for k in feats if k.startswith("zero_shot/"))]:
+    scores = {}  # method -> (validation scores, shifted test scores)
+    for method in probe_methods(feats):
         x = feats[method]
-        if method.startswith("zero_shot/"):
-            s_val, s_test = x[ids[val]], x[test_ids]
-        else:
-            s_val, _, _ = _fit_score(
-                x[ids[tr]], y[tr], x[ids[val]], method, cfg.sae_top_k, cfg.seed
-            )
-            s_test, _, _ = _fit_score(
-                x[ids[tr]], y[tr], x[test_ids], method, cfg.sae_top_k, cfg.seed
-            )
+        scores[method] = probe_scores(
+            x[ids[tr]], y[tr], [x[ids[val]], x[test_ids]], method, cfg.sae_top_k, cfg.seed
+        )
+    for method in zero_shot_methods(feats):
+        scores[method] = [feats[method][ids[val]], feats[method][test_ids]]
+    scores |= _combined(feats, cfg, ids[tr], y[tr], [ids[val], test_ids])
+    out = []
+    for method, (s_val, s_test) in scores.items():
         t = threshold_at_fpr(y[val], s_val, cfg.frozen_fpr)
         fpr_in, tpr_in = rates_at(y[val], s_val, t)
         fpr_out, tpr_out = rates_at(y_test, s_test, t)
@@ -288,16 +370,45 @@ def task_study(task: str, rows: list[dict], feats: dict, cfg: MonitorConfig) -> 
     return efficiency(task, ids, y, feats, cfg)
 
 
-def cost(feats: dict) -> list[dict]:
-    """Forward tokens per monitored item of every method (and whether it runs the LM head)."""
+def cost(feats: dict, cfg) -> list[dict]:
+    """Forward tokens per monitored item of every method: alone (``tokens_per_item``: its own
+    passes over the text) and beside the text's pass (``marginal``: a suffix-only template
+    sharing the text's KV cache runs only its question; raw and SAE probes read that pass)."""
+
+    def alone(t):
+        return float(feats[f"tokens/{t}"].mean())
+
+    def beside(t):
+        return float(feats[f"run/{t}"].mean())
+
     out = []
-    for method in [*probe_methods(feats), *(k for k in feats if k.startswith("zero_shot/"))]:
+    for method in probe_methods(feats):
         t = "text" if method.startswith("raw/") or method == "sae" else method.split("/", 1)[1]
         out.append(
             {
                 "method": method,
-                "tokens_per_item": float(feats[f"tokens/{t}"].mean()),
-                "lm_head": method.startswith("zero_shot/"),
+                "tokens_per_item": alone(t),
+                "marginal": alone(t) if t == "text" else beside(t),
+                "lm_head": False,
+            }
+        )
+    for method in zero_shot_methods(feats):
+        t = method.split("/", 1)[1]
+        out.append(
+            {"method": method, "tokens_per_item": alone(t), "marginal": beside(t)}
+            | {"lm_head": True}
+        )
+    probe = next(r for r in out if r["method"] == cfg.combine) if zero_shot_methods(feats) else None
+    for method in combined_methods(feats, cfg):
+        kind, t = method.split("/", 1)
+        share = 1.0 if kind == "stack" else float(kind.split("@", 1)[1])
+        zs = next(r for r in out if r["method"] == f"zero_shot/{t}")
+        out.append(
+            {
+                "method": method,
+                "tokens_per_item": probe["tokens_per_item"] + share * zs["tokens_per_item"],
+                "marginal": probe["marginal"] + share * zs["marginal"],
+                "lm_head": True,
             }
         )
     return out
@@ -344,8 +455,14 @@ def generalisation_table(df) -> str:
 
 
 def cost_table(df) -> str:
-    lines = ["| method | forward tokens per item | runs the LM head |", "|---|---|---|"]
-    lines += [f"| {r.method} | {r.tokens_per_item:.1f} | {r.lm_head} |" for r in df.itertuples()]
+    lines = [
+        "| method | forward tokens per item, alone | beside the text's pass | runs the LM head |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.method} | {r.tokens_per_item:.1f} | {r.marginal:.1f} | {r.lm_head} |"
+        for r in df.itertuples()
+    ]
     return "\n".join(lines)
 
 
@@ -482,7 +599,7 @@ def main(cfg: MonitorJob) -> MonitorResult:
         )
     eff = pd.DataFrame(eff)
     gen = pd.DataFrame([x for part in gen for x in part])
-    costs = pd.DataFrame(cost(feats))
+    costs = pd.DataFrame(cost(feats, mc))
     run.write_parquet(
         stage.rel("features.parquet"),
         pd.DataFrame(
@@ -516,6 +633,17 @@ def main(cfg: MonitorJob) -> MonitorResult:
         "auroc_all": {f"{r.task}/{r.method}": round(float(r.auroc), 4) for r in full.itertuples()},
         "unavailable": missing,
         "tokens_per_item": {r.method: r.tokens_per_item for r in costs.itertuples()},
+        # the text and every template, each in a pass of its own vs templates sharing the text's
+        "all_monitors_tokens_per_item": {
+            "separate": float(
+                sum(feats[f"tokens/{t.name}"].mean() for t in mc.templates)
+                + feats["tokens/text"].mean()
+            ),
+            "shared": float(
+                sum(feats[f"run/{t.name}"].mean() for t in mc.templates)
+                + feats["tokens/text"].mean()
+            ),
+        },
         "seconds": round(time.time() - t0, 1),
     }
     stage.write_json("summary.json", summary)
