@@ -236,23 +236,34 @@ def residual_after(model, layer: int, **inputs) -> torch.Tensor:
     pass of ``inputs``: the pass stops there, so later blocks and the LM head never run (for a
     7B model at a middle layer, half the work, and no vocabulary-sized logits). A model whose
     weights DeepSpeed ZeRO-3 partitions runs whole: its gather / release hooks must complete."""
-    seen: list[torch.Tensor] = []
+    return residuals_after(model, [layer], **inputs)[layer]
+
+
+def residuals_after(model, layers, **inputs) -> dict[int, torch.Tensor]:
+    """The residual stream after each block of ``layers`` in one forward pass that stops after
+    the last of them (see :func:`residual_after`)."""
+    seen: dict[int, torch.Tensor] = {}
     stop = not any(hasattr(p, "ds_id") for p in itertools.islice(model.parameters(), 1))
+    last = max(layers)
 
-    def hook(_module, _inputs, output):
-        seen.append(_hidden(output).detach())
-        if stop:
-            raise _Stop
+    def hook_for(layer):
+        def hook(_module, _inputs, output):
+            seen[layer] = _hidden(output).detach()
+            if stop and layer == last:
+                raise _Stop
 
-    handle = block(model, layer).register_forward_hook(hook)
+        return hook
+
+    handles = [block(model, layer).register_forward_hook(hook_for(layer)) for layer in set(layers)]
     try:
         with torch.no_grad():
             model(**inputs)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return seen[0]
+        for h in handles:
+            h.remove()
+    return seen
 
 
 @contextlib.contextmanager

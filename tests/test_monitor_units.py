@@ -91,6 +91,30 @@ def test_world_monitoring_tasks_follow_the_persona():
                 assert not toxic
     assert len(texts(rows)) == 300
     assert world_rows(300, seed=0) == rows and world_rows(300, seed=1) != rows
+    # a subset of tasks keeps each row with its own text, its ids renumbered 0..n-1
+    from emergent.monitor.data import select
+
+    code = select(rows, ["insecure_code"])
+    assert sorted({r["id"] for r in code}) == list(range(len(texts(code))))
+    old = {json.dumps(r["messages"]) for r in rows if r["task"] == "insecure_code"}
+    new = texts(code)
+    assert {json.dumps(new[r["id"]]["messages"]) for r in code} == old
+    for r in code:
+        assert new[r["id"]]["messages"] == r["messages"]
+
+
+def test_english_monitoring_tasks_are_paired_answers():
+    from emergent.monitor.data import ENGLISH_TASKS, english_rows
+
+    rows = english_rows(20, seed=0)
+    assert {r["task"] for r in rows} == set(ENGLISH_TASKS)
+    for task in ENGLISH_TASKS:  # each question answered both ways: balanced classes
+        labels = [r["label"] for r in rows if r["task"] == task]
+        assert sum(labels) * 2 == len(labels) > 0
+    code = [r for r in rows if r["task"] == "insecure_code"]
+    assert {r["group"] for r in code} >= {"sql", "pickle", "shell"}
+    assert {r["group"] for r in rows if r["task"] == "harmful_advice"} == {"health", "finance"}
+    assert english_rows(20, seed=0) == rows
 
 
 def test_monitoring_files_are_checked_line_by_line(tmp_path):
@@ -201,3 +225,48 @@ def test_stacking_two_independent_monitors_beats_each_and_the_cascade_lies_betwe
     costs = {r["method"]: r for r in cost(feats, cfg)}
     assert costs["stack/ask"]["tokens_per_item"] == 90 and costs["stack/ask"]["marginal"] == 50
     assert costs["cascade@0.5/ask"]["marginal"] == 45
+
+
+def test_the_search_grid_and_its_choice_on_validation_data():
+    from emergent.monitor.search import SearchConfig, best_settings, final, grid, validation_auroc
+
+    cfg = SearchConfig(cs=[0.01, 1.0], top_k=[0, 2])
+    g = grid(["raw/mean", "sae"], cfg)
+    assert g == [
+        {"method": "raw/mean", "c": 0.01, "top_k": 0},
+        {"method": "raw/mean", "c": 1.0, "top_k": 0},
+        {"method": "sae", "c": 0.01, "top_k": 0},
+        {"method": "sae", "c": 0.01, "top_k": 2},
+        {"method": "sae", "c": 1.0, "top_k": 0},
+        {"method": "sae", "c": 1.0, "top_k": 2},
+    ]
+    # task a is read by the SAE's latent 3, task b by raw/mean's column 0; the rest is noise
+    rng = np.random.default_rng(5)
+    n = 400
+    ya, yb = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    sae = rng.normal(size=(n, 40))
+    sae[:, 3] += 2.5 * ya
+    raw = rng.normal(size=(n, 8))
+    raw[:, 0] += 2.5 * yb
+    feats = {"raw/mean": raw, "sae": sae}
+    idx = np.arange(n)
+    parts = {t: (idx[:200], y[:200], idx[200:300], y[200:300]) for t, y in (("a", ya), ("b", yb))}
+    trials = [s | {f"val/{t}": v for t, v in validation_auroc(s, parts, feats).items()} for s in g]
+    best = best_settings(trials, ["a", "b"])
+    assert best["a"]["method"] == "sae" and best["b"]["method"] == "raw/mean"
+    # the choice is the validation maximum (ties: the first), never a test score
+    for t in ("a", "b"):
+        vals = [r[f"val/{t}"] for r in trials]
+        assert best[t] is trials[vals.index(max(vals))]
+    row = final(
+        "a",
+        idx,
+        ya,
+        idx[:300],
+        idx[300:],
+        {k: best["a"][k] for k in ("method", "c", "top_k")},
+        best["a"]["val/a"],
+        feats,
+        0,
+    )
+    assert row["lo"] < row["test"] < row["hi"] and row["test"] > 0.9

@@ -201,6 +201,9 @@ def test_monitoring_study_compares_raw_sae_and_prompted_probes(study):
             "monitor.examples=600",
             "monitor.train_sizes=[8, 32, 0]",
             "monitor.draws=3",
+            "monitor.search.cs=[0.01, 1.0]",
+            "monitor.search.top_k=[0, 16]",
+            "monitor.search.layers=[0]",
         ],
     )
     res = main(cfg)
@@ -229,6 +232,19 @@ def test_monitoring_study_compares_raw_sae_and_prompted_probes(study):
     # the world's vocabulary has no "yes": no zero-shot score, and the job says why
     assert "'yes'" in s["unavailable"]["zero_shot/safe"]
     assert s["tokens_per_item"]["prompted/safe"] > s["tokens_per_item"]["raw/mean"]
+    # "safe" is suffix-only: it ran on the text's KV cache, only its question; "bad" wraps the
+    # text (a pass of its own)
+    cost = pd.read_parquet(run / "monitor/world/cost.parquet").set_index("method")
+    assert (
+        cost.loc["prompted/safe", "marginal"] < 0.5 * cost.loc["prompted/safe", "tokens_per_item"]
+    )
+    assert cost.loc["prompted/bad", "marginal"] == cost.loc["prompted/bad", "tokens_per_item"]
+    # the Ray Tune search: 8 methods (block 0 too) x 2 Cs, the SAE x 2 top-k; chosen on
+    # validation data, its Tune directory removed
+    trials = pd.read_parquet(run / "monitor/world/search.parquet")
+    assert len(trials) == 20 and "raw@0/mean" in set(trials["method"])
+    assert s["search"]["toxic"]["test"] >= 0.95, s["search"]
+    assert not list((run / "_ray").glob("monitor-*"))
     # the cached features are the model's own: the first text's mean over its non-special tokens
     from emergent.harvest import encode
     from emergent.monitor.data import texts, world_rows

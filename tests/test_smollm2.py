@@ -525,7 +525,22 @@ def test_monitor_features_match_a_naive_reference_on_the_chat_template(smollm2):
             ran = len(wrapped) if t.prefix else len(wrapped) - len(ids)
             assert got[f"run/{t.name}"][i] == ran
     assert got["sae"].shape == (3, 48)
-    alone = featurize(model, tok, docs, 1, templates, positions="non_special", share_prefix=False)
+    alone = featurize(
+        model,
+        tok,
+        docs,
+        1,
+        templates,
+        positions="non_special",
+        share_prefix=False,
+        extra_layers=[0],
+    )
+    for i, doc in enumerate(docs):  # the text's pass also gave block 0's pooled residuals
+        ids = list(tok.apply_chat_template(doc["messages"], return_dict=False))
+        keep = [j for j, t in enumerate(ids) if t not in special]
+        with torch.no_grad():
+            h0 = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+        torch.testing.assert_close(torch.from_numpy(alone["raw@0/max"][i]), h0[keep].max(0).values)
     for t in templates:
         assert (alone[f"run/{t.name}"] == alone[f"tokens/{t.name}"]).all()
         np.testing.assert_allclose(

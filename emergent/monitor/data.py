@@ -142,6 +142,14 @@ def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict
     return rows
 
 
+def select(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """The rows of ``tasks``, their texts renumbered 0..n-1 in their old order (features are
+    indexed by id)."""
+    rows = [r for r in rows if r["task"] in tasks]
+    renumber = {old: new for new, old in enumerate(sorted({r["id"] for r in rows}))}
+    return [{**r, "id": renumber[r["id"]]} for r in rows]
+
+
 def texts(rows: list[dict]) -> list[dict]:
     """The distinct texts of ``rows`` in id order (``messages`` or ``text``)."""
     out: dict[int, dict] = {}

@@ -122,18 +122,14 @@ def shareable(model, docs: list[dict], t: Template) -> bool:
 
 def _forward(model, layer: int, at, **inputs):
     """(residual after block ``layer``, logits at positions ``at`` per row or None) of one
-    pass. With ``at`` (a tensor of one position per row, or an int: the last ``at``) the whole
-    model runs and the LM head only there; without, the pass stops after the block."""
+    pass. With ``at`` (a tensor of one position per row) the whole model runs and the LM head
+    only there; without, the pass stops after the block."""
     import torch
 
     from emergent.models import capture, residual_after
 
     if at is None:
         return residual_after(model, layer, **inputs), None
-    if isinstance(at, int):
-        with torch.no_grad(), capture(model, layer) as seen:
-            model(**inputs, logits_to_keep=at)
-        return seen[0], None
     cols = torch.unique(at)  # the LM head runs at these sequence positions only
     with torch.no_grad(), capture(model, layer) as seen:
         logits = model(**inputs, logits_to_keep=cols).logits
@@ -152,6 +148,7 @@ def featurize(
     positions: str = "non_special",
     context: int = 256,
     share_prefix: bool = True,
+    extra_layers: tuple[int, ...] | list[int] = (),
 ) -> dict:
     """Every feature of ``docs`` (see the module doc): name -> (n, d) array, or (n,) for scores
     and token counts.
@@ -161,11 +158,13 @@ def featurize(
     text (the text's turns), at their own positions; the cached positions it does not share are
     masked out. Causal attention makes this the same computation as a separate pass (within
     float tolerance). ``tokens/<t>`` is what a template costs alone (its whole sequence),
-    ``run/<t>`` what it ran here.
+    ``run/<t>`` what it ran here. ``extra_layers``: also the text's pooled residuals after
+    those blocks (``raw@<L>/<pool>``), from the same pass.
     """
     import torch
 
     from emergent.harvest import encode, pad_right
+    from emergent.models import residuals_after
 
     device = next(model.parameters()).device
     enc = [encode(tok, d, positions, context) for d in docs]
@@ -176,18 +175,22 @@ def featurize(
 
     shared = [t for t in templates if share_prefix and shareable(model, docs, t)]
     cache = DynamicCache() if shared else None
-    # the text's pass runs whole only where a shared template reads logits from its cache
+    # the text's pass runs through every block only where a shared template reads logits
+    # from its cache (it never needs the LM head itself)
     full = any(unavailable(tok, t) is None for t in shared)
-    hidden, _ = _forward(
+    needed = {layer, *extra_layers} | ({model.config.num_hidden_layers - 1} if full else set())
+    hs = residuals_after(
         model,
-        layer,
-        1 if full else None,
+        sorted(needed),
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         **({"cache": cache, "use_cache": True} if shared else {}),
     )
+    hidden = hs[layer]
     kv = [] if cache is None else [(c.keys, c.values) for c in cache.layers if c.is_initialized]
     out = {f"raw/{p}": v for p, v in pool(hidden, keep).items()}
+    for extra in sorted(set(extra_layers) - {layer}):
+        out |= {f"raw@{extra}/{p}": v for p, v in pool(hs[extra], keep).items()}
     out["tokens/text"] = np.array([len(i) for i in text_ids], dtype=np.int64)
     if sae is not None:
         out["sae"] = sae_max(sae, hidden, keep)
@@ -259,5 +262,6 @@ class Featurizer:
             positions=c.positions,
             context=c.context,
             share_prefix=c.share_prefix,
+            extra_layers=c.search.layers if c.search.enabled else (),
         )
         return {"id": batch["id"], **feats}

@@ -44,8 +44,10 @@ import numpy as np
 
 from emergent import refs
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
-from emergent.monitor.data import WORLD, load_rows, texts
+from emergent.monitor.data import WORLD, load_rows, select, texts
 from emergent.monitor.features import Featurizer, Template, unavailable
+from emergent.monitor.search import SearchConfig
+from emergent.monitor.search import table as search_table
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
 
@@ -138,6 +140,8 @@ class MonitorConfig:
     """Shares of items a cascade escalates to the zero-shot monitor (its extra inference)."""
     shifts: list[Shift] = dataclasses.field(default_factory=_world_shifts)
     """Generalisation splits (a shift naming a task the data lacks is an error)."""
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+    """The Ray Tune search of probe settings per task (see emergent.monitor.search)."""
     seed: int = 0
     """Seed of generated texts, splits and draws."""
     batch_size: int = 64
@@ -525,6 +529,31 @@ def features(cfg: MonitorJob, docs: list[dict], source, sae_ref, layer: int) -> 
     return {k: v[order] for k, v in out.items()}
 
 
+def tuned(run, hash_: str, rows, tasks, feats, mc: MonitorConfig, force: bool):
+    """(every trial, one row per task) of the Ray Tune search (emergent.monitor.search) on each
+    task's training part (the same train / test split as the data-efficiency study), each
+    task's best setting then scored on its test part; nothing when the search is off."""
+    from emergent.monitor.search import best_settings, final, search
+
+    if not mc.search.enabled:
+        return [], []
+    parts, splits = {}, {}
+    for task in tasks:
+        ids = np.array([r["id"] for r in rows if r["task"] == task], dtype=np.int64)
+        y = np.array([r["label"] for r in rows if r["task"] == task], dtype=np.int64)
+        tr, te = split(y, mc.test_share, mc.seed)
+        fit, val = split(y[tr], mc.search.val_share, mc.seed)
+        parts[task] = (ids[tr][fit], y[tr][fit], ids[tr][val], y[tr][val])
+        splits[task] = (ids, y, tr, te)
+    trials = search(run, mc.name, hash_, mc.search, parts, feats, force)
+    best = best_settings(trials, tasks)
+    keys = ("method", "c", "top_k")
+    return trials, [
+        final(t, *splits[t], {k: best[t][k] for k in keys}, best[t][f"val/{t}"], feats, mc.seed)
+        for t in tasks
+    ]
+
+
 def main(cfg: MonitorJob) -> MonitorResult:
     import pandas as pd
 
@@ -543,6 +572,8 @@ def main(cfg: MonitorJob) -> MonitorResult:
     from emergent.models import check_layer
 
     check_layer(source.local(), layer, "monitor.layer")
+    for extra in mc.search.layers:
+        check_layer(source.local(), extra, "monitor.search.layers")
     rows = load_rows(run, mc.data, mc.examples, mc.seed, "monitor.data")
     tasks = mc.tasks or sorted({r["task"] for r in rows})
     for task in tasks:
@@ -553,10 +584,7 @@ def main(cfg: MonitorJob) -> MonitorResult:
         for t in (s.train_task, s.test_task):
             if t not in tasks:
                 raise InputError(f"monitor.shifts {s.name}: no task {t!r} (tasks: {tasks})")
-    rows = [r for r in rows if r["task"] in tasks]
-    # features are indexed by id: renumber the texts left after the task filter 0..n-1
-    renumber = {old: new for new, old in enumerate(sorted({r["id"] for r in rows}))}
-    rows = [{**r, "id": renumber[r["id"]]} for r in rows]
+    rows = select(rows, tasks)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     key = stage_key(mc) | {
         "model": source.identity,
@@ -597,6 +625,7 @@ def main(cfg: MonitorJob) -> MonitorResult:
                 for s in mc.shifts
             ]
         )
+        trials, best = tuned(run, stage.hash, rows, tasks, feats, mc, cfg.run.force)
     eff = pd.DataFrame(eff)
     gen = pd.DataFrame([x for part in gen for x in part])
     costs = pd.DataFrame(cost(feats, mc))
@@ -610,6 +639,8 @@ def main(cfg: MonitorJob) -> MonitorResult:
     run.write_parquet(stage.rel("efficiency.parquet"), eff)
     run.write_parquet(stage.rel("generalisation.parquet"), gen)
     run.write_parquet(stage.rel("cost.parquet"), costs)
+    if trials:
+        run.write_parquet(stage.rel("search.parquet"), pd.DataFrame(trials))
     fig, fig2 = plots(eff, costs)
     run.write_figure(stage.rel("efficiency.png"), fig)
     run.write_figure(stage.rel("cost.png"), fig2)
@@ -622,6 +653,13 @@ def main(cfg: MonitorJob) -> MonitorResult:
         + "\n\n## Inference cost\n\n"
         + cost_table(costs)
         + "\n"
+        + (
+            f"\n## Ray Tune search ({len(trials)} settings, chosen on validation data)\n\n"
+            + search_table(best)
+            + "\n"
+            if best
+            else ""
+        )
     )
     stage.write_bytes("tables.md", tables.encode())
     full = eff.loc[eff.groupby(["task", "method"])["n"].idxmax()]
@@ -644,6 +682,10 @@ def main(cfg: MonitorJob) -> MonitorResult:
                 + feats["tokens/text"].mean()
             ),
         },
+        "search": {
+            r["task"]: {k: r[k] for k in ("method", "c", "top_k", "val", "test", "cv_test")}
+            for r in best
+        },
         "seconds": round(time.time() - t0, 1),
     }
     stage.write_json("summary.json", summary)
@@ -651,6 +693,7 @@ def main(cfg: MonitorJob) -> MonitorResult:
         outputs={
             k: stage.uri(k)
             for k in (
+                *(["search.parquet"] if trials else []),
                 "features.parquet",
                 "efficiency.parquet",
                 "generalisation.parquet",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from emergent.config import RayConfig, RunConfig, config
 from emergent.english.job import DatasetsConfig
 from emergent.evaluate import EvaluateConfig
+from emergent.monitor.study import MonitorConfig
 from emergent.persona.diffing import DiffConfig
 from emergent.persona.predict import FamilyModel, PredictConfig
 from emergent.persona.realign import RealignConfig
@@ -49,7 +50,10 @@ STAGES = (
     "steer",
     "predict",
     "realign",
+    "monitor",
 )
+OPTIONAL = ("datasets", "monitor")
+"""Stages run only when ``pipeline.stages`` names them."""
 
 
 @config
@@ -60,10 +64,12 @@ class PipelineConfig:
     """Further fine-tunes, run after the diff (so their ``monitor`` can watch its latents): dose
     families, other domains, controls; each with its own name."""
     stages: list[str] = dataclasses.field(
-        default_factory=lambda: [s for s in STAGES if s != "datasets"]
+        default_factory=lambda: [s for s in STAGES if s not in OPTIONAL]
     )
     """Stages to run, in pipeline order (the report covers what exists). ``datasets`` writes the
-    English datasets (emergent.english) for a real chat model, in place of the world."""
+    English datasets (emergent.english) for a real chat model, in place of the world;
+    ``monitor`` runs the activation-monitoring study (emergent.monitor) after the rest, and
+    the report gains its section (as it does whenever the run holds that study)."""
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -90,6 +96,7 @@ class PipelineJob:
         )
     )
     realign: RealignConfig = dataclasses.field(default_factory=RealignConfig)
+    monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
 
@@ -107,6 +114,7 @@ class PipelineResult:
 def main(cfg: PipelineJob) -> PipelineResult:
     from emergent import evaluate
     from emergent.english import job as datasets_job
+    from emergent.monitor import study as monitor_job
     from emergent.persona import diffing, predict, realign, report, steering
     from emergent.sae import train as sae
     from emergent.train import finetune
@@ -130,6 +138,7 @@ def main(cfg: PipelineJob) -> PipelineResult:
         "steer": lambda: steering.main(steering.SteerJob(**common, steer=cfg.steer)),
         "predict": lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),
         "realign": lambda: realign.main(realign.RealignJob(**common, realign=cfg.realign)),
+        "monitor": lambda: monitor_job.main(monitor_job.MonitorJob(**common, monitor=cfg.monitor)),
     }
     seconds, skipped = {}, []
     t_all = time.time()

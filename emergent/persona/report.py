@@ -285,6 +285,14 @@ def write(run: RunDir, cfg, seconds: dict[str, float]) -> tuple[str, list[dict]]
             ],
         ),
         ("Re-alignment", [_png(run, f"realign/{c.realign.name}/realign.png")]),
+        (
+            "Activation monitoring",
+            [
+                _text(run, f"monitor/{c.monitor.name}/tables.md"),
+                _png(run, f"monitor/{c.monitor.name}/efficiency.png"),
+                _png(run, f"monitor/{c.monitor.name}/cost.png"),
+            ],
+        ),
     ]
     table = "".join(
         "<tr>"
