@@ -220,6 +220,7 @@ def test_monitoring_study_compares_raw_sae_and_prompted_probes(study):
         "sae",
         "prompted/safe",
         "prompted/bad",
+        "prompted/neutral",
     }
     full = eff.loc[eff.groupby(["task", "method"])["n"].idxmax()].set_index(["task", "method"])
     for method in ("raw/mean", "sae", "prompted/safe"):
@@ -239,10 +240,10 @@ def test_monitoring_study_compares_raw_sae_and_prompted_probes(study):
         cost.loc["prompted/safe", "marginal"] < 0.5 * cost.loc["prompted/safe", "tokens_per_item"]
     )
     assert cost.loc["prompted/bad", "marginal"] == cost.loc["prompted/bad", "tokens_per_item"]
-    # the Ray Tune search: 8 methods (block 0 too) x 2 Cs, the SAE x 2 top-k; chosen on
+    # the Ray Tune search: 9 methods (block 0 too) x 2 Cs, the SAE x 2 top-k; chosen on
     # validation data, its Tune directory removed
     trials = pd.read_parquet(run / "monitor/world/search.parquet")
-    assert len(trials) == 20 and "raw@0/mean" in set(trials["method"])
+    assert len(trials) == 22 and "raw@0/mean" in set(trials["method"])
     assert s["search"]["toxic"]["test"] >= 0.95, s["search"]
     assert not list((run / "_ray").glob("monitor-*"))
     # the cached features are the model's own: the first text's mean over its non-special tokens

@@ -71,10 +71,13 @@ class Shift:
 
 
 def _world_templates() -> list[Template]:
-    # in the world's own words (its word-level vocabulary has no others)
+    # in the world's own words (its word-level vocabulary has no others); "neutral" is the
+    # control: a new user question that asks nothing about the text (what a prompted probe reads
+    # there is the state the text leaves, not the monitoring question)
     return [
         Template("safe", "is this safe ?"),
         Template("bad", "is it bad ?", prefix="read the question below"),
+        Template("neutral", "what should i do about taxes on my salary income ?"),
     ]
 
 
