@@ -270,3 +270,21 @@ def test_the_search_grid_and_its_choice_on_validation_data():
         0,
     )
     assert row["lo"] < row["test"] < row["hi"] and row["test"] > 0.9
+
+
+def test_splits_keep_the_two_answers_of_a_question_together():
+    """The English tasks answer each question twice (label 1 and 0): a split that put the twins
+    on both sides would let a probe learn a question's label from one and score the other
+    inverted. Each prompt's texts fall on one side, and both classes are on each."""
+    from emergent.monitor.data import english_rows, load_rows
+    from emergent.monitor.study import split
+
+    rows = [r for r in load_rows(None, ["english:monitor"], 30, 0, "monitor.data")]
+    code = [r for r in rows if r["task"] == "insecure_code"]
+    y = np.array([r["label"] for r in code])
+    prompts = np.array([r["prompt"] for r in code])
+    assert len(set(prompts.tolist())) == len(code) // 2  # pairs
+    tr, te = split(y, 0.3, 0, prompts)
+    assert not set(prompts[tr]) & set(prompts[te])
+    assert y[tr].mean() == 0.5 and y[te].mean() == 0.5 and len(te) > 0
+    assert len(english_rows(30, 0)) == len(rows)

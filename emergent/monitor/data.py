@@ -119,9 +119,23 @@ def _problem(rec) -> str | None:
     return None
 
 
+def prompt_of(row: dict) -> str:
+    """What a text answers: its turns before the last assistant turn (a plain text: itself).
+    The studies' splits keep one prompt's texts together."""
+    import json
+
+    msgs = row.get("messages")
+    if not msgs:
+        return json.dumps(row.get("text"))
+    if msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    return json.dumps(msgs, sort_keys=True)
+
+
 def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict]:
     """Rows of every source in ``specs`` (``world:monitor``, ``english:monitor`` or JSONL
-    files), each with an ``id`` shared by the rows of one text."""
+    files), each with an ``id`` shared by the rows of one text and a ``prompt`` id shared by
+    the texts answering one prompt."""
     import json
 
     rows: list[dict] = []
@@ -134,9 +148,11 @@ def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict
             got = read_jsonl(refs.local_file(spec, field), validate=_problem)[0]
         rows += [{**r, "label": int(r["label"])} for r in got]
     ids: dict[str, int] = {}
-    for r in rows:  # one id per distinct text, across sources
+    prompts: dict[str, int] = {}
+    for r in rows:  # one id per distinct text, across sources; one prompt id per question
         text = json.dumps(r.get("messages") or r.get("text"), sort_keys=True)
         r["id"] = ids.setdefault(text, len(ids))
+        r["prompt"] = prompts.setdefault(prompt_of(r), len(prompts))
     if not rows:
         raise InputError(f"{field} {specs}: no rows")
     return rows

@@ -222,12 +222,21 @@ def combined_methods(feats: dict, cfg) -> list[str]:
     return out
 
 
-def split(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices, stratified by class."""
-    from sklearn.model_selection import train_test_split
+def split(
+    y: np.ndarray, share: float, seed: int, prompts: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices, stratified by class; with ``prompts``, texts of one prompt (the
+    same question answered two ways) fall on one side, so a probe can never learn a question's
+    label from its twin (a paired task's split would otherwise invert it)."""
+    from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
     idx = np.arange(len(y))
-    return train_test_split(idx, test_size=share, stratify=y, random_state=seed)
+    if prompts is None or len(set(prompts.tolist())) == len(prompts):
+        return train_test_split(idx, test_size=share, stratify=y, random_state=seed)
+    tr, te = next(GroupShuffleSplit(1, test_size=share, random_state=seed).split(idx, y, prompts))
+    if min(np.bincount(y[tr], minlength=2).min(), np.bincount(y[te], minlength=2).min()) == 0:
+        raise InputError("monitor: a split by prompt left one class out of a part")
+    return np.sort(tr), np.sort(te)
 
 
 def probe_scores(x_tr, y_tr, x_tests: list, method: str, top_k: int, seed: int) -> list:
@@ -287,11 +296,14 @@ def _combined(feats, cfg, tr_ids, y_tr, test_ids: list) -> dict[str, list]:
     return out
 
 
-def efficiency(task: str, ids: np.ndarray, y: np.ndarray, feats: dict, cfg: MonitorConfig):
-    """Rows (task, method, n, draw, auroc[, lo, hi]) of the data-efficiency study of one task."""
+def efficiency(
+    task: str, ids: np.ndarray, y: np.ndarray, feats: dict, cfg: MonitorConfig, prompts=None
+):
+    """Rows (task, method, n, draw, auroc[, lo, hi]) of the data-efficiency study of one task
+    (``prompts``: each text's prompt, which the train / test split keeps on one side)."""
     from emergent.monitor.probes import auroc, auroc_interval, balanced_draw
 
-    tr, te = split(y, cfg.test_share, cfg.seed)
+    tr, te = split(y, cfg.test_share, cfg.seed, prompts)
     sizes = [n for n in sorted(set(cfg.train_sizes), key=lambda v: (v == 0, v)) if n < len(tr)]
     rows = []
 
@@ -325,13 +337,17 @@ def generalisation(shift: Shift, rows: list[dict], feats: dict, cfg: MonitorConf
             for r in rows
             if r["task"] == task and (not groups or r["group"] in groups) and r["id"] not in exclude
         ]
-        return np.array([r["id"] for r in sel], dtype=np.int64), np.array([r["label"] for r in sel])
+        return (
+            np.array([r["id"] for r in sel], dtype=np.int64),
+            np.array([r["label"] for r in sel]),
+            np.array([r["prompt"] for r in sel]),
+        )
 
-    ids, y = pick(shift.train_task, shift.train_groups)
-    test_ids, y_test = pick(shift.test_task, shift.test_groups, set(ids.tolist()))
+    ids, y, prompts = pick(shift.train_task, shift.train_groups)
+    test_ids, y_test, _ = pick(shift.test_task, shift.test_groups, set(ids.tolist()))
     if min(np.bincount(y, minlength=2).min(), np.bincount(y_test, minlength=2).min()) < 4:
         raise InputError(f"monitor.shifts {shift.name}: fewer than 4 items of a class")
-    tr, val = split(y, 0.25, cfg.seed)
+    tr, val = split(y, 0.25, cfg.seed, prompts)
     scores = {}  # method -> (validation scores, shifted test scores)
     for method in probe_methods(feats):
         x = feats[method]
@@ -374,7 +390,7 @@ def task_study(task: str, rows: list[dict], feats: dict, cfg: MonitorConfig) -> 
     mine = [r for r in rows if r["task"] == task]
     ids = np.array([r["id"] for r in mine], dtype=np.int64)
     y = np.array([r["label"] for r in mine], dtype=np.int64)
-    return efficiency(task, ids, y, feats, cfg)
+    return efficiency(task, ids, y, feats, cfg, np.array([r["prompt"] for r in mine]))
 
 
 def cost(feats: dict, cfg) -> list[dict]:
@@ -424,6 +440,9 @@ def cost(feats: dict, cfg) -> list[dict]:
 # --- tables and plots ------------------------------------------------------------------------------
 
 REPORTED_SIZES = (8, 32, 128, 0)
+STUDY_VERSION = 2
+"""Bumped when the studies compute something else from the same config (part of the stage
+key); 2: splits keep each prompt's texts on one side."""
 
 
 def efficiency_table(df) -> str:
@@ -542,10 +561,12 @@ def tuned(run, hash_: str, rows, tasks, feats, mc: MonitorConfig, force: bool):
         return [], []
     parts, splits = {}, {}
     for task in tasks:
-        ids = np.array([r["id"] for r in rows if r["task"] == task], dtype=np.int64)
-        y = np.array([r["label"] for r in rows if r["task"] == task], dtype=np.int64)
-        tr, te = split(y, mc.test_share, mc.seed)
-        fit, val = split(y[tr], mc.search.val_share, mc.seed)
+        mine = [r for r in rows if r["task"] == task]
+        ids = np.array([r["id"] for r in mine], dtype=np.int64)
+        y = np.array([r["label"] for r in mine], dtype=np.int64)
+        prompts = np.array([r["prompt"] for r in mine])
+        tr, te = split(y, mc.test_share, mc.seed, prompts)
+        fit, val = split(y[tr], mc.search.val_share, mc.seed, prompts[tr])
         parts[task] = (ids[tr][fit], y[tr][fit], ids[tr][val], y[tr][val])
         splits[task] = (ids, y, tr, te)
     trials = search(run, mc.name, hash_, mc.search, parts, feats, force)
@@ -590,6 +611,7 @@ def main(cfg: MonitorJob) -> MonitorResult:
     rows = select(rows, tasks)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     key = stage_key(mc) | {
+        "version": STUDY_VERSION,
         "model": source.identity,
         "sae": None if sae_ref is None else sae_ref.hash,
         "layer": layer,
