@@ -162,6 +162,7 @@ def featurize(
     those blocks (``raw@<L>/<pool>``), from the same pass.
     """
     import torch
+    from transformers import DynamicCache
 
     from emergent.harvest import encode, pad_right
     from emergent.models import residuals_after
@@ -171,8 +172,6 @@ def featurize(
     keep = [k if k else [len(ids) - 1] for ids, k in enc]  # a text with no kept token: its last
     text_ids = [i for i, _ in enc]
     ids, mask = pad_right(tok, text_ids)
-    from transformers import DynamicCache
-
     shared = [t for t in templates if share_prefix and shareable(model, docs, t)]
     cache = DynamicCache() if shared else None
     # the text's pass runs through every block only where a shared template reads logits
