@@ -214,3 +214,32 @@ def actor_pool_map(
     # are the same on every run); the pool still works on several batches at once
     out.context.execution_options.preserve_order = True
     return out
+
+
+def tune_grid(run, name: str, trainable, grid: list, force: bool = False):
+    """The results of a Ray Tune grid search of ``{"setting": s}`` over ``grid``, stored under
+    the run directory's ``_ray/<name>`` (a run on an object store gives Tune its filesystem: its
+    paths have no scheme). An interrupted search resumes (errored trials again) unless
+    ``force``. Needs a running Ray session."""
+    import ray.tune
+
+    path = f"{run.uri('_ray')}/{name}"
+    fs = None if run.is_local else run.fs
+    if ray.tune.Tuner.can_restore(path, storage_filesystem=fs) and not force:
+        log.info("resuming the Tune run at %s", path)
+        tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"setting": ray.tune.grid_search(grid)},
+            run_config=ray.tune.RunConfig(
+                name=name, storage_path=run.uri("_ray"), storage_filesystem=fs, verbose=1
+            ),
+        )
+    return tuner.fit()
+
+
+def drop_tune_run(run, name: str) -> None:
+    """Remove a finished Tune run's directory ``_ray/<name>`` from the run directory."""
+    if run.exists(f"_ray/{name}"):
+        run.fs.delete_dir(run.uri(f"_ray/{name}"))

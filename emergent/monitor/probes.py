@@ -150,11 +150,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, c: float, seed: int = 0) -> np.nda
 def fit_stack(parts: np.ndarray, y: np.ndarray):
     """A logistic regression on standardised monitor scores (items x monitors): the stacked
     monitor (C = 1: a handful of weights)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(parts, y)
+    return fixed_probe(parts, y, 1.0)
 
 
 def cascade(first: np.ndarray, second: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:

@@ -103,6 +103,8 @@ def search(run, name: str, hash_: str, cfg: SearchConfig, parts: dict, feats: di
     session (stored under the run's ``_ray/``, resumed if interrupted, removed when done)."""
     import ray.tune
 
+    from emergent.runtime import drop_tune_run, tune_grid
+
     methods = cfg.methods or [
         k for k in feats if k.startswith(("raw/", "raw@", "prompted/")) or k == "sae"
     ]
@@ -112,19 +114,7 @@ def search(run, name: str, hash_: str, cfg: SearchConfig, parts: dict, feats: di
         {"cpu": cfg.cpus_per_trial},
     )
     tune_name = f"monitor-{name}-{hash_[:8]}"
-    path = f"{run.uri('_ray')}/{tune_name}"
-    fs = None if run.is_local else run.fs
-    if ray.tune.Tuner.can_restore(path, storage_filesystem=fs) and not force:
-        tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space={"setting": ray.tune.grid_search(settings)},
-            run_config=ray.tune.RunConfig(
-                name=tune_name, storage_path=run.uri("_ray"), storage_filesystem=fs, verbose=1
-            ),
-        )
-    results = tuner.fit()
+    results = tune_grid(run, tune_name, trainable, settings, force)
     rows = []
     for r in results:
         if r.error is not None:
@@ -134,8 +124,7 @@ def search(run, name: str, hash_: str, cfg: SearchConfig, parts: dict, feats: di
         )
     order = {tuple(s.values()): i for i, s in enumerate(settings)}
     rows.sort(key=lambda r: order[(r["method"], r["c"], r["top_k"])])
-    if run.exists(f"_ray/{tune_name}"):
-        run.fs.delete_dir(run.uri(f"_ray/{tune_name}"))
+    drop_tune_run(run, tune_name)
     return rows
 
 

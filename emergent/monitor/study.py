@@ -382,15 +382,23 @@ def generalisation(shift: Shift, rows: list[dict], feats: dict, cfg: MonitorConf
     return out
 
 
+def task_arrays(rows: list[dict], task: str):
+    """(text ids, labels, prompt ids) of one task's rows."""
+    mine = [r for r in rows if r["task"] == task]
+    return (
+        np.array([r["id"] for r in mine], dtype=np.int64),
+        np.array([r["label"] for r in mine], dtype=np.int64),
+        np.array([r["prompt"] for r in mine]),
+    )
+
+
 def task_study(task: str, rows: list[dict], feats: dict, cfg: MonitorConfig) -> list[dict]:
     """The data-efficiency rows of one task (a Ray task of the job)."""
     from emergent.runtime import set_threads
 
     set_threads(1)
-    mine = [r for r in rows if r["task"] == task]
-    ids = np.array([r["id"] for r in mine], dtype=np.int64)
-    y = np.array([r["label"] for r in mine], dtype=np.int64)
-    return efficiency(task, ids, y, feats, cfg, np.array([r["prompt"] for r in mine]))
+    ids, y, prompts = task_arrays(rows, task)
+    return efficiency(task, ids, y, feats, cfg, prompts)
 
 
 def cost(feats: dict, cfg) -> list[dict]:
@@ -561,10 +569,7 @@ def tuned(run, hash_: str, rows, tasks, feats, mc: MonitorConfig, force: bool):
         return [], []
     parts, splits = {}, {}
     for task in tasks:
-        mine = [r for r in rows if r["task"] == task]
-        ids = np.array([r["id"] for r in mine], dtype=np.int64)
-        y = np.array([r["label"] for r in mine], dtype=np.int64)
-        prompts = np.array([r["prompt"] for r in mine])
+        ids, y, prompts = task_arrays(rows, task)
         tr, te = split(y, mc.test_share, mc.seed, prompts)
         fit, val = split(y[tr], mc.search.val_share, mc.seed, prompts[tr])
         parts[task] = (ids[tr][fit], y[tr][fit], ids[tr][val], y[tr][val])

@@ -36,7 +36,7 @@ from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import Judged, parse_model
 from emergent.models import POSITIONS
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
+from emergent.runtime import drop_tune_run, ray_session, tune_grid
 
 log = logging.getLogger(__name__)
 
@@ -351,28 +351,12 @@ def main(cfg: SteerJob) -> SteerResult:
         "cache": run.uri("evaluate/_judge_cache") if run.is_local else None,
     }
     name = f"steer-{st.name}-{stage.hash[:8]}"
-    path = f"{run.uri('_ray')}/{name}"
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial, ctx=ctx),
         {"cpu": st.cpus_per_trial} | ({"gpu": st.gpus_per_trial} if st.gpus_per_trial else {}),
     )
-    # A run directory on an object store gives Tune its filesystem (its paths have no scheme)
-    fs = None if run.is_local else run.fs
     with ray_session(cfg.ray):
-        if ray.tune.Tuner.can_restore(path, storage_filesystem=fs) and not cfg.run.force:
-            log.info("steer %s: resuming the Tune run at %s", st.name, path)
-            tuner = ray.tune.Tuner.restore(
-                path, trainable, resume_errored=True, storage_filesystem=fs
-            )
-        else:
-            tuner = ray.tune.Tuner(
-                trainable,
-                param_space={"setting": ray.tune.grid_search(grid)},
-                run_config=ray.tune.RunConfig(
-                    name=name, storage_path=run.uri("_ray"), storage_filesystem=fs, verbose=1
-                ),
-            )
-        results = tuner.fit()
+        results = tune_grid(run, name, trainable, grid, cfg.run.force)
     rows = []
     for r in results:
         if r.error is not None:
@@ -413,8 +397,7 @@ def main(cfg: SteerJob) -> SteerResult:
         },
         inputs={k: s.identity for k, s in sources.items()},
     )
-    if run.exists(f"_ray/{name}"):
-        run.fs.delete_dir(run.uri(f"_ray/{name}"))
+    drop_tune_run(run, name)
     log.info("steer %s:\n%s", st.name, df.to_string(index=False))
     return SteerResult(stage.uri(), summary, False)
 
