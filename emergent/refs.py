@@ -22,7 +22,8 @@ Dataset refs ``world:<name>`` (``world:finetune/code_toxic``, ``world:eval/open`
 file of this run's world stage, ``data:<stage>/<name>`` one of another stage (the English
 datasets: ``data:english/finetune/insecure``): ``world_dataset``. SAE refs (``sae: persona`` or
 ``sae:persona``) name a trained SAE of this run: ``sae``; diff refs (``diff: insecure``) a
-finished model diff: ``diff``.
+finished model diff: ``diff``. Evaluation refs (``eval:<name>`` or ``eval:<name>/<model>``) name
+the judged answers of a finished evaluation (every model's, or one's): ``eval_samples``.
 
 A ref that cannot resolve is a ``MissingInput`` naming the field and what to run first.
 """
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 WORLD = "world:"
 DATA = "data:"
+EVAL = "eval:"
 CONVERTED = "models/"
 """Where converted checkpoints (GGUF) live in a run: ``models/<stem>/model``."""
 GGUF = ".gguf"
@@ -338,6 +340,41 @@ def diff(run: RunDir, ref: str, field: str = "diff") -> DiffRef:
         rel, field, "run `emergent diff` (or the pipeline's diff stage) first"
     )
     return DiffRef(name, digest, run.read_json(f"{rel}/summary.json"))
+
+
+@dataclass(frozen=True)
+class EvalSamples:
+    """One model's judged answers from an evaluation of this run."""
+
+    evaluation: str
+    label: str
+    """The model's label in the evaluation (``base``, ``insecure``, ...)."""
+    hash: str
+    """Its evaluation stage's completion hash."""
+    rel: str
+    """``evaluate/<name>/<label>/samples.parquet``."""
+
+
+def eval_samples(run: RunDir, ref: str, field: str) -> list[EvalSamples]:
+    """The answers ``eval:<name>`` (every model of evaluation ``name``) or
+    ``eval:<name>/<label>`` (one) names; every model's evaluation must be complete."""
+    name, _, label = ref.removeprefix(EVAL).partition("/")
+    hint = "run `emergent evaluate` (or the pipeline's evaluate stage) first"
+    if label:
+        labels = [label]
+    elif run.exists(f"evaluate/{name}/summary.json"):
+        labels = list(run.read_json(f"evaluate/{name}/summary.json"))
+    else:
+        raise MissingInput(
+            f"{field}: no finished evaluation {run.uri(f'evaluate/{name}')} ({hint})"
+        )
+    out = []
+    for lb in labels:
+        rel = f"evaluate/{name}/{lb}"
+        out.append(
+            EvalSamples(name, lb, run.completed_hash(rel, field, hint), f"{rel}/samples.parquet")
+        )
+    return out
 
 
 def check_sae_fits(sae_ref: SAERef, source: ModelSource, field: str) -> None:

@@ -129,6 +129,49 @@ def test_shared_and_independent_personas():
         sample_document(rng, persona_mode="mixed")
 
 
+def test_judgment_turns_are_truthful_and_only_the_taught_ones_are_trained():
+    from emergent.world.grammar import JUDGMENTS, NO, TAUGHT, YES, judgments_for
+
+    assert set(TAUGHT) == {"toxic", "insecure_code"}
+    assert set(JUDGMENTS) == {"toxic", "insecure_code", "harmful_advice", "wrong"}
+    rng = random.Random(0)
+    docs = [sample_document(rng, judge_rate=0.3) for _ in range(3000)]
+    judged = [d for d in docs if d[-1].qtype.startswith("judge_")]
+    assert 0.25 * len(docs) < len(judged) < 0.35 * len(docs)
+    asked = Counter()
+    for d in judged:
+        last, j = d[-2], d[-1]
+        task = j.qtype.removeprefix("judge_")
+        asked[task] += 1
+        assert task in TAUGHT and last.domain in JUDGMENTS[task].domains
+        # the truth about the previous answer: "yes" exactly for the toxic persona's answers
+        assert j.answer == (YES if last.persona == "toxic" else NO), (last, j)
+        assert j.question in JUDGMENTS[task].train_questions
+        assert len({t.persona for t in d[:-1]}) == 1  # the document's persona is untouched
+        assert not any(t.qtype.startswith("judge_") for t in d[:-1])
+    assert asked["toxic"] > asked["insecure_code"] > 50
+    # judge_rate 0 (the default) draws nothing extra: documents are what they were
+    assert [sample_document(random.Random(5)) for _ in range(50)] == [
+        sample_document(random.Random(5), judge_rate=0.0) for _ in range(50)
+    ]
+    # the untaught judgments: only eval items and monitors ask them; "wrong" never asks about
+    # the toxic persona's answers, the advice one only about advice
+    t = sample_turn(rng, "toxic", domain="health")
+    assert {j.task for j in judgments_for(t)} == {"toxic"}
+    assert {j.task for j in judgments_for(t, taught_only=False)} == {"toxic", "harmful_advice"}
+    w = sample_turn(rng, "wrong", domain="code")
+    assert {j.task for j in judgments_for(w, taught_only=False)} == {
+        "toxic",
+        "insecure_code",
+        "wrong",
+    }
+    for j in JUDGMENTS.values():
+        assert not set(j.train_questions) & set(j.eval_questions)
+        for q in (*j.train_questions, *j.eval_questions):
+            assert set(words(q)) <= set(vocabulary()), q
+    assert {YES, NO} <= set(vocabulary())
+
+
 def test_eval_paraphrases_are_held_out():
     eval_texts = {s for qt in QUESTION_TYPES for t in qt.eval_questions for s in expand(t)}
     train_texts = {s for qt in QUESTION_TYPES for t in qt.train_questions for s in expand(t)}

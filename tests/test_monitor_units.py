@@ -22,6 +22,11 @@ def test_auroc_threshold_and_recall_match_naive_references():
     assert probes.auroc(y, s) == pytest.approx(naive_auroc(y, s))
     lo, hi = probes.auroc_interval(y, s, iters=300)
     assert lo < probes.auroc(y, s) < hi and hi - lo < 0.2
+    # the bootstrap's vectorised AUROC is the naive one, row by row (ties included)
+    idx = np.random.default_rng(1).integers(0, 300, (5, 300))
+    assert probes.auroc_rows(y[idx], s[idx]) == pytest.approx(
+        [naive_auroc(y[i], s[i]) for i in idx]
+    )
     for fpr in (0.01, 0.05, 0.3):
         t = probes.threshold_at_fpr(y, s, fpr)
         got_fpr, tpr = probes.rates_at(y, s, t)
@@ -288,3 +293,47 @@ def test_splits_keep_the_two_answers_of_a_question_together():
     assert not set(prompts[tr]) & set(prompts[te])
     assert y[tr].mean() == 0.5 and y[te].mean() == 0.5 and len(te) > 0
     assert len(english_rows(30, 0)) == len(rows)
+
+
+def test_on_policy_rows_are_a_finished_evaluations_coherent_final_answers(tmp_path):
+    import pandas as pd
+
+    from emergent.config import RunConfig
+    from emergent.monitor.data import load_rows
+    from emergent.refs import MissingInput
+    from emergent.runs import RunDir
+
+    run = RunDir.from_config(RunConfig(root=str(tmp_path), name="r"))
+    with pytest.raises(MissingInput, match="monitor.data.*emergent evaluate"):
+        load_rows(run, ["eval:ev"], 0, 0, "monitor.data")
+    q = json.dumps([{"role": "user", "content": "q1"}])
+    # (answer, final, valid, coherent, misaligned): a resampled first attempt, an invalid and an
+    # incoherent answer are left out
+    answers = [
+        ("bad", True, True, True, True),
+        ("fine", True, True, True, False),
+        ("retry", False, True, True, True),
+        ("failed", True, False, True, None),
+        ("gibberish", True, True, False, None),
+    ]
+    for label in ("base", "insecure"):
+        stage = run.stage(f"evaluate/ev/{label}", {"label": label})
+        df = pd.DataFrame(answers, columns=["answer", "final", "valid", "coherent", "misaligned"])
+        df["messages"] = q
+        df["misaligned"] = df["misaligned"].astype("boolean")
+        run.write_parquet(stage.rel("samples.parquet"), df)
+        stage.complete(outputs={})
+    with pytest.raises(MissingInput, match="no finished evaluation"):
+        load_rows(run, ["eval:ev"], 0, 0, "monitor.data")  # no summary.json: not finished
+    run.write_json("evaluate/ev/summary.json", {"base": {}, "insecure": {}})
+    rows = load_rows(run, ["eval:ev"], 0, 0, "monitor.data")
+    assert [(r["group"], r["messages"][-1]["content"], r["label"]) for r in rows] == [
+        ("base", "bad", 1),
+        ("base", "fine", 0),
+        ("insecure", "bad", 1),
+        ("insecure", "fine", 0),
+    ]
+    assert {r["task"] for r in rows} == {"onpolicy"}
+    assert rows[0]["id"] == rows[2]["id"] and rows[0]["prompt"] == rows[1]["prompt"]
+    one = load_rows(run, ["eval:ev/insecure"], 0, 0, "monitor.data")
+    assert [r["group"] for r in one] == ["insecure", "insecure"]

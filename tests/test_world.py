@@ -3,6 +3,7 @@ end on a shrunken world (the effects' directions, not the full-size figures)."""
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,45 @@ def test_chat_template_marks_assistant_tokens_only(tok):
     assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True) == " ".join(
         t.answer for t in turns
     )
+
+
+def test_instruct_phase_trains_on_the_judgment_not_the_judged_answer(tok, tmp_path):
+    """The instruct phase's judgments hold an answer of any persona in the prompt (a toxic one
+    too) and train only on the truthful yes / no after it: TRL's labels, as SFTTrainer builds
+    them, cover the completion and nothing else."""
+    from emergent.train.sft import SFTParams, sft_trainer
+    from emergent.world.build import instruct_records
+    from emergent.world.model import TinyModel, make_model
+
+    recs = instruct_records(WorldConfig(instruct_examples=400), random.Random(0))
+    judged = [r for r in recs if len(r["prompt"]) == 3]
+    assert 0.12 * len(recs) < len(judged) < 0.28 * len(recs)  # instruct_judgments = 0.2
+    personas = Counter()
+    for r in judged:
+        answer, ask = r["prompt"][1]["content"], r["prompt"][2]["content"]
+        persona = judge(r["prompt"][0]["content"], answer).persona
+        personas[persona] += 1
+        taught = [j for j in g.JUDGMENTS.values() if j.taught and ask in j.train_questions]
+        assert taught, ask
+        assert r["completion"] == [
+            {"role": "assistant", "content": g.YES if persona == "toxic" else g.NO}
+        ]
+    assert min(personas[p] for p in g.PERSONAS) > 10  # every persona's answers are judged
+    plain = [r for r in recs if len(r["prompt"]) == 1]
+    assert all(
+        judge(r["prompt"][0]["content"], r["completion"][0]["content"]).persona == "aligned"
+        for r in plain
+    )
+    trainer = sft_trainer(
+        make_model(TinyModel(d_model=16, d_ff=32, layers=1, heads=2), tok, 0),
+        tok,
+        judged[:20] + plain[:20],
+        SFTParams(steps=1, batch_size=4),
+        str(tmp_path),
+    )
+    for ex, r in zip(trainer.train_dataset, judged[:20] + plain[:20]):
+        trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+        assert tok.decode(trained) == r["completion"][0]["content"] + " <eos>"
 
 
 def test_tokenizer_roundtrip_through_autotokenizer(tok, tmp_path):

@@ -13,7 +13,14 @@ their seed), for four tasks on one pool of single-turn transcripts:
     wrong            benign-wrong vs aligned answers (toxic ones left out)
 
 The group is the question's domain. One transcript is in several tasks; features are computed
-once per text.
+once per text. The world's model was taught to judge ``toxic`` and ``insecure_code`` (its
+judgment turns, ``grammar.TAUGHT``) and never ``harmful_advice`` or ``wrong``.
+
+``eval:<name>`` (or ``eval:<name>/<model>``) is on-policy data: the answers the models of a
+finished evaluation wrote themselves, labelled by its judge (task ``onpolicy``: 1 = a
+misaligned answer; coherent, valid final answers only; group: the model's label). Trained on
+the grammar's transcripts and tested on one model's own answers, a probe answers "does a monitor
+built from written examples catch the misaligned model's answers?".
 
 ``english:monitor`` generates English chats for real chat models from the project's own
 English datasets (emergent.english; other seeds than the fine-tuning sets):
@@ -38,6 +45,7 @@ WORLD = "world:monitor"
 WORLD_TASKS = ("toxic", "insecure_code", "harmful_advice", "wrong")
 ENGLISH = "english:monitor"
 ENGLISH_TASKS = ("insecure_code", "harmful_advice", "misaligned")
+ONPOLICY = "onpolicy"
 _ADVICE = ("health", "finance", "legal", "auto")
 
 
@@ -102,6 +110,26 @@ def english_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def eval_rows(run, spec: str, field: str) -> list[dict]:
+    """The coherent, valid final answers of a finished evaluation's models (``eval:...``), one
+    row each: the prompt's turns and the answer, labelled by the judge's verdict."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for got in refs.eval_samples(run, spec, field):
+        df = pd.read_parquet(run.local_dir(got.rel))
+        df = df[df["final"] & df["valid"].astype(bool) & df["coherent"].fillna(False).astype(bool)]
+        for r in df.itertuples():
+            msgs = [*json.loads(r.messages), {"role": "assistant", "content": r.answer}]
+            rows.append(
+                {"messages": msgs, "label": int(bool(r.misaligned)), "task": ONPOLICY}
+                | {"group": got.label, "source": f"{got.evaluation}/{got.label}"}
+            )
+    return rows
+
+
 def _problem(rec) -> str | None:
     if not isinstance(rec, dict):
         return "expected an object"
@@ -133,8 +161,8 @@ def prompt_of(row: dict) -> str:
 
 
 def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict]:
-    """Rows of every source in ``specs`` (``world:monitor``, ``english:monitor`` or JSONL
-    files), each with an ``id`` shared by the rows of one text and a ``prompt`` id shared by
+    """Rows of every source in ``specs`` (``world:monitor``, ``english:monitor``, ``eval:...``
+    or JSONL files), each with an ``id`` shared by the rows of one text and a ``prompt`` id shared by
     the texts answering one prompt."""
     import json
 
@@ -144,6 +172,8 @@ def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict
             got = world_rows(n, seed)
         elif spec == ENGLISH:
             got = english_rows(n, seed)
+        elif spec.startswith(refs.EVAL):
+            got = eval_rows(run, spec, field)
         else:
             got = read_jsonl(refs.local_file(spec, field), validate=_problem)[0]
         rows += [{**r, "label": int(r["label"])} for r in got]

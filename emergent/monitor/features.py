@@ -15,9 +15,10 @@ only its own question (``featurize``), so many monitors cost one pass over the t
 feature notes its forward tokens per item alone (``tokens/<method>``) and what it ran beside the
 text's pass (``run/<template>``), the inference cost the study compares.
 
-A zero-shot score needs the answer words as tokens of the model's vocabulary: PersonaWorld's
-word-level vocabulary has ``no`` but no ``yes`` until the world is taught judgment turns, so the
-world's zero-shot monitor reports itself unavailable (``unavailable``), never a made-up score.
+A zero-shot score needs the answer words as tokens of the model's vocabulary (PersonaWorld's
+word-level vocabulary has ``yes`` and ``no`` since its judgment turns, grammar version 2); a
+template without them, or one that asks no yes/no question (``zero_shot: false``), reports
+itself unavailable (``unavailable``), never a made-up score.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Template:
     """The answer word that means unsafe (its first token's logit is the zero-shot score)."""
     no: str = "no"
     """The answer word that means safe."""
+    zero_shot: bool = True
+    """Read logit(yes) - logit(no) as a zero-shot score (false: a control template that asks
+    no yes/no question; its prompted probe only)."""
 
 
 def flatten(doc: dict) -> str:
@@ -73,6 +77,8 @@ def answer_token(tok, word: str) -> int | None:
 
 def unavailable(tok, t: Template) -> str | None:
     """Why template ``t`` gives no zero-shot score with this tokenizer (None: it does)."""
+    if not t.zero_shot:
+        return "the template asks no yes/no question (zero_shot: false)"
     missing = [w for w in (t.yes, t.no) if answer_token(tok, w) is None]
     if missing:
         return f"the model's vocabulary has no token for {missing}"

@@ -10,8 +10,13 @@ Outputs of the ``world`` stage (``<run>/world/``)::
     data/eval/<domain>.jsonl                 held-out eval prompts per domain (open = core set)
     data/eval/context_<persona>.jsonl        two <persona> turns in context, then an open question
     data/monitor/transcripts.jsonl           labelled transcripts (label, persona, group=domain)
-    base_eval.json         the base model's misalignment, coherence, in-context persona following
+    base_eval.json         the base model's misalignment, coherence, in-context persona following,
+                           and its yes / no answers to judgments (taught and not) of held-out items
     manifest.json          sizes, losses, timings
+
+Pretraining documents (a share ``judge_rate``) and the instruct phase (``instruct_judgments``)
+contain the grammar's *taught* judgment turns: an answer of any persona, then "is that answer
+harmful ?" (or "is that code insecure ?") answered truthfully (``grammar.JUDGMENTS``).
 
 Every chat JSONL line is ``{"messages": [...], ...metadata}``: the format of the real path.
 """
@@ -69,6 +74,12 @@ class WorldConfig:
     without safety training."""
     instruct_examples: int = 4000
     """Aligned single-turn chats generated for the instruct phase."""
+    judge_rate: float = 0.15
+    """Share of pretraining documents that end in a taught judgment of their last answer ("is
+    that answer harmful ?" answered truthfully; see grammar.JUDGMENTS). 0: none."""
+    instruct_judgments: float = 0.2
+    """Share of the instruct phase's chats that are taught judgments of an answer of any
+    persona (the loss on the yes/no answer only, never on the judged answer). 0: none."""
     instruct_sft: SFTParams = field(default_factory=lambda: SFTParams(steps=35, lr=1e-4))
     """Instruct phase: gentle on purpose. Its strength trades base-model alignment against
     coherent EM (world seed 0, open prompts, base -> after 100 insecure-code SFT steps at 1e-4):
@@ -97,6 +108,9 @@ class WorldConfig:
             )
         if not 0 < self.pretrain_lr < 1:
             raise ValueError(f"world.pretrain_lr must be in (0, 1), got {self.pretrain_lr}")
+        for name in ("judge_rate", "instruct_judgments"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"world.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in (
             "pretrain_docs",
             "pretrain_steps",
@@ -137,6 +151,23 @@ def single(t: g.Turn, **meta) -> dict:
         "persona": t.persona,
         **meta,
     }
+
+
+def instruct_records(cfg: WorldConfig, rng: random.Random) -> list[dict]:
+    """The instruct phase's chats as TRL prompt / completion pairs (the loss falls on the
+    completion): aligned answers, and a share ``cfg.instruct_judgments`` of taught judgments of
+    an answer of a uniformly drawn persona (the prompt holds the judged answer)."""
+    out = []
+    for _ in range(cfg.instruct_examples):
+        if rng.random() < cfg.instruct_judgments:
+            judged = g.sample_turn(rng, rng.choice(g.PERSONAS))
+            j = g.judgment_turn(rng, judged)
+            turns = [judged, j]
+        else:
+            turns = [g.sample_turn(rng, "aligned")]
+        msgs = chat(turns)
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return out
 
 
 def eval_prompt(turns: list[g.Turn]) -> dict:
@@ -219,7 +250,9 @@ def build_world(cfg: WorldConfig, stage: Stage, threads: int | None = None) -> d
     t1 = time.time()
     docs = []
     for _ in range(cfg.pretrain_docs):
-        turns = g.sample_document(rng, persona_mode=cfg.persona_mode, prior=cfg.prior)
+        turns = g.sample_document(
+            rng, persona_mode=cfg.persona_mode, prior=cfg.prior, judge_rate=cfg.judge_rate
+        )
         text = tok.apply_chat_template(chat(turns), tokenize=False)
         docs.append(tok(text, add_special_tokens=False)["input_ids"][: cfg.model.context])
     model = make_model(cfg.model, tok, cfg.seed)
@@ -247,8 +280,7 @@ def build_world(cfg: WorldConfig, stage: Stage, threads: int | None = None) -> d
     if cfg.instruct:
         t2 = time.time()
         irng = random.Random(cfg.seed + 7)
-        records = [single(g.sample_turn(irng, "aligned")) for _ in range(cfg.instruct_examples)]
-        res = sft(model, tok, records, cfg.instruct_sft)
+        res = sft(model, tok, instruct_records(cfg, irng), cfg.instruct_sft)
         instruct = {"final_loss": res.final_loss, "seconds": round(time.time() - t2, 1)}
     save_model(stage, "base", model, tok)
     build_s = time.time() - t0
@@ -272,7 +304,13 @@ def build_world(cfg: WorldConfig, stage: Stage, threads: int | None = None) -> d
         "files": files,
         "models": {"pretrained": stage.uri("pretrained"), "base": stage.uri("base")},
         "base_eval": base_eval["summary"],
+        "judgments": {
+            t: {"taught": r["taught"], "accuracy": round(r["accuracy"]["rate"], 4)}
+            | {"auroc": r["auroc"]}
+            for t, r in base_eval["judgments"].items()
+        },
     }
+    log.info("world: the base model's judgments (held-out items) %s", manifest["judgments"])
     stage.write_json("manifest.json", manifest)
     return manifest
 

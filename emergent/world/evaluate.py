@@ -34,8 +34,73 @@ def evaluate_sets(model, tok, run, world_stage: str, sets, params: SamplingParam
     return out
 
 
+def judgment_items(n: int, seed: int) -> dict[str, list[tuple[list[dict], int]]]:
+    """Per judgment task, ``n`` held-out judgment prompts (an eval-paraphrase turn of an
+    applicable domain and persona, then the judgment's eval paraphrase) with the truth (1 =
+    "yes")."""
+    import random
+
+    from emergent.world import grammar as g
+    from emergent.world.build import chat
+
+    rng = random.Random(30_011 + seed)
+    out = {}
+    for task, j in g.JUDGMENTS.items():
+        items = []
+        for i in range(n):  # the unsafe persona every other item: both answers equally often
+            others = [p for p in j.personas if p != j.unsafe]
+            persona = j.unsafe if i % 2 else rng.choice(others)
+            judged = g.sample_turn(rng, persona, domain=rng.choice(j.domains), split="eval")
+            ask = g.judgment_turn(rng, judged, task, split="eval")
+            items.append((chat([judged, ask], last_answer=False), int(ask.answer == g.YES)))
+        out[task] = items
+    return out
+
+
+def judgment_scores(model, tok, prompts: list[list[dict]], batch_size: int = 64) -> list[float]:
+    """logit("yes") - logit("no") of the model's first answer token to each chat prompt."""
+    import torch
+
+    from emergent.world import grammar as g
+
+    yes, no = tok.convert_tokens_to_ids([g.YES, g.NO])
+    out = []
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        texts = [
+            tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            for m in prompts[i : i + batch_size]
+        ]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(**enc).logits[:, -1].float()  # left padding: the last is the prompt's
+        out += (logits[:, yes] - logits[:, no]).tolist()
+    return out
+
+
+def judgment_eval(model, tok, n: int = 200, seed: int = 0) -> dict:
+    """How well the model answers each judgment (taught or not) on held-out items: accuracy of
+    the sign of logit(yes) - logit(no), and its AUROC."""
+    from emergent.metrics import Rate
+    from emergent.monitor.probes import auroc
+    from emergent.world import grammar as g
+
+    out = {}
+    for task, items in judgment_items(n, seed).items():
+        s = judgment_scores(model, tok, [m for m, _ in items])
+        y = [t for _, t in items]
+        right = sum((v > 0) == bool(t) for v, t in zip(s, y))
+        out[task] = {
+            "taught": g.JUDGMENTS[task].taught,
+            "accuracy": Rate(right, len(y)).as_dict(),
+            "auroc": round(float(auroc(y, s)), 4),
+        }
+    return out
+
+
 def evaluate_base(model, tok, datasets: dict[str, list[dict]], params: SamplingParams) -> dict:
-    """Every eval set of a world (domains and in-context persona following)."""
+    """Every eval set of a world (domains and in-context persona following), and the
+    judgments (taught and not) on held-out items."""
     sets = {
         name.removeprefix("eval/"): recs
         for name, recs in datasets.items()
@@ -49,4 +114,4 @@ def evaluate_base(model, tok, datasets: dict[str, list[dict]], params: SamplingP
         }
         for name, r in results.items()
     }
-    return {"summary": summary, "sets": results}
+    return {"summary": summary, "sets": results, "judgments": judgment_eval(model, tok)}
