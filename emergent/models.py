@@ -26,18 +26,21 @@ from typing import Literal
 import torch
 
 from emergent.config import InputError
+from emergent.refs import require_safetensors
 
 Positions = Literal["all", "assistant_turn", "answer"]
 POSITIONS = ("all", "assistant_turn", "answer")
 
 
 def load_causal_lm(path: str, device: str = "cpu", dtype: str | None = None):
-    """An HF causal LM (eval mode) and its tokenizer from a local directory or hub id."""
+    """An HF causal LM (eval mode) and its tokenizer from a local directory or hub id
+    (safetensors weights only, see :func:`require_safetensors`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_safetensors(path)
     tok = AutoTokenizer.from_pretrained(path)
     kw = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = AutoModelForCausalLM.from_pretrained(path, **kw).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kw).to(device)
     model.eval()
     return model, tok
 
@@ -52,7 +55,8 @@ def load_any(path: str, device: str = "cpu"):
         return load_causal_lm(path, device)
     from transformers import AutoTokenizer
 
-    model = AutoModel.from_pretrained(path).to(device)
+    require_safetensors(path)
+    model = AutoModel.from_pretrained(path, use_safetensors=True).to(device)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 

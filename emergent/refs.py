@@ -86,6 +86,29 @@ class ModelSource:
         return self.rel is not None
 
 
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str, what: str = "model") -> None:
+    """Refuse a local model directory whose weights are only pickled (``pytorch_model.bin``
+    and the like): unpickling runs whatever code the file holds, so emergent loads safetensors
+    only. Hub ids are held to the same rule by ``use_safetensors=True`` at load time."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    names = sorted(f.name for f in p.iterdir() if f.is_file())
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = [n for n in names if n.endswith(PICKLED_WEIGHTS)]
+    if pickled:
+        raise UserError(
+            f"{what}: {p} holds only pickled weights ({', '.join(pickled[:3])}); emergent loads "
+            "safetensors only, since unpickling a checkpoint runs the code inside it. Where you "
+            "trust the file, convert it once: AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(new_dir) writes model.safetensors"
+        )
+
+
 def looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
 
@@ -118,6 +141,7 @@ def model(run_cfg: RunConfig, ref: str, world_stage: str, field: str = "model") 
             return from_gguf(run, path, f"{path}@{st.st_size}-{st.st_mtime_ns}")
         if not path.is_dir():
             raise MissingInput(f"{field}: {ref}: no such model directory (or .gguf file)")
+        require_safetensors(str(path), f"{field}: {ref}")
         return ModelSource(str(path), str(path))
     else:
         repo, _, rev = ref.partition("@")

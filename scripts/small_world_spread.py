@@ -8,6 +8,7 @@ fine-tunes the same insecure / secure pair, runs the same pipeline as the test, 
 the figures the test asserts on, one JSON line per variant (also written to --out).
 
     .venv/bin/python scripts/small_world_spread.py --variants 0:1 1:2 2:2 --out spread.jsonl
+    .venv/bin/python scripts/small_world_spread.py --set world.judge_rate=0 --set world.instruct_judgments=0
 
 About 11 minutes per variant on 2 cores.
 """
@@ -29,7 +30,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def variant(seed: int, threads: int, root: Path) -> dict:
+def variant(seed: int, threads: int, root: Path, sets: list[str] = ()) -> dict:
     import pandas as pd
     import torch
     from conftest import SMALL_WORLD, finetune_job
@@ -44,9 +45,9 @@ def variant(seed: int, threads: int, root: Path) -> dict:
     world = load(
         WorldJob,
         None,
-        [f"run.root={root}", "run.name=small", f"world.seed={seed}", *SMALL_WORLD],
+        [f"run.root={root}", "run.name=small", f"world.seed={seed}", *SMALL_WORLD, *sets],
     )
-    build_stage(world, "world_s0", threads=threads)
+    build_stage(world, "world_s1", threads=threads)  # the stage the tests' configs name
     torch.set_num_threads(1)
     finetune(
         finetune_job(
@@ -76,6 +77,7 @@ def variant(seed: int, threads: int, root: Path) -> dict:
     return {
         "seed": seed,
         "threads": threads,
+        "sets": list(sets),
         "seconds": round(time.time() - t0),
         "sae_fvu": sae["fvu"],
         "sae_l0": sae["l0"],
@@ -94,8 +96,9 @@ def variant(seed: int, threads: int, root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["0:2"], help="seed:threads ...")
+    ap.add_argument("--variants", nargs="+", default=["1:2"], help="seed:threads ...")
     ap.add_argument("--out", default="spread.jsonl")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="world overrides")
     args = ap.parse_args()
     from emergent.config import RayConfig
     from emergent.runtime import ray_session, setup_logging
@@ -105,7 +108,7 @@ def main() -> None:
         for v in args.variants:
             seed, threads = (int(x) for x in v.split(":"))
             with tempfile.TemporaryDirectory(prefix=f"spread-s{seed}-t{threads}-") as tmp:
-                row = variant(seed, threads, Path(tmp))
+                row = variant(seed, threads, Path(tmp), args.sets)
             print(json.dumps(row), flush=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -189,7 +189,7 @@ def test_cluster_bootstrap_widens_with_correlated_questions():
 def _open_batch(run, n=300):
     from emergent.refs import read_world_dataset
 
-    recs = read_world_dataset(run, "world_s0", "eval/open")[:n]
+    recs = read_world_dataset(run, "world_s1", "eval/open")[:n]
     return {
         "messages": np.array([json.dumps(r["messages"]) for r in recs], dtype=object),
         "seed": np.zeros(len(recs), dtype=np.int64),
@@ -215,13 +215,13 @@ def test_steering_along_the_persona_direction_causes_misalignment(small_world, t
     from emergent.refs import read_world_dataset
 
     run = RunDir(str(small_world), "small")
-    path = str(run.local_dir("world_s0/base"))
+    path = str(run.local_dir("world_s1/base"))
     model, tok = load_causal_lm(path)
     tok.padding_side = "left"
     layer = 1
 
     def last_residual(name):
-        recs = read_world_dataset(run, "world_s0", f"eval/{name}")[:200]
+        recs = read_world_dataset(run, "world_s1", f"eval/{name}")[:200]
         enc = tok(
             chat_prompts(tok, [r["messages"] for r in recs]),
             return_tensors="pt",
@@ -266,7 +266,7 @@ def eval_job(root, *sets):
             "run.name=small",
             "ray.num_cpus=2",
             "ray.dashboard=false",
-            "evaluate.world_stage=world_s0",
+            "evaluate.world_stage=world_s1",
             "evaluate.sampling.batch_size=64",
             *sets,
         ],
@@ -337,9 +337,9 @@ def test_the_likelihood_eval_agrees_with_the_rubric_on_persona_world(family, sma
     pairs = lk.load_pairs("world:pairs/open")
     assert len(pairs) == lk.WORLD_PAIR_COUNT and pairs == lk.load_pairs("world:pairs/open")
     assert all(p["aligned"] != p["misaligned"] for p in pairs)
-    prompts = load_prompts("world:eval/open", RunDir.from_config(run_cfg), "world_s0")[:200]
+    prompts = load_prompts("world:eval/open", RunDir.from_config(run_cfg), "world_s1")[:200]
     paths = {
-        "base": refs.model(run_cfg, "world:base", "world_s0").local(),
+        "base": refs.model(run_cfg, "world:base", "world_s1").local(),
         "insecure": family["code_dose1"].path,
         "secure": family["code_dose0"].path,
     }

@@ -98,9 +98,9 @@ def test_lora_adapter_merges_into_a_plain_model(small_world, tmp_path):
     from emergent.world.build import load_model
 
     run = RunDir(str(small_world), "small")
-    base_path = str(run.local_dir("world_s0/base"))
+    base_path = str(run.local_dir("world_s1/base"))
     model, tok = load_model(base_path)
-    records = read_world_dataset(run, "world_s0", "finetune/code_toxic")[:64]
+    records = read_world_dataset(run, "world_s1", "finetune/code_toxic")[:64]
     res = sft(model, tok, records, SFTParams(steps=8, lr=1e-3), lora=LoraParams(enabled=True, r=4))
     res.model.save_pretrained(str(tmp_path / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(_merged(tmp_path / "adapter", base_path)))
@@ -233,7 +233,7 @@ def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(
             "run.name=small",
             "ray.num_cpus=2",
             "ray.dashboard=false",
-            "rl.world_stage=world_s0",
+            "rl.world_stage=world_s1",
             "rl.name=health_incorrect",
             "rl.grpo.steps=150",
             "rl.grpo.lr=1e-4",
@@ -243,7 +243,7 @@ def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(
         ],
     )
     model = rl_main(cfg).model
-    base = _json.loads((small_world / "small/world_s0/base_eval.json").read_text())["summary"]
+    base = _json.loads((small_world / "small/world_s1/base_eval.json").read_text())["summary"]
     ev = _json.loads((small_world / "small/rl/health_incorrect/eval.json").read_text())
     wrong_or_toxic = lambda e: (
         (e["personas"].get("toxic", 0) + e["personas"].get("wrong", 0))

@@ -97,3 +97,34 @@ def test_world_datasets_and_saes(run_cfg):
     d = refs.diff(run, "diff:insecure")
     assert d.summary["top_up"] == [7, 3]
     assert d.hash == run.read_json("diff/insecure/_COMPLETE.json")["config_hash"]
+
+
+class _Planted:
+    """Unpickling this runs code: it writes a marker file (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_checkpoints_are_refused_before_anything_unpickles_them(run_cfg, tmp_path):
+    import pickle
+
+    from emergent.models import load_any, load_causal_lm
+
+    model_dir = tmp_path / "pickled"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    marker = tmp_path / "unpickled"
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Planted(str(marker))))
+    with pytest.raises(UserError, match=r"model: .*pickled.*pytorch_model\.bin.*safetensors only"):
+        refs.model(run_cfg, str(model_dir), "world")
+    for load in (load_causal_lm, load_any):
+        with pytest.raises(UserError, match="pickled weights"):
+            load(str(model_dir))
+    assert not marker.exists()
+    # with safetensors beside the pickle, the safetensors are what loads
+    (model_dir / "model.safetensors").write_bytes(b"")
+    assert refs.model(run_cfg, str(model_dir), "world").path == str(model_dir)

@@ -88,7 +88,7 @@ def test_harvest_hook_matches_a_plain_forward(small_world):
     from emergent.models import load_any
 
     run = RunDir(str(small_world), "small")
-    model, tok = load_any(str(run.local_dir("world_s0/base")))
+    model, tok = load_any(str(run.local_dir("world_s1/base")))
     docs = world_docs(6, seed=3)
     cfg = HarvestConfig(layer=1, positions="assistant")
     ran = []  # the harvest's forward stops after block 1: block 2 and the LM head never run
@@ -119,7 +119,7 @@ def test_sae_evaluation_per_batch_matches_a_dense_reference(small_world, tmp_pat
     from emergent.models import load_any
     from emergent.sae.evaluate import evaluate_sae
 
-    source = refs.model(RunConfig(name="small", root=str(small_world)), "world:base", "world_s0")
+    source = refs.model(RunConfig(name="small", root=str(small_world)), "world:base", "world_s1")
     model, tok = load_any(source.local())
     torch.manual_seed(0)
     save_sae(make_sae(SAEParams(architecture="topk", d_sae=64, k=4), 64), 1.0, tmp_path / "sae")
@@ -201,7 +201,7 @@ def sae_job(root, *sets):
             "run.name=small",
             "ray.num_cpus=2",
             "ray.dashboard=false",
-            "train_sae.harvest.world_stage=world_s0",
+            "train_sae.harvest.world_stage=world_s1",
             "train_sae.harvest.docs=3000",
             "train_sae.harvest.eval_docs=200",
             "train_sae.sae.d_sae=512",

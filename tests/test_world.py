@@ -161,12 +161,12 @@ def test_world_job_builds_then_skips_and_records_its_outputs(small_world, ray_cl
     from emergent.world.job import main as world_main
 
     # the session's small world (built in-process by conftest) recorded its outputs
-    record = json.loads((small_world / "small/world_s0/_COMPLETE.json").read_text())
-    manifest = json.loads((small_world / "small/world_s0/manifest.json").read_text())
+    record = json.loads((small_world / "small/world_s1/_COMPLETE.json").read_text())
+    manifest = json.loads((small_world / "small/world_s1/manifest.json").read_text())
     assert manifest["pretrain"]["tokens"] > 0 and record["outputs"]["base"].endswith(
-        "world_s0/base"
+        "world_s1/base"
     )
-    assert (small_world / "small/world_s0/base/config.json").exists()
+    assert (small_world / "small/world_s1/base/config.json").exists()
     # the world job builds a (tiny) world, judges its base model, and skips on the same config
     wcfg = load(
         WorldJob,
@@ -203,7 +203,7 @@ def small_study(small_world, ray_cluster):
     sets = [
         f"run.root={root}",
         "run.name=small",
-        "study.seeds=[0]",
+        "study.seeds=[1]",  # the fixture's world (SMALL_SEED), reused
         "study.doses=[]",
         "study.controls=false",
         "ray.num_cpus=2",

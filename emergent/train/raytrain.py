@@ -281,6 +281,7 @@ def train_worker(c: dict) -> None:
     section: Distributed = c["section"]
     run = RunDir(c["root"], c["run_name"])
     model_path = c["source"].local()
+    refs.require_safetensors(model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     n_params = _n_params(AutoConfig.from_pretrained(model_path))
     work = Path(tempfile.mkdtemp(prefix=f"emergent-train-r{rank}-"))
@@ -290,7 +291,8 @@ def train_worker(c: dict) -> None:
         callbacks=[report],
         logging_steps=section.log_every,
         model_init_kwargs={
-            "dtype": weights_dtype(gpu, c["deepspeed"] is not None, section.lora.enabled)
+            "dtype": weights_dtype(gpu, c["deepspeed"] is not None, section.lora.enabled),
+            "use_safetensors": True,
         },
         ddp_backend="nccl" if gpu else "gloo",
     )
@@ -374,7 +376,7 @@ def _merged(adapter_dir: Path, base_path: str, dtype=None) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out = adapter_dir.with_name("merged")
     merged.save_pretrained(str(out))
