@@ -141,14 +141,21 @@ def test_sae_evaluation_per_batch_matches_a_dense_reference(small_world, tmp_pat
     assert metrics["l0"] == pytest.approx(float((f > 0).double().sum(1).mean()), rel=1e-6)
     assert metrics["dead_fraction"] == float((freq == 0).double().mean())
     assert metrics["dense_fraction"] == float((freq > 0.1).double().mean())
-    vals, idx = torch.topk(f, 3, dim=0)
+    vals, _ = torch.topk(f, 3, dim=0)
     want = {
-        (latent, r, int(meta["row"][idx[r, latent]]), int(meta["pos"][idx[r, latent]]))
+        (latent, r): float(vals[r, latent])
         for latent in range(f.shape[1])
         for r in range(3)
         if vals[r, latent] > 0
     }
-    assert set(zip(top["latent"], top["rank"], top["doc"], top["pos"])) == want
+    got = dict(zip(zip(top["latent"], top["rank"]), top["activation"]))
+    assert got.keys() == want.keys()
+    assert got == pytest.approx(want, rel=1e-5)
+    # each example is a token where its latent has that activation (which of two tokens with
+    # equal activations comes first is the order of ties, not a property of the SAE)
+    at = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(meta["row"], meta["pos"]))}
+    for latent, doc, pos, v in zip(top["latent"], top["doc"], top["pos"], top["activation"]):
+        assert float(f[at[(doc, pos)], latent]) == pytest.approx(v, rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu"])
