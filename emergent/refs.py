@@ -373,8 +373,6 @@ class EvalSamples:
     evaluation: str
     label: str
     """The model's label in the evaluation (``base``, ``insecure``, ...)."""
-    hash: str
-    """Its evaluation stage's completion hash."""
     rel: str
     """``evaluate/<name>/<label>/samples.parquet``."""
 
@@ -395,9 +393,8 @@ def eval_samples(run: RunDir, ref: str, field: str) -> list[EvalSamples]:
     out = []
     for lb in labels:
         rel = f"evaluate/{name}/{lb}"
-        out.append(
-            EvalSamples(name, lb, run.completed_hash(rel, field, hint), f"{rel}/samples.parquet")
-        )
+        run.completed_hash(rel, field, hint)  # refuses an unfinished model's evaluation
+        out.append(EvalSamples(name, lb, f"{rel}/samples.parquet"))
     return out
 
 
