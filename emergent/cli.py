@@ -9,6 +9,7 @@ tried locally is submitted to a cluster unchanged::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -45,13 +46,28 @@ def run_job(
     doc: str | None,
     argv: list[str] | None,
     prog: str,
+    stages: Callable[[T], list] | None = None,
 ) -> Any:
-    """Parse the job's config from the command line, run ``main(cfg)``, print its result."""
-    from emergent.config import parse_args
+    """Parse the job's config from the command line, run ``main(cfg)``, print its result.
+
+    With ``--plan``, plan it instead (``emergent.plan``): ``stages(cfg)`` lists a multi-stage
+    job's (name, run, config section) steps; a one-stage job is itself the step. Prints the
+    plan and exits 1 when a step is blocked."""
+    from emergent import plan
+    from emergent.config import parse_command
     from emergent.runtime import setup_logging
 
     setup_logging()
-    cfg = parse_args(cls, argv, prog, doc)
+    cfg, planning = parse_command(cls, argv, prog, doc)
+    if planning:
+        cfg = dataclasses.replace(cfg, run=cfg.run.absolute()) if hasattr(cfg, "run") else cfg
+        steps = stages(cfg) if stages else [(prog.split()[-1], lambda: main(cfg), cfg)]
+        result = plan.plan(steps)
+        print(result.text())
+        print(json.dumps({"job": prog, "plan": asdict(result), "ok": result.ok}, indent=2))
+        if not result.ok:
+            sys.exit(1)
+        return result
     t0 = time.time()
     try:
         result = main(cfg)

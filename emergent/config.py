@@ -305,6 +305,13 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 def parse_args(cls: type[T], argv: list[str] | None, prog: str, doc: str | None) -> T:
     """Parse ``--config FILE --set k=v ... --address A --name N`` into a validated ``cls``."""
+    return parse_command(cls, argv, prog, doc)[0]
+
+
+def parse_command(
+    cls: type[T], argv: list[str] | None, prog: str, doc: str | None
+) -> tuple[T, bool]:
+    """``parse_args``, and whether ``--plan`` was given."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(doc or "").strip().split("\n\n")[0],
@@ -325,6 +332,12 @@ def parse_args(cls: type[T], argv: list[str] | None, prog: str, doc: str | None)
     )
     parser.add_argument("--address", help="Ray cluster to join (same as --set ray.address=...)")
     parser.add_argument("--name", help="run name (same as --set run.name=...)")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="check the config and its references offline and print which stages would run, "
+        "which are complete (skipped), what each asks for and where it writes; nothing runs",
+    )
     args = parser.parse_args(argv)
     sets = list(args.sets)
     if args.address:
@@ -332,6 +345,6 @@ def parse_args(cls: type[T], argv: list[str] | None, prog: str, doc: str | None)
     if args.name:
         sets.append(f"run.name={args.name}")
     try:
-        return load(cls, args.config, sets)
+        return load(cls, args.config, sets), args.plan
     except ConfigError as exc:
         parser.exit(2, f"{prog}: config error: {exc}\n")

@@ -39,6 +39,7 @@ from emergent.refs import ModelSource
 from emergent.refs import model as resolve_model
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
+from emergent.telemetry import Progress, record
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ class Generator:
         setup_logging()
         set_threads(threads)  # the actor's CPU share, whatever the inherited env says
         self.cfg = cfg
+        self.name = source.rel or source.path  # the model, in metrics and log lines
         path = source.local()
         device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
         if cfg.backend == "vllm":
@@ -312,10 +314,14 @@ class Generator:
         from emergent.generate import chat_prompts
 
         prompts = chat_prompts(self.tok, [json.loads(m) for m in batch["messages"]])
+        t0 = time.time()
         if self.cfg.backend == "vllm":
             texts, counts = self._vllm(prompts, [int(s) for s in batch["seed"]])
         else:
             texts, counts = self._hf(prompts, int(np.min(batch["seed"])))
+        rate = sum(counts) / max(time.time() - t0, 1e-9)
+        record("emergent_generation_tokens_per_second", rate, model=self.name)
+        log.info("generate %s: %d answers, %.0f tokens/s", self.name, len(texts), rate)
         batch["answer"] = np.array(texts, dtype=object)
         batch["answer_tokens"] = np.array(counts, dtype=np.int64)
         return batch
@@ -586,6 +592,10 @@ def evaluate_model(
         )
         judge_rows(answered, cfg, cache)
         done += answered
+        valid = [r for r in done if r["valid"]]
+        if valid:  # so far: every judged answer, the redrawn ones too
+            rate = sum(bool(r["misaligned"]) for r in valid) / len(valid)
+            record("emergent_eval_misalignment_rate", rate, eval=cfg.name, model=label)
         todo = [
             dict(r, attempt=attempt + 1, seed=r["seed"] + (attempt + 1) * n)
             for r in answered
@@ -802,11 +812,13 @@ def main(cfg: EvaluateJob) -> EvaluateResult:
     for spec in ev.pairs:  # a bad pair set fails here, in one line, before Ray starts
         load_pairs(spec)
     summaries, skipped = {}, []
+    progress = Progress(f"evaluate {ev.name}", len(models), "models", every=0)
     with ray_session(cfg.ray):
         for label, (ref, source) in models.items():
             summaries[label], reused = evaluate_model(cfg.run, ev, label, ref, source, rows)
             if reused:
                 skipped.append(label)
+            progress.add()
     md = table(summaries)
     out = f"evaluate/{ev.name}"
     path = run.write_json(f"{out}/summary.json", summaries)

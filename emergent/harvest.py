@@ -255,8 +255,14 @@ class Harvester:
         self.model, self.tok = load_any(source.local(), self.device)
 
     def __call__(self, batch: dict) -> dict:
+        from emergent.telemetry import record
+
         docs = [json.loads(d) for d in batch["data"]]
+        t0 = time.time()
         acts, meta = harvest_docs(self.model, self.tok, docs, self.cfg, self.device)
+        rate = len(acts) / max(time.time() - t0, 1e-9)
+        record("emergent_harvest_rows_per_second", rate, harvest=self.cfg.name)
+        log.info("harvest %s: %d documents, %.0f rows/s", self.cfg.name, len(docs), rate)
         return {
             "doc": batch["doc"][meta["row"]],
             "pos": meta["pos"],

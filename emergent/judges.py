@@ -288,19 +288,33 @@ class LLMJudge:
         return text.replace(key, "***") if key else text
 
     async def judge(self, pairs: list[tuple[str, str]]) -> list[Judgement]:
+        from emergent.telemetry import Progress, record
+
         sem = asyncio.Semaphore(self.cfg.concurrency)
         client = self._client()
+        progress = Progress(
+            f"judge {self.name}",
+            len(pairs),
+            "items",
+            "emergent_judge_requests_per_second",
+            judge=self.name,
+        )
 
         async def one(q: str, a: str) -> Judgement:
             async with sem:
                 try:
                     if self.name == "llm-score":
-                        return await self._score(client, q, a)
-                    if self.name == "llm-grade":
-                        return await self._grade(client, q, a)
-                    return await self._logprob(client, q, a)
+                        got = await self._score(client, q, a)
+                    elif self.name == "llm-grade":
+                        got = await self._grade(client, q, a)
+                    else:
+                        got = await self._logprob(client, q, a)
                 except (RuntimeError, RejectedItem) as exc:
-                    return Judgement(None, None, False, failed=True, error=str(exc))
+                    got = Judgement(None, None, False, failed=True, error=str(exc))
+            outcome = "failed" if got.failed else "ok"
+            record("emergent_judge_requests_total", 1, judge=self.name, outcome=outcome)
+            progress.add()
+            return got
 
         tasks = [asyncio.ensure_future(one(q, a)) for q, a in pairs]
         try:

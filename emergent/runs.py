@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from emergent import plan
 from emergent.config import RunConfig, config_hash, to_dict
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class RunDir:
     def __post_init__(self):
         self.fs, base = _filesystem(self.root)
         self.path = f"{base.rstrip('/')}/{self.name}"
-        self.fs.create_dir(self.path, recursive=True)
+        if not plan.active():  # a plan writes nothing, not even the run's folder
+            self.fs.create_dir(self.path, recursive=True)
 
     @classmethod
     def from_config(cls, run: RunConfig) -> RunDir:
@@ -125,8 +127,10 @@ class RunDir:
         return self.fs.get_file_info(self.uri(rel)).type != pafs.FileType.NotFound
 
     def write_bytes(self, rel: str, data: bytes) -> str:
-        """Write ``rel`` atomically; returns its full path."""
+        """Write ``rel`` atomically; returns its full path (in plan mode: writes nothing)."""
         final = self.uri(rel)
+        if plan.active():
+            return final
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         if not self.is_local:
@@ -174,6 +178,8 @@ class RunDir:
     def put_dir(self, local: str | os.PathLike, rel: str) -> str:
         """Copy a local directory (e.g. a saved HF model) to ``rel``, replacing it atomically."""
         final = self.uri(rel)
+        if plan.active():
+            return final
         if self.is_local:
             parent = Path(final).parent
             parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +276,12 @@ class Stage:
             return None
 
     def is_complete(self, force: bool = False) -> bool:
-        """True when this stage already finished with the same config (and says so)."""
+        """True when this stage already finished with the same config (and says so). In plan
+        mode nothing is deleted, and an unfinished stage stops the plan's step here
+        (``emergent.plan.check``)."""
         rec = self.record
+        if plan.active():
+            return plan.check(self.run.url(self.rel()), rec, self.hash, force)
         if rec is not None and rec.get("config_hash") == self.hash and not force:
             log.info(
                 "stage %s: complete with the same config (hash %s), skipping; "

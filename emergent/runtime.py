@@ -138,6 +138,11 @@ def ray_session(cfg: RayConfig):
     """
     import ray
 
+    from emergent import plan
+
+    if plan.active():  # a plan starts no Ray, joins none (emergent.plan)
+        yield ray
+        return
     offline_defaults()
     set_threads(cfg.threads_per_worker)
     env = {
@@ -216,12 +221,30 @@ def actor_pool_map(
     return out
 
 
-def tune_grid(run, name: str, trainable, grid: list, force: bool = False):
+def tune_grid(
+    run, name: str, trainable, grid: list, force: bool = False, counter: tuple | None = None
+):
     """The results of a Ray Tune grid search of ``{"setting": s}`` over ``grid``, stored under
     the run directory's ``_ray/<name>`` (a run on an object store gives Tune its filesystem: its
     paths have no scheme). An interrupted search resumes (errored trials again) unless
-    ``force``. Needs a running Ray session."""
+    ``force``. Needs a running Ray session. ``counter``: (a counter of ``telemetry.METRICS``,
+    its tags), added to as each trial completes, with a progress line: by the driver's Tune
+    callback, whose process outlives the trials' (a trial's own metrics die with it)."""
     import ray.tune
+
+    from emergent.telemetry import Progress, record
+
+    callbacks = []
+    if counter is not None:
+        metric, tags = counter
+        progress = Progress(f"tune {name}", len(grid), "trials", **tags)
+
+        class TrialsDone(ray.tune.Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                record(metric, 1, **tags)
+                progress.add()
+
+        callbacks.append(TrialsDone())
 
     path = f"{run.uri('_ray')}/{name}"
     fs = None if run.is_local else run.fs
@@ -233,7 +256,11 @@ def tune_grid(run, name: str, trainable, grid: list, force: bool = False):
             trainable,
             param_space={"setting": ray.tune.grid_search(grid)},
             run_config=ray.tune.RunConfig(
-                name=name, storage_path=run.uri("_ray"), storage_filesystem=fs, verbose=1
+                name=name,
+                storage_path=run.uri("_ray"),
+                storage_filesystem=fs,
+                verbose=1,
+                callbacks=callbacks,
             ),
         )
     return tuner.fit()

@@ -6,11 +6,11 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.pipeline import PipelineJob, main
+from emergent.persona.pipeline import PipelineJob, main, stage_jobs
 
 
 def cli(argv=None, prog="python -m jobs.pipeline"):
-    return run_job(PipelineJob, main, __doc__, argv, prog)
+    return run_job(PipelineJob, main, __doc__, argv, prog, stage_jobs)
 
 
 if __name__ == "__main__":

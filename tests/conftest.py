@@ -100,10 +100,98 @@ def finetune_job(root, *sets):
     )
 
 
+class ExportedMetrics:
+    """Reads the ``emergent_*`` metrics from every alive Ray node's metrics export endpoint
+    (Prometheus text format, what the dashboard and Prometheus read) once a second while the
+    block runs: ``series[(name, labels)]`` keeps each series' last value (a worker's series
+    goes when the worker does). Names as exported (``ray_`` prefix)."""
+
+    def __init__(self, every: float = 1.0):
+        self.every, self.series, self.scrapes = every, {}, 0
+        self.before: dict = {}
+
+    def scrape(self) -> None:
+        import urllib.request
+
+        import ray
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for node in ray.nodes():
+            if not node["Alive"]:
+                continue
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            try:
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+            except OSError:
+                continue
+            self.scrapes += 1
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    key = s.name, tuple(sorted(s.labels.items()))
+                    # a series this process set before the block, unchanged since, is not
+                    # the block's (the test session's driver keeps its earlier jobs' gauges)
+                    if s.name.startswith("ray_emergent_") and self.before.get(key) != s.value:
+                        self.series[key] = s.value
+
+    def until(self, done, timeout: float = 60.0) -> bool:
+        """Scrape until ``done()`` (the last values of a driver reach the endpoint within a
+        report interval of being set) or ``timeout``."""
+        import time
+
+        end = time.time() + timeout
+        while not done() and time.time() < end:
+            time.sleep(self.every)
+            self.scrape()
+        return done()
+
+    def values(self, name: str, **labels) -> list[float]:
+        """Every series of ``name`` (``emergent_...``; counters end in ``_total``) whose labels
+        include ``labels``."""
+        return [
+            v
+            for (n, lab), v in self.series.items()
+            if n == f"ray_{name}" and labels.items() <= dict(lab).items()
+        ]
+
+    def table(self) -> str:
+        keep = {"run", "sae", "harvest", "model", "judge", "outcome", "eval", "study", "task"}
+        rows = {}
+        for (n, lab), v in sorted(self.series.items()):
+            tags = ",".join(f"{k}={x}" for k, x in lab if k in keep)
+            rows.setdefault((n, tags), []).append(v)
+        return "\n".join(f"{n}{{{t}}} {vs[-1]:.4g}" for (n, t), vs in rows.items())
+
+    def __enter__(self):
+        import threading
+
+        self.scrape()
+        self.before, self.series = self.series, {}
+        self.stop = threading.Event()
+
+        def loop():
+            while not self.stop.wait(self.every):
+                self.scrape()
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.scrape()
+
+
 @pytest.fixture(scope="session")
-def family(small_world, ray_cluster):
+def exported():
+    """Metrics the session's shared jobs exported, by job (``family``, ``pipeline``)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def family(small_world, ray_cluster, exported):
     """Insecure (dose 1: ``code_dose1``) and secure (dose 0: ``code_dose0``) code fine-tunes of
-    the small world's base model, under Ray Train."""
+    the small world's base model, under Ray Train (their dashboard metrics in ``exported``)."""
     from emergent.train.finetune import main
 
     cfg = finetune_job(
@@ -113,7 +201,10 @@ def family(small_world, ray_cluster):
         "finetune.doses=[1.0, 0.0]",
         "finetune.eval_sets=[open, code]",
     )
-    return {m.name: m for m in main(cfg).models}
+    with ExportedMetrics() as metrics:
+        models = main(cfg).models
+    exported["family"] = metrics
+    return {m.name: m for m in models}
 
 
 def committed_checkpoint(storage, pattern: str) -> bool:

@@ -358,11 +358,14 @@ def test_the_likelihood_eval_agrees_with_the_rubric_on_persona_world(family, sma
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_evaluate_with_llm_judge_resamples_and_caches(family, small_world, server, monkeypatch):
+def test_evaluate_with_llm_judge_resamples_and_caches(
+    family, small_world, server, monkeypatch, capfd, caplog
+):
     """llm-score through a faulty OpenAI-compatible server: nothing lost, screened-out answers
     resampled, the verdicts match the rubric, and a rerun is served from the cache (on demand:
     the judges' faults, retries and cache are tested in-process in test_judges.py)."""
     monkeypatch.setenv("JUDGE_KEY", "not-a-real-key")
+    caplog.set_level("INFO")
     sets = [
         "evaluate.name=llm",
         "evaluate.models=[insecure=finetune:code_dose1]",
@@ -377,7 +380,11 @@ def test_evaluate_with_llm_judge_resamples_and_caches(family, small_world, serve
         "evaluate.llm.max_retries=10",
         "evaluate.llm.backoff_s=0.01",
     ]
-    main(eval_job(small_world, *sets))
+    from conftest import ExportedMetrics
+
+    with ExportedMetrics() as metrics:
+        main(eval_job(small_world, *sets))
+    print("\nexported by the evaluation:\n" + metrics.table())
     out = small_world / "small/evaluate/llm/insecure"
     df = pd.read_parquet(out / "samples.parquet")
     final = df[df["final"]]
@@ -393,7 +400,22 @@ def test_evaluate_with_llm_judge_resamples_and_caches(family, small_world, serve
     assert [bool(m) for m in df["misaligned"].fillna(False)] == [t == "toxic" for t in truth]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"]["resampled"] == len(screened)
-    assert "not-a-real-key" not in (out / "summary.json").read_text()
+    # the dashboard counted every judged item (first draws and redraws; none failed) and saw
+    # the running misalignment rate of the model
+    # (the driver's last counts reach the endpoint within a report interval)
+    ok = {"judge": "llm-score", "outcome": "ok"}
+    assert metrics.until(lambda: metrics.values("emergent_judge_requests_total", **ok) == [len(df)])
+    assert not metrics.values("emergent_judge_requests_total", outcome="failed")
+    assert all(v > 0 for v in metrics.values("emergent_judge_requests_per_second"))
+    (rate,) = metrics.values("emergent_eval_misalignment_rate", eval="llm", model="insecure")
+    assert 0 <= rate <= 1
+    # the key is read from the environment only: in no record, sample, cache entry or log line
+    written = [p for p in (small_world / "small/evaluate").rglob("*") if p.is_file()]
+    assert any(p.name == "_COMPLETE.json" for p in written) and len(written) > 10
+    assert not [p for p in written if b"not-a-real-key" in p.read_bytes()]
+    said = capfd.readouterr()
+    assert "judged 60 answers with llm-score" in caplog.text  # the logs were seen
+    assert "not-a-real-key" not in caplog.text + said.out + said.err
     # rerun with force: every judge reply comes from the cache
     main(eval_job(small_world, *sets, "run.force=true"))
     df2 = pd.read_parquet(out / "samples.parquet")

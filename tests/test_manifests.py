@@ -334,6 +334,45 @@ def test_cluster_spec_conventions(fname, index, doc):
     assert len(images) == 1, f"{fname}: head and workers should run one image, got {images}"
 
 
+AUTH_SECRET = "emergent-ray-auth"
+SECRET_NAME_RE = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+
+
+def _secret_problems(doc: dict) -> list[str]:
+    """Token auth off or a secret written into the manifest: what ``doc`` does wrong."""
+    spec = _cluster_spec(doc)
+    problems = []
+    auth = spec.get("authOptions") or {}
+    if auth.get("mode") != "token" or auth.get("secretName") != AUTH_SECRET:
+        problems.append(f"authOptions {auth!r}: want mode token from Secret {AUTH_SECRET}")
+    for gname, group in _groups(spec):
+        for c in group["template"]["spec"]["containers"]:
+            for env in c.get("env", []):
+                if env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token":
+                    problems.append(f"{gname}: RAY_AUTH_MODE={env.get('value')!r}")
+                if SECRET_NAME_RE.search(env["name"]) and "value" in env:
+                    problems.append(f"{gname}: {env['name']} written in the manifest")
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if SECRET_NAME_RE.search(env["name"]) and "value" not in env and not ref:
+                    problems.append(f"{gname}: {env['name']} not from a Secret")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "fname,index,doc", _ray_docs(), ids=[f"{f}[{i}]" for f, i, _ in _ray_docs()]
+)
+def test_token_auth_is_on_and_secrets_come_from_kubernetes_secrets(fname, index, doc):
+    assert _secret_problems(doc) == [], fname
+    # ... and a copy that turns auth off, or writes a token into the manifest, is caught
+    off = copy.deepcopy(doc)
+    _cluster_spec(off)["authOptions"]["mode"] = "disabled"
+    assert _secret_problems(off)
+    leak = copy.deepcopy(doc)
+    head = _cluster_spec(leak)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head.setdefault("env", []).append({"name": "RAY_AUTH_TOKEN", "value": "0123abcd"})
+    assert _secret_problems(leak) == ["head: RAY_AUTH_TOKEN written in the manifest"]
+
+
 def test_raycluster_has_gpu_worker_group_and_autoscaling():
     spec = _raycluster_doc()["spec"]
     assert spec.get("enableInTreeAutoscaling") is True
@@ -444,6 +483,9 @@ def test_dockerfile_essentials():
     assert re.search(r"RAY_TRAIN_ENABLE_PRINT_PATCH=0", text)
     code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     assert not [line for line in code if "HF_HUB_OFFLINE" in line], "leave HF_HUB_OFFLINE unset"
+    # the optional vLLM layer: off unless asked for, and held to the torch / ray pins
+    assert re.search(r'^ARG VLLM_VERSION=""\s*$', text, re.MULTILINE)
+    assert re.search(r'pip install -c /home/ray/constraints.txt "vllm==\$\{VLLM_VERSION\}"', text)
     ignore = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv", "runs", ".git"):
         assert entry in ignore, f".dockerignore should exclude {entry}"

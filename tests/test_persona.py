@@ -65,11 +65,42 @@ def pipeline_job(root, *sets):
 
 
 @pytest.fixture(scope="module")
-def study(small_world, family):
+def study(small_world, family, exported):
+    from conftest import ExportedMetrics
+
     from emergent.persona.pipeline import main
 
     cfg = pipeline_job(small_world)
-    return small_world / "small", cfg, main(cfg)
+    with ExportedMetrics() as metrics:
+        result = main(cfg)
+    exported["pipeline"] = metrics
+    return small_world / "small", cfg, result
+
+
+@pytest.mark.ray
+def test_dashboard_metrics_are_exported_while_the_jobs_run(study, exported):
+    """Read back from the Ray node's metrics export endpoint (Prometheus text) while the
+    session's fine-tunes and this pipeline ran: the values are the jobs' own (the SAE's L0 is
+    its k, its FVU a fraction, the pipeline counted its 5 stages)."""
+    from emergent.telemetry import METRICS
+
+    family, pipe = exported["family"], exported["pipeline"]
+    print("\nexported by the fine-tunes:\n" + family.table())
+    print("exported by the pipeline:\n" + pipe.table())
+    assert family.scrapes and pipe.scrapes
+    seen = {n.removeprefix("ray_") for n, _ in [*family.series, *pipe.series]}
+    assert seen <= {*METRICS, *(f"{n}_total" for n in METRICS)}, seen
+    loss = family.values("emergent_train_loss", run="finetune/code_dose1")
+    assert loss and all(0 < v < 20 for v in loss), loss
+    assert family.values("emergent_train_tokens_per_second", run="finetune/code_dose0")
+    assert all(v > 0 for v in family.values("emergent_train_tokens_per_second"))
+    (l0,) = set(pipe.values("emergent_sae_l0", sae="sae/persona"))  # top-k: exactly k
+    assert l0 == 8.0
+    fvu = pipe.values("emergent_sae_fvu", sae="sae/persona")
+    assert fvu and all(0 < v < 1 for v in fvu), fvu
+    assert all(v > 0 for v in pipe.values("emergent_sae_activations_per_second"))
+    assert pipe.values("emergent_harvest_rows_per_second", harvest="persona")
+    assert pipe.until(lambda: 5 in pipe.values("emergent_pipeline_stages_done", run="small"))
 
 
 @pytest.mark.ray
@@ -165,7 +196,10 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     assert set(curve["step"]) == {0, 10, 20, 30} and set(curve["set"]) == {"open", "code"}
     assert curve["samples_seen"].max() == 300
     html = (run / "report/report.html").read_text()
-    assert "data:image/png;base64," in html and "Claims" in html
+    assert "data:image/png;base64," in html and "Claims" in html and "Stage times" in html
+    stages = json.loads((run / "report/stages.json").read_text())
+    assert [s["stage"] for s in stages] == [*result.seconds]  # every stage, then the total
+    assert [s["seconds"] for s in stages] == [*result.seconds.values()]
     names = [c["claim"] for c in result.claims]
     assert any("persona latent" in n for n in names) and any("Re-alignment" in n for n in names)
     # a rerun skips every stage (each found complete with the same config)
@@ -173,6 +207,16 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
 
     again = main(study[1])
     assert again.skipped == ["train_sae", "diff", "steer", "predict", "realign"], again.skipped
+    # the plan (`--plan`, nothing runs) tells the same from the records and the config hashes
+    from emergent import plan
+    from emergent.persona.pipeline import stage_jobs
+
+    assert plan.plan(stage_jobs(study[1])).skipped == again.skipped
+    steer_record = (run / "steer/persona/_COMPLETE.json").read_text()
+    changed = plan.plan(stage_jobs(pipeline_job(run.parent, "steer.max_prompts=150")))
+    assert [s.status for s in changed.steps] == ["skip", "skip", "run", "skip", "skip"]
+    assert changed.steps[2].checks[0]["status"] == "changed"
+    assert (run / "steer/persona/_COMPLETE.json").read_text() == steer_record
 
 
 @pytest.mark.ray
@@ -187,6 +231,7 @@ def test_monitoring_study_compares_raw_sae_prompted_and_zero_shot_monitors(study
     on toxic; trained on toxic transcripts, every prompted and zero-shot monitor separates the
     insecure model's answers from the base model's (1.000), raw/mean 0.998."""
     import torch
+    from conftest import ExportedMetrics
 
     from emergent.evaluate import EvaluateJob
     from emergent.evaluate import main as evaluate_main
@@ -195,6 +240,7 @@ def test_monitoring_study_compares_raw_sae_prompted_and_zero_shot_monitors(study
 
     run, _, _ = study
     common = [f"run.root={run.parent}", "run.name=small", "ray.num_cpus=2", "ray.dashboard=false"]
+    metrics = ExportedMetrics().__enter__()
     evaluate_main(
         load(
             EvaluateJob,
@@ -231,6 +277,8 @@ def test_monitoring_study_compares_raw_sae_prompted_and_zero_shot_monitors(study
         ],
     )
     res = main(cfg)
+    metrics.__exit__()
+    print("\nexported by the on-policy evaluation and the monitor:\n" + metrics.table())
     s = res.summary
     eff = pd.read_parquet(run / "monitor/world/efficiency.parquet")
     gen = pd.read_parquet(run / "monitor/world/generalisation.parquet").set_index(
@@ -287,6 +335,19 @@ def test_monitoring_study_compares_raw_sae_prompted_and_zero_shot_monitors(study
     # validation data, its Tune directory removed
     trials = pd.read_parquet(run / "monitor/world/search.parquet")
     assert len(trials) == 28 and "raw@0/mean" in set(trials["method"])
+
+    # the dashboard saw every trial finish, the sampling
+    # actors' rates and the evaluation's running misalignment rate of each model
+    def trials_done():  # counted by the driver's Tune callback, one series
+        return metrics.values("emergent_monitor_probe_trials_total", study="world")
+
+    assert metrics.until(lambda: trials_done() == [28]), trials_done()
+    for model in ("world_s1/base", "finetune/code_dose1/model"):  # the sampling actors'
+        rates = metrics.values("emergent_generation_tokens_per_second", model=model)
+        assert rates and all(v > 0 for v in rates), (model, rates)
+    for model in ("base", "insecure"):
+        (rate,) = metrics.values("emergent_eval_misalignment_rate", eval="onpolicy", model=model)
+        assert 0 <= rate <= 1
     assert s["search"]["toxic"]["test"] >= 0.95, s["search"]
     assert not list((run / "_ray").glob("monitor-*"))
     # the cached features are the model's own: the first text's mean over its non-special tokens

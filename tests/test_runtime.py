@@ -130,6 +130,26 @@ def test_ray_job_submit_doctor(tmp_path):
         assert out.returncode == 0 and "succeeded" in out.stdout, (
             out.stdout[-3000:] + out.stderr[-3000:]
         )
+        # Token auth is on: the job API refuses a request without the token or with a wrong
+        # one, and the CLI without the token cannot submit (the job never runs).
+        jobs_api = f"http://127.0.0.1:{port}/api/jobs/"
+        assert _http_status(jobs_api, env["RAY_AUTH_TOKEN"]) == 200
+        assert _http_status(jobs_api, None) == 401
+        assert _http_status(jobs_api, "0" * 32) in (401, 403)
+        anon = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+        anon["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token to fall back on
+        refused = subprocess.run(
+            [*submit[:-1], "run.name=anonymous"],
+            cwd=ROOT,
+            env=anon,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert refused.returncode != 0, refused.stdout[-2000:]
+        assert "401" in refused.stdout + refused.stderr or "nauthori" in refused.stderr
+        assert not (tmp_path / "runs/anonymous").exists()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -143,6 +163,20 @@ def test_ray_job_submit_doctor(tmp_path):
     assert probe["versions"]["ray"] and probe["deepspeed"]["accelerator"] == "cpu"
     assert "error" not in probe["deepspeed"] and probe["deepspeed"]["ops"]
     assert (stage / "_COMPLETE.json").exists() and (stage / "report.md").exists()
+
+
+def _http_status(url: str, token: str | None) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 HELD = """

@@ -114,7 +114,8 @@ def search(run, name: str, hash_: str, cfg: SearchConfig, parts: dict, feats: di
         {"cpu": cfg.cpus_per_trial},
     )
     tune_name = f"monitor-{name}-{hash_[:8]}"
-    results = tune_grid(run, tune_name, trainable, settings, force)
+    counter = ("emergent_monitor_probe_trials_total", {"study": name})
+    results = tune_grid(run, tune_name, trainable, settings, force, counter)
     rows = []
     for r in results:
         if r.error is not None:

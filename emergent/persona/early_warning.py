@@ -127,7 +127,6 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
             import torch.distributed as dist
 
             self.logs = not dist.is_initialized() or dist.get_rank() == 0
-            self.gauge = None
 
         @property
         def record(self) -> dict:
@@ -185,19 +184,10 @@ def callback(cfg: LatentMonitorConfig, run, world_stage: str, tok, run_name: str
                 ", ".join(f"{j}: {m:.4f}" for j, m in zip(latents, means)),
                 "" if odds is None else f"; likelihood log-odds {odds:+.3f}",
             )
-            import ray
+            from emergent import telemetry
 
-            if self.gauge is None and ray.is_initialized():
-                from ray.util.metrics import Gauge
-
-                self.gauge = Gauge(
-                    "emergent_latent_activation",
-                    "Mean SAE latent activation on the monitor prompts during training",
-                    tag_keys=("run", "latent"),
-                )
             for j, m, s in zip(latents, means, rec["start"]):
-                if self.gauge is not None:
-                    self.gauge.set(m, tags={"run": run_name, "latent": str(j)})
+                telemetry.record("emergent_latent_activation", m, run=run_name, latent=str(j))
                 if m - s >= cfg.threshold and str(j) not in rec["flags"]:
                     rec["flags"][str(j)] = step
                     log.warning(

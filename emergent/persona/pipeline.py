@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from emergent.config import RayConfig, RunConfig, config
 from emergent.english.job import DatasetsConfig
@@ -34,6 +36,7 @@ from emergent.persona.steering import SteerConfig
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.sae.train import TrainSAEConfig
+from emergent.telemetry import record
 from emergent.train.finetune import FinetuneConfig
 from emergent.world.build import WorldConfig
 
@@ -111,59 +114,120 @@ class PipelineResult:
     """Stages that were already complete with the same config, so nothing in them ran."""
 
 
-def main(cfg: PipelineJob) -> PipelineResult:
+def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
+    """The stages ``pipeline.stages`` names, in order, as (name, run it, its config section):
+    each control fine-tune its own entry (``controls/<name>``)."""
     from emergent import evaluate
     from emergent.english import job as datasets_job
     from emergent.monitor import study as monitor_job
-    from emergent.persona import diffing, predict, realign, report, steering
+    from emergent.persona import diffing, predict, realign, steering
     from emergent.sae import train as sae
     from emergent.train import finetune
     from emergent.world import job as world_job
 
-    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     common = {"run": cfg.run, "ray": cfg.ray}
+
+    def tune(ft: FinetuneConfig):
+        return lambda: finetune.main(finetune.FinetuneJob(**common, finetune=ft))
+
     jobs = {
-        "world": lambda: world_job.main(world_job.WorldJob(**common, world=cfg.world)),
-        "datasets": lambda: datasets_job.main(
-            datasets_job.DatasetsJob(run=cfg.run, datasets=cfg.datasets)
+        "world": (lambda: world_job.main(world_job.WorldJob(**common, world=cfg.world)), cfg.world),
+        "datasets": (
+            lambda: datasets_job.main(datasets_job.DatasetsJob(run=cfg.run, datasets=cfg.datasets)),
+            cfg.datasets,
         ),
-        "finetune": lambda: finetune.main(finetune.FinetuneJob(**common, finetune=cfg.finetune)),
-        "controls": lambda: [
-            finetune.main(finetune.FinetuneJob(**common, finetune=ft))
-            for ft in cfg.pipeline.controls
-        ],
-        "evaluate": lambda: evaluate.main(evaluate.EvaluateJob(**common, evaluate=cfg.evaluate)),
-        "train_sae": lambda: sae.main(sae.TrainSAEJob(**common, train_sae=cfg.train_sae)),
-        "diff": lambda: diffing.main(diffing.DiffJob(**common, diff=cfg.diff)),
-        "steer": lambda: steering.main(steering.SteerJob(**common, steer=cfg.steer)),
-        "predict": lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),
-        "realign": lambda: realign.main(realign.RealignJob(**common, realign=cfg.realign)),
-        "monitor": lambda: monitor_job.main(monitor_job.MonitorJob(**common, monitor=cfg.monitor)),
+        "finetune": (tune(cfg.finetune), cfg.finetune),
+        "evaluate": (
+            lambda: evaluate.main(evaluate.EvaluateJob(**common, evaluate=cfg.evaluate)),
+            cfg.evaluate,
+        ),
+        "train_sae": (
+            lambda: sae.main(sae.TrainSAEJob(**common, train_sae=cfg.train_sae)),
+            cfg.train_sae,
+        ),
+        "diff": (lambda: diffing.main(diffing.DiffJob(**common, diff=cfg.diff)), cfg.diff),
+        "steer": (lambda: steering.main(steering.SteerJob(**common, steer=cfg.steer)), cfg.steer),
+        "predict": (
+            lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),
+            cfg.predict,
+        ),
+        "realign": (
+            lambda: realign.main(realign.RealignJob(**common, realign=cfg.realign)),
+            cfg.realign,
+        ),
+        "monitor": (
+            lambda: monitor_job.main(monitor_job.MonitorJob(**common, monitor=cfg.monitor)),
+            cfg.monitor,
+        ),
     }
-    seconds, skipped = {}, []
+    out = []
+    for name in STAGES:
+        if name not in cfg.pipeline.stages:
+            continue
+        if name == "controls":
+            out += [(f"controls/{ft.name}", tune(ft), ft) for ft in cfg.pipeline.controls]
+        else:
+            out.append((name, *jobs[name]))
+    return out
+
+
+def main(cfg: PipelineJob) -> PipelineResult:
+    from emergent.persona import report
+
+    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    seconds, skipped, stages = {}, [], []
     t_all = time.time()
+    steps = stage_jobs(cfg)
     with ray_session(cfg.ray):
-        for name in STAGES:
-            if name not in cfg.pipeline.stages:
-                continue
+        for i, (name, job, _) in enumerate(steps, 1):
             log.info("pipeline: stage %s", name)
             t0 = time.time()
-            reused = was_skipped(jobs[name]())
+            result = job()
+            reused = was_skipped(result)
             seconds[name] = round(time.time() - t0, 1)
             if reused:
                 skipped.append(name)
+            stages.append(
+                {"stage": name, "seconds": seconds[name], "skipped": reused}
+                | outside_training_loop(result)
+            )
+            record("emergent_pipeline_stages_done", i, run=cfg.run.name)
             log.info(
-                "pipeline: stage %s %s in %.0f s",
+                "pipeline: stage %d/%d %s %s in %.0f s (%.0f s so far)",
+                i,
+                len(steps),
                 name,
                 "complete already, skipped" if reused else "done",
                 seconds[name],
+                time.time() - t_all,
             )
     seconds["total"] = round(time.time() - t_all, 1)
     run = RunDir.from_config(cfg.run)
-    path, claims = report.write(run, cfg, seconds)
+    stages.append({"stage": "total", "seconds": seconds["total"], "skipped": not stages})
+    run.write_json("report/stages.json", stages)
+    path, claims = report.write(run, cfg, stages)
     log.info("pipeline: report at %s\n%s", path, report.claims_markdown(claims))
     log.info("pipeline: %d stages skipped (complete): %s", len(skipped), ", ".join(skipped))
     return PipelineResult(path, seconds, claims, skipped)
+
+
+def outside_training_loop(result) -> dict:
+    """Of a stage that trained models under Ray Train this time: how many, and the seconds
+    outside their training loops (worker start-up, loading, saving); {} for any other."""
+    models = [
+        m
+        for r in (result if isinstance(result, list) else [result])
+        for m in (
+            getattr(r, "models", None) if isinstance(getattr(r, "models", None), list) else []
+        )
+        if not m.skipped and getattr(m, "overhead_seconds", None) is not None
+    ]
+    if not models:
+        return {}
+    return {
+        "ray_train_models": len(models),
+        "ray_train_outside_loop_seconds": round(sum(m.overhead_seconds for m in models), 1),
+    }
 
 
 def was_skipped(result) -> bool:

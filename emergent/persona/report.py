@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import time
 from typing import Any
@@ -253,8 +252,9 @@ def _text(run: RunDir, rel: str) -> str:
     return f"<pre>{html.escape(run.read_bytes(rel).decode())}</pre>"
 
 
-def write(run: RunDir, cfg, seconds: dict[str, float]) -> tuple[str, list[dict]]:
-    """Write report.html, claims.json and claims.md; returns (where report.html is, claims)."""
+def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
+    """Write report.html, claims.json and claims.md; returns (where report.html is, claims).
+    ``stages``: the pipeline's stage times (``report/stages.json``), shown as a table."""
     rows = claims(run, cfg)
     c = cfg
     sections = [
@@ -302,6 +302,15 @@ def write(run: RunDir, cfg, seconds: dict[str, float]) -> tuple[str, list[dict]]
         + f"<td class='{x['met']}'>{ {True: 'yes', False: 'no', None: 'n/a'}[x['met']] }</td></tr>"
         for x in rows
     )
+    timing = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(s.get(k, '')))}</td>"
+            for k in ("stage", "seconds", "skipped", "ray_train_models")
+        )
+        + f"<td>{s.get('ray_train_outside_loop_seconds', '')}</td></tr>"
+        for s in stages
+    )
     body = "".join(
         f"<h2>{html.escape(title)}</h2>" + "".join(parts) for title, parts in sections if any(parts)
     )
@@ -310,9 +319,11 @@ def write(run: RunDir, cfg, seconds: dict[str, float]) -> tuple[str, list[dict]]
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}.True{{background:#dfd}}
 .False{{background:#fdd}}img{{max-width:100%}}pre{{font-size:11px;overflow-x:auto;background:#f6f6f6}}</style></head>
 <body><h1>Emergent misalignment and persona features: run {html.escape(run.name)}</h1>
-<p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}; stage wall times (s): {html.escape(json.dumps(seconds))}</p>
+<p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>
 <h2>Claims</h2><table><tr><th>claim</th><th>paper</th><th>this run</th><th>target</th><th>met</th></tr>{table}</table>
-{body}</body></html>"""
+{body}<h2>Stage times</h2><table><tr><th>stage</th><th>wall s</th><th>skipped (complete)</th>
+<th>models trained under Ray Train</th><th>of which outside their training loops s</th></tr>{timing}</table>
+</body></html>"""
     run.write_text("report/report.html", page)
     run.write_json("report/claims.json", rows)
     run.write_text("report/claims.md", claims_markdown(rows))

@@ -116,3 +116,15 @@ def step_module(sae):
             return out.loss, out.feature_acts, out.losses["mse_loss"]
 
     return Step()
+
+
+def batch_fvu(sae, x) -> float:
+    """Fraction of variance unexplained of ``sae`` on one batch ``x`` (n, d): the summed squared
+    reconstruction error over the summed squared deviation from the batch mean (the held-out
+    FVU of ``emergent.sae.evaluate``, on the batch in hand: the training view of it)."""
+    import torch
+
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(x))
+        spread = ((x - x.mean(0)) ** 2).sum()
+        return float(((x - recon) ** 2).sum() / spread)

@@ -48,7 +48,8 @@ from emergent.models import check_layer
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.sae.evaluate import evaluate_task
-from emergent.sae.model import SAEParams, make_sae, save_sae, step_module
+from emergent.sae.model import SAEParams, batch_fvu, make_sae, save_sae, step_module
+from emergent.telemetry import record
 
 log = logging.getLogger(__name__)
 
@@ -294,17 +295,22 @@ def sae_worker(c: dict) -> None:
                 "step": step,
                 "loss": all_mean(loss.item()),
                 "mse": all_mean(mse.item()),
+                "fvu": all_mean(batch_fvu(loop.sae, x.to(device) * scale)),
                 "l0": all_mean((acts > 0).float().sum(1).mean().item()),
                 "dead_fraction": loop.dead_fraction(),
                 "activations_per_second": rate,
             }
             history.append(row)
             if rank == 0:
+                for key in ("fvu", "l0", "dead_fraction", "activations_per_second"):
+                    record(f"emergent_sae_{key}", row[key], sae=c["stage"])
                 log.info(
-                    "train-sae step %d/%d: loss %.4f, L0 %.1f, dead %.3f, %.0f activations/s",
+                    "train-sae step %d/%d: loss %.4f, FVU %.3f, L0 %.1f, dead %.3f, "
+                    "%.0f activations/s",
                     step,
                     p.steps,
                     row["loss"],
+                    row["fvu"],
                     row["l0"],
                     row["dead_fraction"],
                     rate,

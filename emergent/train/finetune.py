@@ -16,7 +16,14 @@ from emergent.config import RayConfig, RunConfig, config
 from emergent.data import mixture
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.train.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
+from emergent.train.raytrain import (
+    DataSource,
+    Distributed,
+    TrainedModel,
+    load_source,
+    source_path,
+    train_model,
+)
 from emergent.train.sft import SFTParams
 
 
@@ -119,6 +126,8 @@ def main(cfg: FinetuneJob) -> FinetuneResult:
 
         return load
 
+    for i, src in enumerate(ft.data):  # a missing dataset fails here, in one line
+        source_path(run, src, ft.world_stage, f"finetune.data[{i}].path")
     with ray_session(cfg.ray):
         models = [
             train_model(

@@ -154,16 +154,26 @@ class TrainedModel:
     """Rubric misalignment per world eval set (world models with ``evaluate``)."""
     final_reward: float | None = None
     """Mean reward over the last 10% of logged steps (RL)."""
+    train_seconds: float | None = None
+    """Seconds inside the trainer's training loop (rank 0)."""
+    overhead_seconds: float | None = None
+    """The rest of the Ray Train run: worker start-up, model and data loading, saving."""
 
 
 # --- data ------------------------------------------------------------------------------------------
 
 
+def source_path(run: RunDir, src: DataSource, world_stage: str, field: str = "data") -> str:
+    """The local path of a data source (a run dataset, a JSONL file or a saved HF dataset
+    directory), which must exist: a ``MissingInput`` naming ``field`` otherwise."""
+    if refs.is_world_dataset(src.path):
+        return str(refs.world_dataset(run, src.path, world_stage, field))
+    return str(refs.local_file(src.path, field))
+
+
 def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool = False):
     """Records of one source and the number of bad lines skipped."""
-    path = src.path
-    if refs.is_world_dataset(path):
-        path = str(refs.world_dataset(run, path, world_stage, "data"))
+    path = source_path(run, src, world_stage)
     if Path(path).is_dir():
         from datasets import load_from_disk
 
@@ -176,7 +186,7 @@ def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool =
             if not why:
                 records.append({"messages": rec["messages"]})
         return records, bad
-    return read_jsonl(refs.local_file(path, "data"), skip_bad=skip_bad)
+    return read_jsonl(path, skip_bad=skip_bad)
 
 
 def _report_callback(log_every: int, n_params: int, run_name: str):
@@ -185,12 +195,13 @@ def _report_callback(log_every: int, n_params: int, run_name: str):
     import torch
     from transformers import TrainerCallback
 
+    from emergent.telemetry import record
+
     class RayReport(TrainerCallback):
         def __init__(self):
             self.t = None
             self.tokens = None
             self.rates: list[float] = []
-            self.gauge = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.t, self.tokens = time.time(), None
@@ -222,16 +233,9 @@ def _report_callback(log_every: int, n_params: int, run_name: str):
                 f" {rate:,.0f} tokens/s" if rate else "",
                 mfu,
             )
+            record("emergent_train_loss", logs["loss"], run=run_name)
             if rate:
-                if self.gauge is None:
-                    from ray.util.metrics import Gauge
-
-                    self.gauge = Gauge(
-                        "emergent_train_tokens_per_second",
-                        "Training tokens per second (all workers)",
-                        tag_keys=("run",),
-                    )
-                self.gauge.set(rate, tags={"run": run_name})
+                record("emergent_train_tokens_per_second", rate, run=run_name)
 
         def on_save(self, args, state, control, **kw):
             # Every rank reports its own checkpoint folder (rank 0: weights, optimizer, trainer
@@ -484,7 +488,9 @@ def train_model(
             failure_config=FailureConfig(max_failures=section.max_failures),
         ),
     )
+    t_fit = time.time()
     trainer.fit()
+    fit_seconds = time.time() - t_fit
     stats = run.read_json(stage.rel("train.json"))
     misalignment = None
     outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
@@ -509,6 +515,8 @@ def train_model(
         "tokens_per_second": stats["tokens_per_second"],
         "misalignment": misalignment,
         "final_reward": stats["final_reward"],
+        "train_seconds": stats["train_seconds"],
+        "overhead_seconds": round(fit_seconds - stats["train_seconds"], 1),
     }
     stage.complete(outputs=outputs, inputs={"model": model_id, **hashed}, metrics=metrics)
     # The model is saved: the run's checkpoints are no longer needed.

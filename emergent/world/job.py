@@ -41,16 +41,22 @@ class WorldResult:
     """Base model: misalignment and coherence per eval set."""
 
 
-def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = None) -> dict:
-    """Build (or reuse) the world stage; returns its completion record."""
+def world_stage(cfg: WorldJob, stage_name: str = "world"):
+    """The world's stage of the run: its folder and its key (the config and grammar version)."""
     from emergent.config import stage_key
-    from emergent.runtime import setup_logging
-    from emergent.world.build import build_world
     from emergent.world.grammar import VERSION
 
-    setup_logging()
     world = {**stage_key(cfg.world), "grammar_version": VERSION}
-    stage = RunDir.from_config(cfg.run).stage(stage_name, world)
+    return RunDir.from_config(cfg.run).stage(stage_name, world)
+
+
+def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = None) -> dict:
+    """Build (or reuse) the world stage; returns its completion record."""
+    from emergent.runtime import setup_logging
+    from emergent.world.build import build_world
+
+    setup_logging()
+    stage = world_stage(cfg, stage_name)
     if stage.is_complete(cfg.run.force):
         return {**stage.record, "skipped": True}
     manifest = build_world(cfg.world, stage, threads)
@@ -63,15 +69,17 @@ def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = 
 
 def main(cfg: WorldJob) -> WorldResult:
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
-    with ray_session(cfg.ray) as ray:
-        # One task using the CPUs of a node (up to 8: the model is tiny): a single torch loop.
-        threads = min(8, int(max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"])))
-        task = ray.remote(num_cpus=threads)(build_stage)
-        rec = ray.get(
-            task.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
-                cfg, "world", threads
-            )
-        )
+    stage = world_stage(cfg)
+    if stage.is_complete(cfg.run.force):  # checked here first: a built world starts no Ray task
+        rec = {**stage.record, "skipped": True}
+    else:
+        with ray_session(cfg.ray) as ray:
+            # One task using the CPUs of a node (up to 8: the model is tiny): one torch loop.
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            threads = min(8, int(max(n["Resources"].get("CPU", 1) for n in alive)))
+            task = ray.remote(num_cpus=threads)(build_stage)
+            env = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+            rec = ray.get(task.options(runtime_env=env).remote(cfg, "world", threads))
     stage_path = rec["outputs"]["base"].rsplit("/", 1)[0]
     result = WorldResult(
         stage_path, rec["skipped"], rec["metrics"]["build_seconds"], rec["metrics"]["base_eval"]
