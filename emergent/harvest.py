@@ -38,6 +38,7 @@ from emergent.models import check_layer, load_any
 from emergent.refs import ModelSource
 from emergent.runs import RunDir
 from emergent.runtime import actor_pool_map, ray_session
+from emergent.telemetry import record
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,6 @@ class Harvester:
         self.model, self.tok = load_any(source.local(), self.device)
 
     def __call__(self, batch: dict) -> dict:
-        from emergent.telemetry import record
-
         docs = [json.loads(d) for d in batch["data"]]
         t0 = time.time()
         acts, meta = harvest_docs(self.model, self.tok, docs, self.cfg, self.device)

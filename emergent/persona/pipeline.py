@@ -215,13 +215,14 @@ def main(cfg: PipelineJob) -> PipelineResult:
 def outside_training_loop(result) -> dict:
     """Of a stage that trained models under Ray Train this time: how many, and the seconds
     outside their training loops (worker start-up, loading, saving); {} for any other."""
+    from emergent.train.raytrain import TrainedModel
+
+    results = result if isinstance(result, list) else [result]
     models = [
         m
-        for r in (result if isinstance(result, list) else [result])
-        for m in (
-            getattr(r, "models", None) if isinstance(getattr(r, "models", None), list) else []
-        )
-        if not m.skipped and getattr(m, "overhead_seconds", None) is not None
+        for r in results
+        for m in getattr(r, "models", [])  # a family's models; an evaluation's is a dict
+        if isinstance(m, TrainedModel) and not m.skipped and m.overhead_seconds is not None
     ]
     if not models:
         return {}
