@@ -37,6 +37,24 @@ SMALL_WORLD = [
 ]
 
 
+# The tiny world of test_runs.py, with every stage shrunk to seconds of work: for tests of
+# where outputs go, what is resumed and what is read back, not of what the outputs show.
+TINY = [
+    "ray.num_cpus=2",
+    "ray.dashboard=false",
+    "world.model.d_model=32",
+    "world.model.d_ff=64",
+    "world.pretrain_steps=20",
+    "world.pretrain_docs=300",
+    "world.pretrain_batch=8",
+    "world.instruct_examples=60",
+    "world.finetune_examples=60",
+    "world.realign_examples=20",
+    "world.eval_prompts=16",
+    "world.monitor_examples=10",
+]
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """The shrunken world, built once per session in-process: ``<root>/small/world_s1``."""
@@ -207,18 +225,18 @@ def family(small_world, ray_cluster, exported):
     return {m.name: m for m in models}
 
 
-def committed_checkpoint(storage, pattern: str) -> bool:
-    """True once Ray Train has committed a checkpoint (all ranks reported it) of a run whose
-    storage folder matches ``pattern`` under ``storage``."""
+def committed_checkpoint(storage, pattern: str):
+    """The latest checkpoint Ray Train has committed (all ranks reported it) of a run whose
+    storage folder matches ``pattern`` under ``storage`` (its snapshot entry), or None."""
     import json
 
     for snap in storage.glob(f"{pattern}/checkpoint_manager_snapshot.json"):
         try:
-            if json.loads(snap.read_text()).get("latest_checkpoint_result"):
-                return True
+            if latest := json.loads(snap.read_text()).get("latest_checkpoint_result"):
+                return latest
         except (OSError, ValueError):
             pass  # being written
-    return False
+    return None
 
 
 def kill_one_train_worker() -> int:

@@ -1,13 +1,13 @@
 """The finetune job: data handling (fast), LoRA merging (in-process), and Ray Train runs on the
 shrunken world: EM after insecure code and not after secure code, DeepSpeed ZeRO-2/3 against
-DDP, and a killed worker that resumes from its checkpoint."""
+DDP. A killed worker (with the node it runs on) resuming from its checkpoint to the
+uninterrupted losses: tests/test_recovery.py."""
 
 import json
 
 import pytest
 import torch
 from conftest import finetune_job as job
-from conftest import killed_run
 
 from emergent import refs
 from emergent.config import RunConfig, load
@@ -167,35 +167,6 @@ def test_deepspeed_zero_on_cpu_matches_ddp(family, small_world, zero):
     # another order than DDP's, so float32 rounding sets the tolerance (measured: at most
     # 1.1e-7 relative, 7 digits; the bar is 9 times that)
     torch.testing.assert_close(stats["losses"], ddp["losses"][: 50 // 10], rtol=1e-6, atol=0)
-
-
-@pytest.mark.ray
-def test_killed_worker_resumes_from_checkpoint(family, small_world):
-    # the family's insecure-code model (same data, seed and steps, never interrupted) is the
-    # reference the resumed run must end at
-    ref = family["code_dose1"]
-    cfg = job(
-        small_world,
-        "finetune.name=killed",
-        "finetune.data=[{path: 'world:finetune/code_toxic'}, {path: 'world:finetune/code_aligned'}]",
-        "finetune.doses=[1.0]",
-        "finetune.checkpoint_every=20",
-        "finetune.max_failures=1",
-        "finetune.evaluate=false",
-    )
-    # SIGKILL a worker once step 20 is committed
-    result, killed = killed_run(
-        small_world / "small/_ray", "finetune-killed_dose1-*", lambda: main(cfg)
-    )
-    assert killed, "the run finished before a worker could be killed"
-    stats = json.loads((small_world / "small/finetune/killed_dose1/train.json").read_text())
-    assert stats["resumed_from"] and stats["steps"] == 100
-    # the same loss series, step for step: the checkpoint restores weights, optimiser, RNG
-    # and the data position, so the resumed steps are the uninterrupted run's (measured:
-    # bit-identical on this machine; the bar allows float32 rounding elsewhere)
-    ref_stats = json.loads((small_world / "small/finetune/code_dose1/train.json").read_text())
-    torch.testing.assert_close(stats["losses"], ref_stats["losses"], rtol=1e-6, atol=0)
-    assert result.models[0].final_loss == pytest.approx(ref.final_loss, rel=1e-6)
 
 
 def test_reward_registry_and_import_paths():

@@ -9,28 +9,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from conftest import TINY
 
 from emergent.config import load
 from emergent.runs import RECORD, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny world of test_runs.py, with every stage shrunk to seconds of work: what is tested
-# is where the outputs go and that they are read back, not what they show.
-TINY = [
-    "ray.num_cpus=2",
-    "ray.dashboard=false",
-    "world.model.d_model=32",
-    "world.model.d_ff=64",
-    "world.pretrain_steps=20",
-    "world.pretrain_docs=300",
-    "world.pretrain_batch=8",
-    "world.instruct_examples=60",
-    "world.finetune_examples=60",
-    "world.realign_examples=20",
-    "world.eval_prompts=16",
-    "world.monitor_examples=10",
-]
 PIPELINE = [
     "finetune.examples=40",
     "finetune.sft.steps=4",
