@@ -25,12 +25,13 @@ from emergent.runs import RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The pipeline's first stages on the tiny world: a fine-tune and a persona SAE long enough
-# (checkpoints every few steps) for the driver to die in the middle of each.
-FINETUNE = "finetune-code_dose1-*"  # its Ray Train run under <run>/_ray
+# The pipeline's first stages on the tiny world: a fine-tune family (two models, one worker
+# group) and a persona SAE long enough (checkpoints every few steps) for the driver to die in
+# the middle of each.
+FINETUNE = "finetune-code_dose1-*"  # the family's Ray Train run under <run>/_ray
 STAGES = [
     "pipeline.stages=[world, finetune, train_sae]",
-    "finetune.doses=[1.0]",
+    "finetune.doses=[1.0, 0.0]",
     "finetune.examples=40",
     "finetune.sft.steps=60",
     "finetune.sft.batch_size=8",
@@ -144,6 +145,14 @@ def _train_workers_under(pid: int | None) -> list:
     return out
 
 
+def _second_model_checkpoint(run: Path):
+    """The latest committed checkpoint of the fine-tune family, if it holds the trainer state of
+    its second model (code_dose0), else None."""
+    latest = committed_checkpoint(run / "_ray", FINETUNE)
+    metrics = (latest or {}).get("metrics", {})
+    return latest if metrics.get("model") == 1 and "step" in metrics else None
+
+
 def _planned(cfg) -> dict[str, str]:
     """The pipeline's ``--plan``: stage -> skip / run / after."""
     from emergent import plan
@@ -169,14 +178,13 @@ def _files(stage: Path) -> dict[str, bytes]:
     }
 
 
-def _activations(run: Path) -> list[tuple]:
-    """The persona harvest's rows (document, position, token, activation), in order."""
+def _activations(run: Path):
+    """The persona harvest's rows (document, position, token, activation) as one Arrow table,
+    in document and position order."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(run / "harvest/persona/acts").to_pandas().sort_values(["doc", "pos"])
-    return [
-        (d, p, k, tuple(a)) for d, p, k, a in t[["doc", "pos", "token", "act"]].itertuples(False)
-    ]
+    table = pq.read_table(run / "harvest/persona/acts")
+    return table.sort_by([("doc", "ascending"), ("pos", "ascending")])
 
 
 @pytest.mark.ray
@@ -204,35 +212,37 @@ def test_a_killed_driver_and_a_lost_node_lose_nothing(ray_cluster, tmp_path):
     cfg = load(PipelineJob, toy, sets)
     run = root / "kill"
 
-    # 1. killed during the fine-tune, once its first checkpoint is committed
+    # 1. killed during the fine-tune's second model, once a checkpoint of it is committed: the
+    #    first model is saved, but no stage is recorded complete before the family is
     driver = _driver(sets, log)
-    _kill_when(driver, lambda: committed_checkpoint(run / "_ray", FINETUNE), log)
-    assert not (run / "finetune/code_dose1" / RECORD).exists()
+    _kill_when(driver, lambda: _second_model_checkpoint(run), log)
+    first_model = (run / "finetune/code_dose1/train.json").read_bytes()
+    assert not list(run.glob(f"finetune/*/{RECORD}"))
     assert _planned(cfg) == {"world": "skip", "finetune": "run", "train_sae": "run"}
 
     # 2. resubmitted, on a cluster grown by a second node that hosts one of the resumed
     #    fine-tune's two workers (one of the head's CPUs is held, so the workers must spread);
-    #    the node is lost after the fine-tune's next checkpoint, and the fine-tune recovers
-    #    on the head; then the driver is killed during the SAE's training
-    first = committed_checkpoint(run / "_ray", FINETUNE)
+    #    the node is lost after the second model's next checkpoint, and the fine-tune
+    #    recovers on the head; then the driver is killed during the SAE's training
+    first = _second_model_checkpoint(run)
     with _second_node(address, cpus=1) as (node, _):
         hold = _hold_cpu(ray_cluster.get_runtime_context().get_node_id())
         driver = _driver(sets, log)
-        _wait(
-            driver, lambda: committed_checkpoint(run / "_ray", FINETUNE) not in (None, first), log
-        )
+        _wait(driver, lambda: _second_model_checkpoint(run) not in (None, first), log)
         on_node = _train_workers_under(node.pid)
         assert on_node and len(_train_workers_under(None)) > len(on_node), "no worker on each node"
         os.killpg(node.pid, signal.SIGKILL)  # the node's raylet, its agents and its worker
         ray_cluster.kill(hold)
     _kill_when(driver, lambda: committed_checkpoint(run / "_ray", "sae-persona-*"), log)
-    assert (run / "finetune/code_dose1" / RECORD).exists()
+    assert (run / "finetune/code_dose0" / RECORD).exists()
     assert not (run / "sae/persona" / RECORD).exists()
+    # the first model was not trained again
+    assert (run / "finetune/code_dose1/train.json").read_bytes() == first_model
     assert _planned(cfg) == {"world": "skip", "finetune": "skip", "train_sae": "run"}
     # two resumes: the driver's, from the checkpoint the killed driver left, then the worker
     # group's restart on the head, from the one committed before the node was lost
     resumed = set(
-        re.findall(r"code_dose1: rank 0 resumes from \S*?(checkpoint_[\d_.-]+)", log.read_text())
+        re.findall(r"code_dose0: rank 0 resumes from \S*?(checkpoint_[\d_.-]+)", log.read_text())
     )
     assert len(resumed) == 2, resumed
 
@@ -245,22 +255,22 @@ def test_a_killed_driver_and_a_lost_node_lose_nothing(ray_cluster, tmp_path):
     assert skipped == ["world", "finetune"]
 
     # each stage resumed from its checkpoint, not from scratch
-    train = json.loads((run / "finetune/code_dose1/train.json").read_text())
+    train = json.loads((run / "finetune/code_dose0/train.json").read_text())
     assert train["resumed_from"] and train["steps"] == 60
     sae_train = json.loads((run / "sae/persona/train.json").read_text())
     assert sae_train["resumed"]
     # the deterministic parts equal the uninterrupted run's, file for file: the world, the
     # fine-tuned model (weights, tokenizer, losses: the checkpoint restores weights, optimiser,
     # RNG and data position) and the harvested activations
-    assert _activations(run) == _activations(ref)
-    for stage in ("world", "finetune/code_dose1", "harvest/persona"):
+    assert _activations(run).equals(_activations(ref))
+    for stage in ("world", "finetune/code_dose1", "finetune/code_dose0", "harvest/persona"):
         got, want = _files(run / stage), _files(ref / stage)
         assert got.keys() == want.keys(), stage
         differ = [k for k in got if got[k] != want[k]]
-        if stage == "finetune/code_dose1":  # its train.json also holds times and the resume
+        if stage.startswith("finetune/"):  # train.json also holds times and the resume
             assert differ == ["train.json"], differ
-            want_train = json.loads((ref / stage / "train.json").read_text())
-            assert train["losses"] == want_train["losses"]
+            got_losses = json.loads((run / stage / "train.json").read_text())["losses"]
+            assert got_losses == json.loads((ref / stage / "train.json").read_text())["losses"]
         else:
             assert differ == [], (stage, differ)
     # the SAE finished every step and explains part of the held-out variance

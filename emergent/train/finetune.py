@@ -19,10 +19,11 @@ from emergent.runtime import ray_session
 from emergent.train.raytrain import (
     DataSource,
     Distributed,
+    ModelJob,
     TrainedModel,
     load_source,
     source_path,
-    train_model,
+    train_models,
 )
 from emergent.train.sft import SFTParams
 
@@ -129,16 +130,9 @@ def main(cfg: FinetuneJob) -> FinetuneResult:
     for i, src in enumerate(ft.data):  # a missing dataset fails here, in one line
         source_path(run, src, ft.world_stage, f"finetune.data[{i}].path")
     with ray_session(cfg.ray):
-        models = [
-            train_model(
-                cfg.run,
-                "finetune",
-                ft,
-                name,
-                {"fractions": fractions},
-                loader(fractions),
-                build_sft,
-            )
+        jobs = [
+            ModelJob(name, {"fractions": fractions}, loader(fractions))
             for name, fractions in variants(ft)
         ]
+        models = train_models(cfg.run, "finetune", ft, jobs, build_sft)
     return FinetuneResult(models)

@@ -189,8 +189,9 @@ def load_source(run: RunDir, src: DataSource, world_stage: str, skip_bad: bool =
     return read_jsonl(path, skip_bad=skip_bad)
 
 
-def _report_callback(log_every: int, n_params: int, run_name: str):
-    """HF callback: logs throughput, sets Ray metrics, reports checkpoints to Ray Train."""
+def _report_callback(log_every: int, n_params: int, run_name: str, index: int = 0):
+    """HF callback: logs throughput, sets Ray metrics, reports checkpoints to Ray Train (each
+    tagged with ``index``, the model's place in the worker group's list)."""
     import ray.train
     import torch
     from transformers import TrainerCallback
@@ -245,8 +246,10 @@ def _report_callback(log_every: int, n_params: int, run_name: str):
 
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+            if folder.is_dir():
+                (folder / POSITION).write_text(json.dumps({"index": index, "state": True}))
             ray.train.report(
-                {"step": state.global_step, "loss": loss},
+                {"model": index, "step": state.global_step, "loss": loss},
                 checkpoint=Checkpoint.from_directory(str(folder)) if folder.is_dir() else None,
             )
 
@@ -264,12 +267,21 @@ def weights_dtype(gpu: bool, deepspeed: bool, lora: bool):
     return torch.bfloat16 if gpu and (deepspeed or lora) else torch.float32
 
 
+POSITION = "emergent_position.json"
+"""In each Ray Train checkpoint: which model of the worker group's list it belongs to
+(``index``), and whether it holds that model's trainer state (``state``; false: a marker that
+the models before ``index`` are saved and ``index`` starts fresh)."""
+
+
 def train_worker(c: dict) -> None:
-    """Ray Train loop: build this job's trainer, resume from the last checkpoint, train, save."""
+    """Ray Train loop: the worker group's models one after another (``c["models"]``), each
+    built by the job's builder, trained and saved; a restarted group resumes at the model and
+    step of the last checkpoint."""
     import ray
     import ray.train
     import torch
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+    from ray.train import Checkpoint
+    from transformers import AutoConfig, AutoTokenizer
 
     from emergent.runtime import set_threads, setup_logging
 
@@ -281,16 +293,53 @@ def train_worker(c: dict) -> None:
         "ignore", category=FutureWarning, module="torch.distributed.c10d_logger"
     )
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    section: Distributed = c["section"]
-    run = RunDir(c["root"], c["run_name"])
+    rank = ctx.get_world_rank()
     model_path = c["source"].local()
     refs.require_safetensors(model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     n_params = _n_params(AutoConfig.from_pretrained(model_path))
     work = Path(tempfile.mkdtemp(prefix=f"emergent-train-r{rank}-"))
-    gpu = section.use_gpu and torch.cuda.is_available()
-    report = _report_callback(section.log_every, n_params, c["stage"])
+    gpu = c["section"].use_gpu and torch.cuda.is_available()
+    if c["deepspeed"] is not None:
+        import deepspeed
+
+        # Ray Train already set up torch.distributed; DeepSpeed's own comm layer must wrap it
+        # before ZeRO-3 partitions the model at load time (else it sees a world of 1).
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    start, resume, ckpt = 0, None, ray.train.get_checkpoint()
+    if ckpt is not None:
+        folder = Path(ckpt.to_directory(str(work / "resume")))
+        where = folder / POSITION  # absent: a single model's checkpoint from before families
+        at = json.loads(where.read_text()) if where.exists() else {"index": 0, "state": True}
+        start = at["index"]
+        if at["state"]:
+            resume = (folder, ckpt.path)
+    models = c["models"]
+    for i in range(start, len(models)):
+        _train_one(c, i, tok, n_params, gpu, work / f"model{i}", resume if i == start else None)
+        # every rank: the models up to i are saved, so a restart begins at the next one
+        marker = work / f"after{i}"
+        marker.mkdir()
+        (marker / POSITION).write_text(json.dumps({"index": i + 1, "state": False}))
+        ray.train.report({"model": i, "done": 1}, checkpoint=Checkpoint.from_directory(str(marker)))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_one(c: dict, index: int, tok, n_params: int, gpu: bool, work: Path, resume) -> None:
+    """Train and save model ``index`` of the worker group's list; ``resume``: (the local
+    folder, the storage path) of its checkpoint to resume from, or None."""
+    import ray
+    import ray.train
+    import torch
+    from transformers import PrinterCallback
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    section: Distributed = c["section"]
+    m = c["models"][index]
+    run = RunDir(c["root"], c["run_name"])
+    model_path = c["source"].local()
+    report = _report_callback(section.log_every, n_params, m["stage"], index)
     common = dict(
         callbacks=[report],
         logging_steps=section.log_every,
@@ -304,32 +353,24 @@ def train_worker(c: dict) -> None:
     if section.monitor is not None:
         from emergent.persona.early_warning import callback
 
-        monitor = callback(section.monitor, run, section.world_stage, tok, c["stage"])
+        monitor = callback(section.monitor, run, section.world_stage, tok, m["stage"])
         common["callbacks"].append(monitor)
     if section.checkpoint_every:
         common |= dict(
             save_strategy="steps", save_steps=section.checkpoint_every, save_total_limit=1
         )
     if c["deepspeed"] is not None:
-        import deepspeed
-
-        # Ray Train already set up torch.distributed; DeepSpeed's own comm layer must wrap it
-        # before ZeRO-3 partitions the model at load time (else it sees a world of 1).
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
         common["deepspeed"] = c["deepspeed"]
     trainer = c["builder"](
-        section, model_path, tok, ray.get(c["records"]), str(work / "out"), world, gpu, common
+        section, model_path, tok, ray.get(m["records"]), str(work / "out"), world, gpu, common
     )
     trainer.remove_callback(PrinterCallback)  # RayReport logs instead (with throughput)
     if 0 < trainer.args.max_steps < trainer.args.logging_steps:
         trainer.args.logging_steps = trainer.args.max_steps  # a short run still logs its loss
-    resume = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        resume = ckpt.to_directory(str(work / "resume"))
-        log.info("%s: rank %d resumes from %s", c["stage"], rank, ckpt.path)
+    if resume is not None:
+        log.info("%s: rank %d resumes from %s", m["stage"], rank, resume[1])
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume[0]))
     seconds = time.time() - t0
 
     final = work / "final"
@@ -338,12 +379,12 @@ def train_worker(c: dict) -> None:
         dtype = torch.bfloat16 if gpu else torch.float32
         model_dir = _merged(final, model_path, dtype) if section.lora.enabled else final
         tok.save_pretrained(str(model_dir))
-        run.put_dir(model_dir, f"{c['stage']}/model")
+        run.put_dir(model_dir, f"{m['stage']}/model")
         history = trainer.state.log_history
         losses = [h["loss"] for h in history if "loss" in h]
         rewards = [h["reward"] for h in history if "reward" in h]
         run.write_json(
-            f"{c['stage']}/train.json",
+            f"{m['stage']}/train.json",
             {
                 "losses": losses,
                 "final_loss": final_loss(losses),
@@ -353,7 +394,7 @@ def train_worker(c: dict) -> None:
                 "tokens": next(
                     (h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None
                 ),
-                "resumed_from": None if ckpt is None else ckpt.path,
+                "resumed_from": None if resume is None else resume[1],
                 "train_seconds": round(seconds, 1),
                 "tokens_per_second": (sum(report.rates) / len(report.rates))
                 if report.rates
@@ -413,13 +454,37 @@ def train_model(
     load: Callable[[], tuple[list[dict], int, str]],
     builder: Callable,
 ) -> TrainedModel:
-    """Train (or reuse) one model into ``<run>/<kind>/<name>/`` under Ray Train.
+    """Train (or reuse) one model into ``<run>/<kind>/<name>/`` under Ray Train (see
+    ``train_models``)."""
+    return train_models(run_cfg, kind, section, [ModelJob(name, hashed, load)], builder)[0]
 
-    ``hashed``: what else the weights depend on (data, fractions, optimiser params); ``load``
-    returns (records, bad lines skipped, a description for the log), called only when training;
+
+@dataclass
+class ModelJob:
+    """One model of a ``train_models`` list."""
+
+    name: str
+    hashed: dict
+    """What else its weights depend on (data, fractions, optimiser params)."""
+    load: Callable[[], tuple[list[dict], int, str]]
+    """Returns (records, bad lines skipped, a description for the log); called only when the
+    model is to be trained."""
+
+
+def train_models(
+    run_cfg: RunConfig, kind: str, section: Distributed, jobs: list[ModelJob], builder: Callable
+) -> list[TrainedModel]:
+    """Train (or reuse) models of one section into ``<run>/<kind>/<name>/``: the ones not
+    complete one after another in ONE Ray Train worker group (a dose family pays the group's
+    start-up once, not once per model).
+
     ``builder(section, model_path, tok, records, output_dir, world_size, gpu, common)`` returns
-    the HF trainer (``common``: the trainer arguments shared by every job).
+    the HF trainer (``common``: the trainer arguments shared by every job). Each model has its
+    own stage and record, written when the group is done; a rerun after an interruption (same
+    models left) resumes the group's Ray Train run at the model and step of its last checkpoint.
     """
+    import hashlib
+
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -434,31 +499,49 @@ def train_model(
             ds_cfg = json.loads(Path(section.deepspeed).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
-    key = stage_key(section)
-    key |= {**hashed, "name": name, "model": model_id, "deepspeed": ds_cfg}
-    if section.monitor is not None:  # not the weights' input, but train.json's
-        key |= monitor_key(section.monitor, run)
-    stage = run.stage(f"{kind}/{name}", key)
-    if stage.is_complete(run_cfg.force):
-        m = stage.record["metrics"]
-        return TrainedModel(name, stage.uri("model"), True, **m)
+    done: dict[int, TrainedModel] = {}
+    todo = []  # (index, job, stage)
+    for i, job in enumerate(jobs):
+        key = stage_key(section)
+        key |= {**job.hashed, "name": job.name, "model": model_id, "deepspeed": ds_cfg}
+        if section.monitor is not None:  # not the weights' input, but train.json's
+            key |= monitor_key(section.monitor, run)
+        stage = run.stage(f"{kind}/{job.name}", key)
+        if stage.is_complete(run_cfg.force):
+            done[i] = TrainedModel(job.name, stage.uri("model"), True, **stage.record["metrics"])
+        else:
+            todo.append((i, job, stage))
+    if not todo:
+        return [done[i] for i in range(len(jobs))]
 
-    records, bad, what = load()
-    if bad:
-        log.warning("%s %s: skipped %d malformed lines (skip_bad)", kind, name, bad)
-    log.info(
-        "%s %s: %d examples (%s) from %s on %d %s workers%s%s",
-        kind,
-        name,
-        len(records),
-        what,
-        model_id,
-        section.workers,
-        "GPU" if section.use_gpu else "CPU",
-        f", DeepSpeed {section.deepspeed}" if section.deepspeed else "",
-        ", LoRA" if section.lora.enabled else "",
-    )
-    ray_name = f"{kind}-{name.replace('/', '_')}-{stage.hash[:8]}"
+    models, loaded = [], {}
+    for i, job, stage in todo:
+        records, bad, what = job.load()
+        if bad:
+            log.warning("%s %s: skipped %d malformed lines (skip_bad)", kind, job.name, bad)
+        log.info(
+            "%s %s: %d examples (%s) from %s on %d %s workers%s%s",
+            kind,
+            job.name,
+            len(records),
+            what,
+            model_id,
+            section.workers,
+            "GPU" if section.use_gpu else "CPU",
+            f", DeepSpeed {section.deepspeed}" if section.deepspeed else "",
+            ", LoRA" if section.lora.enabled else "",
+        )
+        loaded[i] = (len(records), bad)
+        models.append({"stage": stage.rel(), "records": ray.put(records)})
+    first = todo[0][1].name.replace("/", "_")
+    if len(todo) == 1:
+        ray_name = f"{kind}-{first}-{todo[0][2].hash[:8]}"
+    else:
+        digest = hashlib.sha256(" ".join(st.hash for _, _, st in todo).encode()).hexdigest()
+        ray_name = f"{kind}-{first}-and-{len(todo) - 1}-{digest[:8]}"
+        log.info(
+            "%s: %d models in one worker group: %s", kind, len(todo), [j.name for _, j, _ in todo]
+        )
     if run_cfg.force and run.exists(f"_ray/{ray_name}"):  # start over, not resume
         run.fs.delete_dir(run.uri(f"_ray/{ray_name}"))
     resources = {"CPU": section.cpus_per_worker} | ({"GPU": 1} if section.use_gpu else {})
@@ -468,12 +551,11 @@ def train_model(
         train_loop_config={
             "section": section,
             "builder": builder,
-            "records": ray.put(records),
+            "models": models,
             "source": source,
             "deepspeed": ds_cfg,
             "root": run_cfg.root,
             "run_name": run_cfg.name,
-            "stage": stage.rel(),
             "threads": section.cpus_per_worker,
         },
         torch_config=TorchConfig(backend="nccl" if section.use_gpu else "gloo"),
@@ -491,38 +573,48 @@ def train_model(
     t_fit = time.time()
     trainer.fit()
     fit_seconds = time.time() - t_fit
-    stats = run.read_json(stage.rel("train.json"))
-    misalignment = None
-    outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
+    stats = {i: run.read_json(stage.rel("train.json")) for i, _, stage in todo}
+    # the group's start-up and every model's loading and saving, shared evenly
+    overhead = (fit_seconds - sum(st["train_seconds"] for st in stats.values())) / len(todo)
     world_model = source.in_run and not source.rel.startswith(refs.CONVERTED)  # not a GGUF's
-    if section.evaluate and run.exists(f"{section.world_stage}/base_eval.json") and world_model:
-        task = ray.remote(num_cpus=1)(evaluate_world_model)
-        misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
-        outputs["eval"] = stage.uri("eval.json")
-        base = run.read_json(f"{section.world_stage}/base_eval.json")["summary"]
+    evaluate = section.evaluate and world_model
+    evaluate = evaluate and run.exists(f"{section.world_stage}/base_eval.json")
+    for i, job, stage in todo:
+        misalignment = None
+        outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
+        if evaluate:
+            task = ray.remote(num_cpus=1)(evaluate_world_model)
+            misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
+            outputs["eval"] = stage.uri("eval.json")
+            base = run.read_json(f"{section.world_stage}/base_eval.json")["summary"]
+            log.info(
+                "%s %s: misalignment (base -> trained) %s",
+                kind,
+                job.name,
+                ", ".join(
+                    f"{k} {base[k]['misalignment']:.2f} -> {v:.2f}" for k, v in misalignment.items()
+                ),
+            )
+        metrics = {
+            "final_loss": stats[i]["final_loss"],
+            "examples": loaded[i][0],
+            "bad_lines": loaded[i][1],
+            "tokens_per_second": stats[i]["tokens_per_second"],
+            "misalignment": misalignment,
+            "final_reward": stats[i]["final_reward"],
+            "train_seconds": stats[i]["train_seconds"],
+            "overhead_seconds": round(overhead, 1),
+        }
+        stage.complete(outputs=outputs, inputs={"model": model_id, **job.hashed}, metrics=metrics)
         log.info(
-            "%s %s: misalignment (base -> trained) %s",
+            "%s %s: final loss %.4f, model at %s",
             kind,
-            name,
-            ", ".join(
-                f"{k} {base[k]['misalignment']:.2f} -> {v:.2f}" for k, v in misalignment.items()
-            ),
+            job.name,
+            stats[i]["final_loss"],
+            stage.uri("model"),
         )
-    metrics = {
-        "final_loss": stats["final_loss"],
-        "examples": len(records),
-        "bad_lines": bad,
-        "tokens_per_second": stats["tokens_per_second"],
-        "misalignment": misalignment,
-        "final_reward": stats["final_reward"],
-        "train_seconds": stats["train_seconds"],
-        "overhead_seconds": round(fit_seconds - stats["train_seconds"], 1),
-    }
-    stage.complete(outputs=outputs, inputs={"model": model_id, **hashed}, metrics=metrics)
-    # The model is saved: the run's checkpoints are no longer needed.
+        done[i] = TrainedModel(job.name, stage.uri("model"), False, **metrics)
+    # The models are saved: the group's checkpoints are no longer needed.
     if run.exists(f"_ray/{ray_name}"):
         run.fs.delete_dir(run.uri(f"_ray/{ray_name}"))
-    log.info(
-        "%s %s: final loss %.4f, model at %s", kind, name, stats["final_loss"], stage.uri("model")
-    )
-    return TrainedModel(name, stage.uri("model"), False, **metrics)
+    return [done[i] for i in range(len(jobs))]
