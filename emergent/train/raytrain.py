@@ -5,15 +5,20 @@ with a DeepSpeed ZeRO config (``configs/deepspeed/``) passed through the trainer
 argument, and optionally with LoRA adapters (merged into the saved model). Each job supplies a
 *builder* (records -> TRL trainer); everything else is here:
 
+- one worker group per section: the models of a dose family are trained one after another
+  by the same Ray Train workers (``train_models``), so the group's start-up is paid once;
 - checkpoints: every rank reports its HF checkpoint folder through ``ray.train.report`` (Ray
-  merges them), ``CheckpointConfig(num_to_keep)``, ``FailureConfig(max_failures)``; a restarted
-  worker group, or a rerun of an unfinished job with the same config, resumes from the last one;
+  merges them), tagged with the model's place in the group's list (a marker checkpoint follows
+  each saved model), ``CheckpointConfig(num_to_keep)``, ``FailureConfig(max_failures)``; a
+  restarted worker group (a worker or its node lost), or a rerun of an unfinished job with the
+  same config (its driver killed), resumes at the model and step of the last one;
 - throughput: loss, tokens/s (and MFU on GPUs) logged every ``log_every`` steps and set as the
   Ray metric ``emergent_train_tokens_per_second``;
 - outputs, per model, in ``<run>/<kind>/<name>/``: ``model/`` (HF model + tokenizer + chat
   template), ``train.json`` (losses, rewards, throughput), ``eval.json`` (world models: rubric
-  judge on the world's held-out eval sets) and ``_COMPLETE.json``. Checkpoints live in
-  ``<run>/_ray/<name>-<hash>/`` until the model is saved.
+  judge on the world's held-out eval sets) and ``_COMPLETE.json`` (written for each model when
+  the whole group is done). Checkpoints live in
+  ``<run>/_ray/<kind>-<first name>[-and-<n more>]-<hash>/`` until the group's models are saved.
 """
 
 from __future__ import annotations
