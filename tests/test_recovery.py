@@ -187,6 +187,8 @@ def _activations(run: Path):
     return table.sort_by([("doc", "ascending"), ("pos", "ascending")])
 
 
+# about 6.5 minutes here: in the slow tier, which keeps the default one under CI's 40 minutes
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_killed_driver_and_a_lost_node_lose_nothing(ray_cluster, tmp_path):
     from emergent import harvest
