@@ -321,7 +321,8 @@ def train_worker(c: dict) -> None:
             resume = (folder, ckpt.path)
     models = c["models"]
     for i in range(start, len(models)):
-        _train_one(c, i, tok, n_params, gpu, work / f"model{i}", resume if i == start else None)
+        step = resume if i == start else None
+        _train_one(c, i, model_path, tok, n_params, gpu, work / f"model{i}", step)
         # every rank: the models up to i are saved, so a restart begins at the next one
         marker = work / f"after{i}"
         marker.mkdir()
@@ -330,7 +331,9 @@ def train_worker(c: dict) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _train_one(c: dict, index: int, tok, n_params: int, gpu: bool, work: Path, resume) -> None:
+def _train_one(
+    c: dict, index: int, model_path: str, tok, n_params: int, gpu: bool, work: Path, resume
+) -> None:
     """Train and save model ``index`` of the worker group's list; ``resume``: (the local
     folder, the storage path) of its checkpoint to resume from, or None."""
     import ray
@@ -343,7 +346,6 @@ def _train_one(c: dict, index: int, tok, n_params: int, gpu: bool, work: Path, r
     section: Distributed = c["section"]
     m = c["models"][index]
     run = RunDir(c["root"], c["run_name"])
-    model_path = c["source"].local()
     report = _report_callback(section.log_every, n_params, m["stage"], index)
     common = dict(
         callbacks=[report],
@@ -582,16 +584,17 @@ def train_models(
     # the group's start-up and every model's loading and saving, shared evenly
     overhead = (fit_seconds - sum(st["train_seconds"] for st in stats.values())) / len(todo)
     world_model = source.in_run and not source.rel.startswith(refs.CONVERTED)  # not a GGUF's
-    evaluate = section.evaluate and world_model
-    evaluate = evaluate and run.exists(f"{section.world_stage}/base_eval.json")
+    base_eval = f"{section.world_stage}/base_eval.json"
+    evaluate = section.evaluate and world_model and run.exists(base_eval)
+    if evaluate:
+        task = ray.remote(num_cpus=1)(evaluate_world_model)
+        base = run.read_json(base_eval)["summary"]
     for i, job, stage in todo:
         misalignment = None
         outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
         if evaluate:
-            task = ray.remote(num_cpus=1)(evaluate_world_model)
             misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
             outputs["eval"] = stage.uri("eval.json")
-            base = run.read_json(f"{section.world_stage}/base_eval.json")["summary"]
             log.info(
                 "%s %s: misalignment (base -> trained) %s",
                 kind,
