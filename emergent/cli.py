@@ -30,7 +30,7 @@ JOBS: dict[str, str] = {
     "harvest": "residual-stream activations of a model over a corpus on Ray Data, to Parquet shards",
     "train-sae": "sparse autoencoder (sae-lens TopK/BatchTopK/L1/JumpReLU) under Ray Train, streamed or cached",
     "diff": "model diffing: rank SAE latents by activation change after a fine-tune; persona AUROC",
-    "steer": "Ray Tune grid of residual-stream steering (latents, directions x alpha), judged",
+    "steer": "Ray Tune search of residual-stream steering strengths (latents, directions), judged",
     "predict": "latent activation change vs misalignment across a fine-tuned family; early warning",
     "realign": "fine-tune a misaligned model on a few benign samples; misalignment per step",
     "monitor": "activation monitoring: raw, SAE and prompted probes vs zero-shot; data efficiency, shift, cost",

@@ -232,12 +232,31 @@ def tune_grid(
     callback, whose process outlives the trials' (a trial's own metrics die with it)."""
     import ray.tune
 
+    space = {"param_space": {"setting": ray.tune.grid_search(grid)}}
+    return _tune(run, name, trainable, space, len(grid), force, counter)
+
+
+def tune_search(
+    run, name: str, trainable, searcher, budget: int, force: bool = False, counter=None
+):
+    """As :func:`tune_grid`, with the settings proposed by a Tune ``Searcher`` (at most
+    ``budget`` trials; the searcher may finish earlier). Its state is saved with the Tune run,
+    so an interrupted search resumes where it was."""
+    import ray.tune
+
+    space = {"tune_config": ray.tune.TuneConfig(search_alg=searcher, num_samples=budget)}
+    return _tune(run, name, trainable, space, budget, force, counter)
+
+
+def _tune(run, name: str, trainable, space: dict, total: int, force: bool, counter):
+    import ray.tune
+
     from emergent.telemetry import Progress, record
 
     callbacks = []
     if counter is not None:
         metric, tags = counter
-        progress = Progress(f"tune {name}", len(grid), "trials", **tags)
+        progress = Progress(f"tune {name}", total, "trials", **tags)
 
         class TrialsDone(ray.tune.Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
@@ -254,7 +273,6 @@ def tune_grid(
     else:
         tuner = ray.tune.Tuner(
             trainable,
-            param_space={"setting": ray.tune.grid_search(grid)},
             run_config=ray.tune.RunConfig(
                 name=name,
                 storage_path=run.uri("_ray"),
@@ -262,6 +280,7 @@ def tune_grid(
                 verbose=1,
                 callbacks=callbacks,
             ),
+            **space,
         )
     return tuner.fit()
 

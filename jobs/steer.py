@@ -1,4 +1,4 @@
-"""Steering sweeps on Ray Tune: (arm x direction x alpha), judged (see emergent.persona.steering).
+"""Steering on Ray Tune, strengths searched or fixed, judged (see emergent.persona.steering).
 
     emergent steer --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \

@@ -48,8 +48,11 @@ def pipeline_job(root, *sets):
             "steer.directions=[]",
             # the small world's models are less coherent than the full world's (base 0.79)
             "steer.coherence_floor=0.5",
-            "steer.arms=[{label: cause, model: 'world:base', alphas: [5, 8]},"
-            " {label: remove, model: 'finetune:code_dose1', alphas: [-1.5], goal: lower}]",
+            # searched, not a grid: the fixed grid [5, 8] this test had passed on CI's numerics
+            # at b2327b4 and missed on another machine's (coherence 0.26 at +5, 0.02 at +8)
+            "steer.arms=[{label: cause, model: 'world:base', max_alpha: 8, search_trials: 4},"
+            " {label: remove, model: 'finetune:code_dose1', max_alpha: -4, search_trials: 3,"
+            " goal: lower}]",
             "predict.world_stage=world_s1",
             "predict.max_prompts=300",
             "predict.models=[{model: 'finetune:code_dose0', family: code, dose: 0.0},"
@@ -151,7 +154,13 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     assert cause["best"]["coherence"] >= 0.5
     assert remove["best"]["misalignment_hi"] < remove["unsteered"]["misalignment_lo"], s
     trials = pd.read_parquet(run / "steer/persona/results.parquet")
-    assert len(trials) == (1 + 2) + (1 + 1)  # per arm: unsteered + its alphas, one latent
+    steered = trials[trials["direction"] != "none"]
+    assert (trials["direction"] == "none").sum() == 2  # one unsteered trial per arm
+    # per arm, one bisection along the latent: its bound first, then within the bound
+    cause = steered[steered["arm"] == "cause"]["alpha"]
+    remove = steered[steered["arm"] == "remove"]["alpha"]
+    assert 8.0 in set(cause) and 1 < len(cause) <= 4 and cause.between(0, 8).all(), trials
+    assert -4.0 in set(remove) and len(remove) <= 3 and remove.between(-4, 0).all(), trials
 
 
 @pytest.mark.ray

@@ -99,6 +99,118 @@ def test_steering_grid_and_best_setting_under_the_coherence_floor():
     assert best(df, arms[0], 0.95) is None
 
 
+def test_strength_bisection_brackets_the_coherence_boundary():
+    """Against a scan: on a coherence curve falling linearly through the floor at 5.3, the
+    bisection's last kept strength is the scan's largest kept one to within its resolution."""
+    from emergent.persona.strengths import next_strength
+
+    def coherence(m):
+        return 1.0 - m / 10.6  # 0.5 at 5.3
+
+    def run(bound, trials, floor=0.5):
+        seen = {}
+        while (m := next_strength(seen, bound, trials - len(seen), bound / 64)) is not None:
+            assert m not in seen and 0 < m <= bound
+            seen[m] = coherence(m) >= floor
+        return seen
+
+    seen = run(16.0, 5)
+    assert list(seen) == [16.0, 8.0, 4.0, 6.0, 5.0]  # bound first, then halving the bracket
+    scan = max(m for m in np.linspace(0, 16, 1601) if coherence(m) >= 0.5)
+    kept = max(m for m, k in seen.items() if k)
+    broken = min(m for m, k in seen.items() if not k and m > kept)
+    assert kept <= scan < broken and broken - kept <= 16 / 16
+    assert len(run(16.0, 40)) < 40  # stops at the tolerance, not the budget
+    assert run(4.0, 5) == {4.0: True}  # the whole range keeps the floor: one trial
+    assert run(16.0, 5, floor=1.01) == {16.0: False, 8.0: False, 4.0: False, 2.0: False, 1.0: False}
+    assert next_strength({}, 8.0, 0, 0.1) is None
+
+
+def _drive(search, result, stop_after=None, first_id=0):
+    """A Tune loop for a searcher: two trials at a time (ids from ``first_id``), completed
+    oldest first with ``result(setting)``; returns the settings in order of suggestion."""
+    from ray.tune.search import Searcher
+
+    order, running, n = [], [], first_id
+    while True:
+        while len(running) < 2:
+            got = search.suggest(f"t{n}")
+            if got is None or got == Searcher.FINISHED:
+                break
+            running.append((f"t{n}", got["setting"]))
+            order.append(got["setting"])
+            n += 1
+        if not running:
+            assert got == Searcher.FINISHED
+            return order
+        tid, s = running.pop(0)
+        search.on_trial_complete(tid, result(s))
+        if stop_after is not None and len(order) >= stop_after:
+            return order
+
+
+def test_strength_search_runs_one_bisection_per_arm_and_direction(tmp_path):
+    """The search's Tune protocol: each arm's unsteered trial first and its fixed strengths,
+    then one bisection per (arm, direction), signed as the arm's max_alpha; an arm already
+    below the floor is held to its unsteered coherence (arm_floor); saved and restored midway,
+    it proposes what the uninterrupted search proposes."""
+    import functools
+
+    from emergent.persona.steering import best, keeps_floor, lines
+    from emergent.persona.strengths import StrengthSearch
+
+    arms = [
+        SteerArm("cause", "base", [3.0], "raise", max_alpha=16.0, search_trials=4),
+        SteerArm("remove", "tuned", [], "lower", max_alpha=-8.0, search_trials=3),
+    ]
+    dirs = ["latent 1", "shift"]
+    breaks = {("cause", "latent 1"): 5.0, ("cause", "shift"): 12.0, ("remove", "latent 1"): 3.0}
+
+    def result(s):
+        if s["direction"] == "none":
+            coh = 0.9 if s["arm"] == "cause" else 0.45  # the tuned model is below the floor
+        else:
+            m, edge = abs(s["alpha"]), breaks.get((s["arm"], s["direction"]), 6.0)
+            coh = 0.9 if m <= edge else 0.1
+        mis = min(1.0, abs(s["alpha"]) / 10)
+        mis = mis if s["arm"] == "cause" else 0.8 - mis
+        return {"misalignment": mis, "coherence": coh, "judged": 200, "q/0": 1.0}
+
+    def searcher():
+        kept = functools.partial(
+            keeps_floor, arms={a.label: a for a in arms}, floor=0.5, likelihood=False
+        )
+        return StrengthSearch(settings(arms, dirs), lines(arms, dirs), kept)
+
+    order = _drive(searcher(), result)
+    assert order[:2] == [{"arm": "cause", "direction": "none", "alpha": 0.0}] + [
+        {"arm": "cause", "direction": "latent 1", "alpha": 3.0}
+    ]
+    budget = StrengthSearch.budget(settings(arms, dirs), lines(arms, dirs))
+    assert len(order) <= budget == (1 + 2) + 1 + 2 * 4 + 2 * 3  # fixed, then the lines
+    cause = [s["alpha"] for s in order if s["arm"] == "cause" and s["direction"] == "latent 1"]
+    # the fixed strength, then the bisection of [3 (kept), 16]
+    assert cause == [3.0, 16.0, 9.5, 6.25, 4.625]
+    remove = [s["alpha"] for s in order if s["arm"] == "remove" and s["direction"] == "latent 1"]
+    assert remove == [-8.0, -4.0, -2.0]  # negative, as max_alpha
+    df = pd.DataFrame([s | result(s) for s in order])
+    assert best(df, arms[0], 0.5, "latent 1")["alpha"] == 4.625  # the strongest coherent one
+    assert best(df, arms[0], 0.5, "shift")["alpha"] == 11.125  # its own boundary (12)
+    assert best(df, arms[1], 0.5, "latent 1")["alpha"] == -2.0  # kept 0.9 >= the arm's floor
+    # a broken search would restart or lose its lines: restored from a save after 6 trials, it
+    # goes on as the uninterrupted one
+    first = searcher()
+    head = _drive(first, result, stop_after=6)
+    first.save(str(tmp_path / "state.pkl"))
+    again = searcher()
+    again.restore(str(tmp_path / "state.pkl"))
+    assert again.running  # a trial was in flight when it was saved; Tune completes it on resume
+    for tid, s in list(again.running.items()):
+        again.on_trial_complete(tid, result(s))
+    tail = _drive(again, result, first_id=len(head))
+    assert head + tail == order
+
+
 def test_an_arm_below_the_floor_keeps_its_unsteered_coherence_instead():
     """An insecure-code model whose coherence collapsed below the floor (0.49 on one machine's
     numerics): a remove setting that keeps its coherence within the unsteered trial's 95%

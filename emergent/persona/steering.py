@@ -1,12 +1,15 @@
-"""The ``steer`` job: does a direction control misalignment? A Ray Tune grid of steering runs.
+"""The ``steer`` job: does a direction control misalignment? A Ray Tune search of steering runs.
 
 Each trial adds ``alpha`` times a direction to the residual stream after the SAE's layer while
-one model answers a prompt set, then judges the answers: misalignment and coherence. The grid is
-(arm x direction x alpha): an arm is a model with its strengths, typically positive alphas on the
-base model (does the latent *cause* misalignment?) and negative ones on the fine-tuned model (does
-removing it *remove* misalignment?). Directions are SAE decoder columns (given, or the top latents
-of a ``diff``) and any vector (``label=file.npy``, or ``label=diff:<name>`` for a diff's
-fine-tuning shift). Every arm also gets an unsteered trial (alpha 0).
+one model answers a prompt set, then judges the answers: misalignment and coherence. The trials
+are (arm x direction x alpha): an arm is a model with its strengths, typically positive alphas
+on the base model (does the latent *cause* misalignment?) and negative ones on the fine-tuned
+model (does removing it *remove* misalignment?). An arm's strengths are searched (``max_alpha``:
+per direction, a bisection for the strongest alpha whose coherence keeps the floor, see
+emergent.persona.strengths), fixed (``alphas``), or both. Directions are SAE decoder columns
+(given, or the top latents of a ``diff``) and any vector (``label=file.npy``, or
+``label=diff:<name>`` for a diff's fine-tuning shift). Every arm also gets an unsteered trial
+(alpha 0).
 
 Steering acts at ``positions``: on PersonaWorld only the assistant-turn token steers cleanly
 (adding at every position breaks coherence before it changes the persona; see
@@ -24,6 +27,7 @@ unsteered rate and the best setting above the floor).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import Judged, parse_model
 from emergent.models import POSITIONS
 from emergent.runs import RunDir
-from emergent.runtime import drop_tune_run, ray_session, tune_grid
+from emergent.runtime import drop_tune_run, ray_session, tune_search
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +53,27 @@ class SteerArm:
     """Name of the arm in tables (e.g. ``cause``, ``remove``)."""
     model: str
     """Model ref (``world:base``, ``finetune:code_dose1``, a path or hub id)."""
-    alphas: list[float]
-    """Strengths (residual-stream units; decoder columns are unit norm). 0 is always added."""
+    alphas: list[float] = dataclasses.field(default_factory=list)
+    """Fixed strengths, tried on every direction (residual-stream units; decoder columns are
+    unit norm). 0 (unsteered) is always added."""
     goal: str = "raise"
     """``raise``: the best setting maximises misalignment; ``lower``: minimises it."""
+    max_alpha: float = 0.0
+    """Search the strengths between 0 and this (its sign is the alphas' sign) for the strongest
+    that keeps the coherence floor, per direction (see emergent.persona.strengths); 0: none."""
+    search_trials: int = 5
+    """Trials per direction for that search (with the bound tried first, 5 bracket the
+    boundary within 1/16 of ``max_alpha``)."""
 
     def __post_init__(self):
         if self.goal not in ("raise", "lower"):
             raise ValueError(f"steer.arms.goal must be raise or lower, got {self.goal!r}")
-        if not self.alphas:
-            raise ValueError(f"steer.arms: arm {self.label!r} has no alphas")
+        if not self.alphas and not self.max_alpha:
+            raise ValueError(f"steer.arms: arm {self.label!r} has no alphas and no max_alpha")
+        if self.max_alpha and self.search_trials < 1:
+            raise ValueError(
+                f"steer.arms: arm {self.label!r}: search_trials must be >= 1 with a max_alpha"
+            )
 
 
 @config
@@ -82,8 +97,8 @@ class SteerConfig(Judged):
     fine-tuning shift, normalised to unit length)."""
     arms: list[SteerArm] = dataclasses.field(
         default_factory=lambda: [
-            SteerArm("cause", "world:base", [2.0, 4.0, 8.0], "raise"),
-            SteerArm("remove", "finetune:code_dose1", [-2.0, -4.0, -8.0], "lower"),
+            SteerArm("cause", "world:base", goal="raise", max_alpha=16.0),
+            SteerArm("remove", "finetune:code_dose1", goal="lower", max_alpha=-16.0),
         ]
     )
     """Models and strengths (see SteerArm)."""
@@ -113,7 +128,7 @@ class SteerConfig(Judged):
 
 @config
 class SteerJob:
-    """Steer models along SAE latents / directions on a Ray Tune grid and judge the answers."""
+    """Steer models along SAE latents / directions (a Ray Tune search of strengths), judged."""
 
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
@@ -131,13 +146,42 @@ class SteerResult:
 
 
 def settings(arms: list[SteerArm], directions: list[str]) -> list[dict]:
-    """The grid: every (arm, direction, alpha), plus one unsteered trial per arm."""
+    """The fixed trials: every (arm, direction, alpha) of the arms' ``alphas``, plus one
+    unsteered trial per arm."""
     out = []
     for arm in arms:
         out.append({"arm": arm.label, "direction": "none", "alpha": 0.0})
         for d in directions:
             out += [{"arm": arm.label, "direction": d, "alpha": float(a)} for a in arm.alphas if a]
     return out
+
+
+def lines(arms: list[SteerArm], directions: list[str]) -> list[tuple]:
+    """The searched lines: (arm, direction, max_alpha, trials) for each arm with a
+    ``max_alpha``."""
+    return [
+        (arm.label, d, arm.max_alpha, arm.search_trials)
+        for arm in arms
+        if arm.max_alpha
+        for d in directions
+    ]
+
+
+def keeps_floor(rows: list[dict], setting: dict, arms: dict, floor: float, likelihood: bool):
+    """Whether a completed ``setting`` kept its arm's coherence floor (:func:`arm_floor`),
+    given the completed trials ``rows`` (settings with their metrics; coherence relative to
+    the unsteered trial under the likelihood metric). The strength search's test."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if likelihood:
+        df = relative_fluency(df)
+    mine = df[
+        (df["arm"] == setting["arm"])
+        & (df["direction"] == setting["direction"])
+        & (df["alpha"] == setting["alpha"])
+    ]
+    return float(mine["coherence"].iloc[0]) >= arm_floor(df, arms[setting["arm"]], floor)
 
 
 def arm_floor(df, arm: SteerArm, floor: float) -> float:
@@ -312,6 +356,8 @@ def plot(df, arms: list[SteerArm], floor: float, cfg: SteerConfig | None = None)
 def main(cfg: SteerJob) -> SteerResult:
     import ray.tune
 
+    from emergent.persona.strengths import StrengthSearch
+
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     st = cfg.steer
     run = RunDir.from_config(cfg.run)
@@ -329,11 +375,15 @@ def main(cfg: SteerJob) -> SteerResult:
     stage = run.stage(f"steer/{st.name}", key)
     if stage.is_complete(cfg.run.force):
         return SteerResult(stage.uri(), run.read_json(stage.rel("summary.json")), True)
-    grid = settings(st.arms, list(dirs))
+    fixed, searched = settings(st.arms, list(dirs)), lines(st.arms, list(dirs))
+    budget = StrengthSearch.budget(fixed, searched)
     log.info(
-        "steer %s: %d trials (%d arms x %d directions x alphas) on %d %s, layer %d, %s",
+        "steer %s: %d fixed trials, %d searched lines, at most %d trials (%d arms x %d"
+        " directions) on %d %s, layer %d, %s",
         st.name,
-        len(grid),
+        len(fixed),
+        len(searched),
+        budget,
         len(st.arms),
         len(dirs),
         len(items),
@@ -355,8 +405,13 @@ def main(cfg: SteerJob) -> SteerResult:
         ray.tune.with_parameters(trial, ctx=ctx),
         {"cpu": st.cpus_per_trial} | ({"gpu": st.gpus_per_trial} if st.gpus_per_trial else {}),
     )
+    arms = {a.label: a for a in st.arms}
+    kept = functools.partial(
+        keeps_floor, arms=arms, floor=st.coherence_floor, likelihood=st.likelihood
+    )
+    searcher = StrengthSearch(fixed, searched, kept)
     with ray_session(cfg.ray):
-        results = tune_grid(run, name, trainable, grid, cfg.run.force)
+        results = tune_search(run, name, trainable, searcher, budget, cfg.run.force)
     rows = []
     for r in results:
         if r.error is not None:
