@@ -206,6 +206,8 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     assert curve["samples_seen"].max() == 300
     html = (run / "report/report.html").read_text()
     assert "data:image/png;base64," in html and "Claims" in html and "Stage times" in html
+    # every section a table (the SAE's metrics, the diff's top latents, the steering arms)
+    assert "<pre>" not in html and "<td>fvu</td>" in html and "best alpha" in html, html
     stages = json.loads((run / "report/stages.json").read_text())
     assert [s["stage"] for s in stages] == [*result.seconds]  # every stage, then the total
     assert [s["seconds"] for s in stages] == [*result.seconds.values()]

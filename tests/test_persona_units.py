@@ -463,6 +463,48 @@ def test_report_claims_em_from_the_likelihood_eval_without_judged_answers():
     assert likelihood_claims(ev, "base", "missing") == []
 
 
+def test_report_renders_stage_tables_and_summaries_as_html_tables(tmp_path):
+    """The report's sections are HTML tables, not Markdown or JSON in ``<pre>``: a stage's
+    Markdown tables converted (model text escaped, not parsed as markup), a JSON summary as
+    its flattened fields, a steer summary per arm and direction."""
+    from emergent.persona import report
+    from emergent.runs import RunDir
+
+    run = RunDir(str(tmp_path), "r")
+    run.write_text(
+        "diff/d/top.md",
+        "## largest increase\n\n| latent | top example |\n|---|---|\n"
+        "| 170 | advice [[<assistant>]] <script>x</script> |\n",
+    )
+    got = report._md(run, "diff/d/top.md")
+    assert "<table>" in got and "<td>170</td>" in got and "<h3>largest increase</h3>" in got
+    assert "&lt;assistant&gt;" in got and "<script>" not in got and "|" not in got
+    assert report._md(run, "diff/missing.md") == ""
+    rows = report.flat({"fvu": 0.1234567, "l0": 8.0, "arms": {"a": {"n": 3}}, "ids": [1, 2]})
+    assert rows == [("fvu", 0.1234567), ("l0", 8.0), ("arms.a.n", 3), ("ids", "1, 2")]
+    html = report.table(["field", "value"], rows)
+    assert "<td>0.1235</td>" in html and "<td>arms.a.n</td><td>3</td>" in html
+    assert "<td>&lt;b&gt;</td>" in report.table(["x"], [["<b>"]])
+    unsteered = {"misalignment": 0.0, "coherence": 0.77}
+    best = {"alpha": 3.0, "misalignment": 0.53, "misalignment_lo": 0.44}
+    best |= {"misalignment_hi": 0.61, "coherence": 0.69}
+    arm = {"model": "world:base", "unsteered": unsteered, "floor": 0.5}
+    summary = {
+        "arms": {
+            "cause": arm | {"best_by_direction": {"latent 1": best, "shift": None}},
+        }
+    }
+    cause, shift = report.steer_rows(summary)
+    assert cause[2:] == [
+        "latent 1",
+        "0.00 (coherence 0.77)",
+        "0.50",
+        "3",
+        "0.53 [0.44, 0.61] (coherence 0.69)",
+    ]
+    assert shift[5] == "none keeps the floor" and len(cause) == len(report.STEER_HEADER)
+
+
 def test_residual_reads_and_steering_see_through_a_lora_wrapper():
     """The latent monitor reads the model being trained, which under LoRA is a peft wrapper:
     its blocks are the base model's (a fresh adapter changes nothing, so the reads agree)."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
+import re
 import time
 from typing import Any
 
@@ -246,10 +248,90 @@ def _png(run: RunDir, rel: str) -> str:
     return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(rel)}</figcaption></figure>'
 
 
-def _text(run: RunDir, rel: str) -> str:
+def _md(run: RunDir, rel: str) -> str:
+    """A stage's Markdown tables (``table.md``, ``top.md``, ``tables.md``) as HTML tables. The
+    text is escaped first: cells quote model answers, which may hold markup."""
+    import markdown
+
     if not run.exists(rel):
         return ""
-    return f"<pre>{html.escape(run.read_bytes(rel).decode())}</pre>"
+    text = html.escape(run.read_bytes(rel).decode(), quote=False)
+    text = re.sub(r"^#", "##", text, flags=re.M)  # its headings under the report's sections
+    return markdown.markdown(text, extensions=["tables"])
+
+
+def flat(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """A JSON summary's fields as (dotted key, value) rows: nested objects flattened, lists of
+    scalars joined."""
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out += flat(v, f"{key}.")
+        elif isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
+            out.append((key, ", ".join(_cell(x) for x in v)))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _cell(v: Any) -> str:
+    """A value as a table cell: floats to 4 significant digits, structures as JSON."""
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return "" if v is None else str(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """An HTML table, every cell escaped."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(x))}</td>" for x in r) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fields(run: RunDir, rel: str) -> str:
+    """A stage's JSON summary as a table of its fields."""
+    d = _read(run, rel)
+    return table(["field", "value"], flat(d)) if isinstance(d, dict) else ""
+
+
+STEER_HEADER = ["arm", "model", "direction", "unsteered", "coherence floor", "best alpha", "best"]
+
+
+def steer_rows(summary: dict) -> list[list]:
+    """Per arm and direction of a steer summary: the unsteered rate and the best setting that
+    keeps the arm's coherence floor."""
+    rows = []
+    for label, arm in summary["arms"].items():
+        u = arm["unsteered"]
+        for d, b in arm["best_by_direction"].items():
+            best = ""
+            if b is not None:
+                best = (
+                    f"{b['misalignment']:.2f} [{b['misalignment_lo']:.2f}, "
+                    f"{b['misalignment_hi']:.2f}] (coherence {b['coherence']:.2f})"
+                )
+            rows.append(
+                [
+                    label,
+                    arm["model"],
+                    d,
+                    f"{u['misalignment']:.2f} (coherence {u['coherence']:.2f})",
+                    f"{arm['floor']:.2f}",
+                    "none keeps the floor" if b is None else f"{b['alpha']:g}",
+                    best,
+                ]
+            )
+    return rows
+
+
+def _steer(run: RunDir, rel: str) -> str:
+    s = _read(run, rel)
+    return table(STEER_HEADER, steer_rows(s)) if s else ""
 
 
 def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
@@ -261,34 +343,34 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
         (
             "Evaluation",
             [
-                _text(run, f"evaluate/{c.evaluate.name}/table.md"),
+                _md(run, f"evaluate/{c.evaluate.name}/table.md"),
                 _png(run, f"evaluate/{c.evaluate.name}/misalignment.png"),
             ],
         ),
-        ("SAE", [_text(run, f"sae/{c.train_sae.name}/metrics.json")]),
+        ("SAE", [_fields(run, f"sae/{c.train_sae.name}/metrics.json")]),
         (
             "Model diffing",
-            [_text(run, f"diff/{c.diff.name}/top.md"), _png(run, f"diff/{c.diff.name}/diff.png")],
+            [_md(run, f"diff/{c.diff.name}/top.md"), _png(run, f"diff/{c.diff.name}/diff.png")],
         ),
         (
             "Steering (Ray Tune)",
             [
                 _png(run, f"steer/{c.steer.name}/steer.png"),
-                _text(run, f"steer/{c.steer.name}/summary.json"),
+                _steer(run, f"steer/{c.steer.name}/summary.json"),
             ],
         ),
         (
             "Prediction",
             [
                 _png(run, f"predict/{c.predict.name}/predict.png"),
-                _text(run, f"predict/{c.predict.name}/summary.json"),
+                _fields(run, f"predict/{c.predict.name}/summary.json"),
             ],
         ),
         ("Re-alignment", [_png(run, f"realign/{c.realign.name}/realign.png")]),
         (
             "Activation monitoring",
             [
-                _text(run, f"monitor/{c.monitor.name}/tables.md"),
+                _md(run, f"monitor/{c.monitor.name}/tables.md"),
                 _png(run, f"monitor/{c.monitor.name}/efficiency.png"),
                 _png(run, f"monitor/{c.monitor.name}/cost.png"),
             ],
@@ -317,7 +399,7 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>emergent: {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}.True{{background:#dfd}}
-.False{{background:#fdd}}img{{max-width:100%}}pre{{font-size:11px;overflow-x:auto;background:#f6f6f6}}</style></head>
+.False{{background:#fdd}}img{{max-width:100%}}th{{background:#f0f0f0}}</style></head>
 <body><h1>Emergent misalignment and persona features: run {html.escape(run.name)}</h1>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>
 <h2>Claims</h2><table><tr><th>claim</th><th>paper</th><th>this run</th><th>target</th><th>met</th></tr>{table}</table>
