@@ -260,7 +260,61 @@ def test_paired_z_threshold_classifier_and_analysis():
     out = analyse(family, z=3.0)
     assert out["spearman"] == pytest.approx(1.0)
     assert out["early"] == ["d0.1"]
-    assert out["earliest_dose"]["code"] == {"latent": 0.1, "behaviour": 0.5}
+    assert out["earliest_dose"]["code"] == {
+        "latent": 0.1,
+        "latent_vs_control": None,  # no control_z column: no control in the family
+        "behaviour": 0.5,
+    }
+    assert out["lofo_accuracy"] is None  # one family: nothing to leave out
+
+
+def test_threshold_by_balanced_accuracy_held_out_and_early_warning_against_the_control():
+    """On a mostly misaligned family, accuracy prefers calling every model misaligned (0.8);
+    the threshold by balanced accuracy (checked against scikit-learn's) separates instead.
+    Held out by model and by family, as a naive loop would. A latent that moves as much for the
+    secure control is no early warning against it."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from emergent.persona.predict import balanced_accuracy, held_out
+
+    x = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    y = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 1], bool)
+    assert ((x > x.min() - 1) == y).mean() == 0.8  # the all-positive rule
+    t, bal = threshold_classifier(x, y)
+    assert 0.6 < t < 0.7 and bal == pytest.approx(0.75)
+    assert bal == pytest.approx(balanced_accuracy_score(y, x > t))
+    for pred in (x > 0.35, x > 0.05, x > 2.0):
+        assert balanced_accuracy(pred, y) == pytest.approx(balanced_accuracy_score(y, pred))
+    groups = np.array(["a", "a", "b", "b", "b", "c", "c", "c", "d", "d"])
+    naive = np.zeros(len(x), bool)
+    for g in set(groups):
+        out = groups == g
+        tg, _ = threshold_classifier(x[~out], y[~out])
+        naive[out] = x[out] > tg
+    assert (held_out(x, y, groups) == naive).all()
+    assert loo_accuracy(x, y) == (held_out(x, y, np.arange(10)) == y).mean()
+    family = pd.DataFrame(
+        {
+            "label": ["d0", "d0.1", "d0.25", "d1", "h0", "h1"],
+            "family": ["code"] * 4 + ["health"] * 2,
+            "dose": [0.0, 0.1, 0.25, 1.0, 0.0, 1.0],
+            "latent_change": [0.3, 0.35, 0.6, 1.0, 0.2, 0.9],
+            "latent_z": [6.0, 7.0, 9.0, 20.0, 4.0, 15.0],
+            # against the dose-0 control: d0.1 moved no more than the control did
+            "control_z": [np.nan, 1.0, 4.0, 12.0, np.nan, 10.0],
+            "misalignment": [0.0, 0.0, 0.05, 0.4, 0.0, 0.3],
+            "behaviour_flag": [False, False, False, True, False, True],
+        }
+    )
+    out = analyse(family, z=3.0)
+    assert out["early"] == ["d0", "d0.1", "d0.25", "h0"]  # every fine-tune, controls too
+    assert out["early_vs_control"] == ["d0.25"]
+    assert out["earliest_dose"]["code"] == {
+        "latent": 0.0,
+        "latent_vs_control": 0.25,
+        "behaviour": 1.0,
+    }
+    assert out["lofo_balanced_accuracy"] is not None and out["balanced_accuracy"] == 1.0
 
 
 def test_realign_summary_finds_the_first_step_back_at_base():

@@ -8,11 +8,15 @@ pass) and measures misalignment by sampling and judging. Outputs:
 - the rank correlation (Spearman) between the latent's mean change from the base model and
   misalignment;
 - a threshold classifier "will be misaligned" on the latent change (the behavioural label of a
-  model is: its misalignment interval lies above the base model's), with its accuracy on the
-  family and leave-one-out;
+  model is: its misalignment interval lies above the base model's), its threshold chosen by
+  balanced accuracy (plain accuracy lets the all-positive rule win on a mostly misaligned
+  family), scored in sample, leaving one model out and leaving one family out;
 - early detection: models whose latent change is significant (paired z-score over the same
   prompts >= ``z``) while their behavioural evaluation is still indistinguishable from the base
-  model, and the earliest dose per family at which the latent moves.
+  model, and the earliest dose per family at which the latent moves; against the base model
+  and against the family's secure control (its dose-0 member, fine-tuned the same way on good
+  data), since a latent that moves for the control is a fine-tuning signal, not a
+  misalignment one.
 
 Each model is one Ray task. Outputs in ``<run>/predict/<name>/``: ``family.parquet``,
 ``predict.png`` (misalignment vs latent change, dose curves), ``summary.json``.
@@ -115,59 +119,92 @@ def paired_z(tuned: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     return mean, float(mean / se)
 
 
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    """The mean of the recalls of the classes present in ``y``: 0.5 for a constant rule on
+    two classes, however unbalanced they are (plain accuracy rewards the all-positive rule
+    when most of a family is misaligned)."""
+    pred, y = np.asarray(pred).astype(bool), np.asarray(y).astype(bool)
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
 def threshold_classifier(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """The threshold t (predict positive when x > t) with the best accuracy on (x, y); ties go to
-    the midpoint between neighbouring values. Returns (t, accuracy)."""
+    """The threshold t (predict positive when x > t) with the best balanced accuracy on
+    (x, y); among equals, the lowest. Candidates are the midpoints between neighbouring
+    values and one beyond each end. Returns (t, balanced accuracy)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y).astype(bool)
     xs = np.sort(np.unique(x))
     cands = np.r_[xs[0] - 1.0, (xs[:-1] + xs[1:]) / 2, xs[-1] + 1.0] if len(xs) else np.r_[0.0]
-    accs = [((x > t) == y).mean() for t in cands]
-    i = int(np.argmax(accs))
-    return float(cands[i]), float(accs[i])
+    scores = [balanced_accuracy(x > t, y) for t in cands]
+    i = int(np.argmax(scores))
+    return float(cands[i]), float(scores[i])
+
+
+def held_out(x: np.ndarray, y: np.ndarray, groups) -> np.ndarray:
+    """Out-of-sample predictions of :func:`threshold_classifier`: each group's models
+    predicted by the threshold fitted on the other groups (a group per model: leave one
+    out; a group per family: leave one family out)."""
+    x, y, groups = np.asarray(x, dtype=np.float64), np.asarray(y).astype(bool), np.asarray(groups)
+    pred = np.zeros(len(x), dtype=bool)
+    for g in np.unique(groups):
+        out = groups == g
+        t, _ = threshold_classifier(x[~out], y[~out])
+        pred[out] = x[out] > t
+    return pred
 
 
 def loo_accuracy(x: np.ndarray, y: np.ndarray) -> float:
     """Leave-one-out accuracy of :func:`threshold_classifier`."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y).astype(bool)
-    hits = []
-    for i in range(len(x)):
-        keep = np.arange(len(x)) != i
-        t, _ = threshold_classifier(x[keep], y[keep])
-        hits.append((x[i] > t) == y[i])
-    return float(np.mean(hits))
+    return float((held_out(x, y, np.arange(len(x))) == np.asarray(y).astype(bool)).mean())
 
 
 def analyse(df, z: float) -> dict:
-    """Correlation, classifier and early detection over the family table (one row per model,
-    base excluded): columns ``latent_change``, ``latent_z``, ``misalignment``,
-    ``behaviour_flag``, ``family``, ``dose``, ``label``."""
+    """Correlation, classifier (in sample, leave one model out, leave one family out) and early
+    detection over the family table (one row per model, base excluded): columns
+    ``latent_change``, ``latent_z``, ``misalignment``, ``behaviour_flag``, ``family``, ``dose``,
+    ``label``, and ``control_z`` (the latent's paired z against the family's secure control,
+    NaN where a family has none). Early warning counts a model whose latent moved while its
+    behaviour did not; against the base model that is any fine-tune (the secure control's
+    latent moves too), so the claim is made against the control."""
     from scipy.stats import spearmanr
 
     rho, p = spearmanr(df["latent_change"], df["misalignment"])
-    x, y = df["latent_change"].to_numpy(), df["behaviour_flag"].to_numpy()
-    t, acc = threshold_classifier(x, y)
+    x, y = df["latent_change"].to_numpy(), df["behaviour_flag"].to_numpy().astype(bool)
+    t, bal = threshold_classifier(x, y)
+    loo = held_out(x, y, np.arange(len(x)))
+    families = df["family"].to_numpy()
+    lofo = held_out(x, y, families) if len(set(families)) > 1 else None
     detected = df["latent_z"] >= z
-    early = df[detected & ~df["behaviour_flag"]]
+    vs_control = df["control_z"] >= z if "control_z" in df else detected & False
     earliest = {}
     for fam, g in df[df["dose"].notna()].groupby("family"):
         g = g.sort_values("dose")
-        moved = g[g["latent_z"] >= z]
         flagged = g[g["behaviour_flag"]]
         earliest[fam] = {
-            "latent": float(moved["dose"].iloc[0]) if len(moved) else None,
-            "behaviour": float(flagged["dose"].iloc[0]) if len(flagged) else None,
+            "latent": _first(g[g["latent_z"] >= z]),
+            "latent_vs_control": _first(g[vs_control[g.index]]),
+            "behaviour": _first(flagged),
         }
     return {
         "spearman": float(rho),
         "spearman_p": float(p),
         "threshold": t,
-        "accuracy": acc,
-        "loo_accuracy": loo_accuracy(x, y),
+        "balanced_accuracy": bal,
+        "accuracy": float(((x > t) == y).mean()),
+        "loo_accuracy": float((loo == y).mean()),
+        "loo_balanced_accuracy": balanced_accuracy(loo, y),
+        "lofo_accuracy": None if lofo is None else float((lofo == y).mean()),
+        "lofo_balanced_accuracy": None if lofo is None else balanced_accuracy(lofo, y),
         "detected": df.loc[detected, "label"].tolist(),
+        "detected_vs_control": df.loc[vs_control, "label"].tolist(),
         "behaviour_flagged": df.loc[df["behaviour_flag"], "label"].tolist(),
-        "early": early["label"].tolist(),
+        "early": df.loc[detected & ~df["behaviour_flag"], "label"].tolist(),
+        "early_vs_control": df.loc[vs_control & ~df["behaviour_flag"], "label"].tolist(),
         "earliest_dose": earliest,
     }
+
+
+def _first(g) -> float | None:
+    return float(g["dose"].iloc[0]) if len(g) else None
 
 
 def behaviour_flag(base: dict, point: dict, likelihood: bool) -> bool:
@@ -292,9 +329,17 @@ def main(cfg: PredictJob) -> PredictResult:
         ]
         points = ray.get(pending)
     base, members = points[0], points[1:]
+    # each family's secure control: its dose-0 member (the same fine-tune on good data only)
+    controls = {m.family: pt for m, pt in zip(pr.models, members) if m.dose == 0}
     rows = []
     for m, pt in zip(pr.models, members):
         change, zscore = paired_z(pt["latent_acts"], base["latent_acts"])
+        ctrl = controls.get(m.family)
+        control_change, control_z = (
+            paired_z(pt["latent_acts"], ctrl["latent_acts"])
+            if ctrl is not None and ctrl is not pt
+            else (float("nan"), float("nan"))
+        )
         mis = pt["misalignment"]
         rows.append(
             {
@@ -305,6 +350,8 @@ def main(cfg: PredictJob) -> PredictResult:
                 "latent_mean": float(np.mean(pt["latent_acts"])),
                 "latent_change": change,
                 "latent_z": zscore,
+                "control_change": control_change,
+                "control_z": control_z,
                 "misalignment": mis["rate"],
                 "lo": mis["lo"],
                 "hi": mis["hi"],
@@ -333,7 +380,7 @@ def main(cfg: PredictJob) -> PredictResult:
             "plot": stage.uri("predict.png"),
             "summary": stage.uri("summary.json"),
         },
-        metrics={k: summary[k] for k in ("spearman", "accuracy", "loo_accuracy")},
+        metrics={k: summary[k] for k in ("spearman", "balanced_accuracy", "loo_accuracy")},
     )
     log.info("predict %s:\n%s\n%s", pr.name, df.to_string(index=False), summary)
     return PredictResult(stage.uri(), summary, False)

@@ -149,7 +149,9 @@ def claims(run: RunDir, cfg) -> list[dict]:
                 "The latent's activation predicts misalignment across a family of fine-tunes",
                 "latent activation correlates with misalignment across models",
                 f"Spearman {_f(p['spearman'])} over {p['models']} models; threshold classifier "
-                f"accuracy {_f(p['accuracy'])} (leave-one-out {_f(p['loo_accuracy'])})",
+                f"balanced accuracy {_f(p.get('balanced_accuracy'))} (leave one model out "
+                f"{_f(p.get('loo_balanced_accuracy'))}, one family out "
+                f"{_f(p.get('lofo_balanced_accuracy'))})",
                 "Spearman >= 0.8",
                 p["spearman"] >= 0.8,
             )
@@ -158,13 +160,16 @@ def claims(run: RunDir, cfg) -> list[dict]:
             claim(
                 "The latent moves before a behavioural evaluation notices",
                 "the latent detects misalignment earlier than evaluations",
-                f"latent detected, behaviour not yet: {p['early'] or 'none'}; earliest dose "
+                "latent moved against the secure control, behaviour not yet: "
+                f"{p.get('early_vs_control') or 'none'} (against the base model: "
+                f"{p['early'] or 'none'}); earliest dose "
                 + "; ".join(
-                    f"{fam}: latent {v['latent']}, behaviour {v['behaviour']}"
+                    f"{fam}: latent {v.get('latent_vs_control')} (vs base {v['latent']}), "
+                    f"behaviour {v['behaviour']}"
                     for fam, v in p["earliest_dose"].items()
                 ),
-                "at least one model",
-                bool(p["early"]),
+                "at least one model, against the secure control",
+                bool(p.get("early_vs_control")),
             )
         )
     r = _read(run, f"realign/{cfg.realign.name}/summary.json")
