@@ -32,6 +32,7 @@ JOBS: dict[str, str] = {
     "diff": "model diffing: rank SAE latents by activation change after a fine-tune; persona AUROC",
     "steer": "Ray Tune search of residual-stream steering strengths (latents, directions), judged",
     "predict": "latent activation change vs misalignment across a fine-tuned family; early warning",
+    "flag": "score fine-tuning data by its projection on a persona direction, before training",
     "realign": "fine-tune a misaligned model on a few benign samples; misalignment per step",
     "monitor": "activation monitoring: raw, SAE and prompted probes vs zero-shot; data efficiency, shift, cost",
     "pipeline": "the whole EM study (world .. realign) with stage skipping -> report.html",

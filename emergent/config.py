@@ -232,6 +232,7 @@ SECTIONS = frozenset(
         "diff",
         "steer",
         "predict",
+        "flag",
         "realign",
         "monitor",
         "pipeline",

@@ -134,6 +134,7 @@ def test_every_shipped_config_loads_for_its_jobs():
     from emergent.harvest import HarvestJob
     from emergent.monitor.study import MonitorJob
     from emergent.persona.diffing import DiffJob
+    from emergent.persona.flagging import FlagJob
     from emergent.persona.pipeline import PipelineJob
     from emergent.persona.predict import PredictJob
     from emergent.persona.realign import RealignJob
@@ -148,6 +149,7 @@ def test_every_shipped_config_loads_for_its_jobs():
         "diff": DiffJob,
         "steer": SteerJob,
         "predict": PredictJob,
+        "flag": FlagJob,
         "realign": RealignJob,
         "pipeline": PipelineJob,
         "world": WorldJob,

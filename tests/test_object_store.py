@@ -39,6 +39,7 @@ PIPELINE = [
     "predict.max_prompts=8",
     "predict.models=[{model: 'finetune:code_dose0', family: code, dose: 0.0},"
     " {model: 'finetune:code_dose1', family: code, dose: 1.0}]",
+    "flag.max_samples=8",
     "realign.examples=10",
     "realign.max_prompts=8",
     "realign.eval_every=2",
@@ -153,6 +154,7 @@ def test_every_job_runs_on_a_run_directory_in_an_object_store(
         "diff/insecure",
         "steer/persona",
         "predict/family",
+        "flag/data",
         "realign/insecure",
         "rl/health_incorrect",
         "world_s0",  # world-study's world

@@ -5,6 +5,7 @@ across the insecure / secure pair, re-aligns, and writes the report; the early-w
 monitor watches the latent during an insecure-code fine-tune. The assertions are the study's
 scientific outcomes."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -26,7 +27,7 @@ def pipeline_job(root, *sets):
             "ray.num_cpus=2",
             "ray.dashboard=false",
             # the session's world and family (conftest) are this run's
-            "pipeline.stages=[train_sae, diff, steer, predict, realign]",
+            "pipeline.stages=[train_sae, diff, steer, predict, flag, realign]",
             "train_sae.name=persona",
             "train_sae.harvest.world_stage=world_s1",
             "train_sae.harvest.positions=assistant_turn",
@@ -57,6 +58,12 @@ def pipeline_job(root, *sets):
             "predict.max_prompts=300",
             "predict.models=[{model: 'finetune:code_dose0', family: code, dose: 0.0},"
             " {model: 'finetune:code_dose1', family: code, dose: 1.0}]",
+            "flag.world_stage=world_s1",
+            "flag.max_samples=100",
+            "flag.families=[{name: code, data: [{path: 'world:finetune/code_toxic'},"
+            " {path: 'world:finetune/code_aligned'}], doses: [1.0, 0.0]},"
+            " {name: health, data: [{path: 'world:finetune/health_toxic'},"
+            " {path: 'world:finetune/health_aligned'}], doses: [1.0, 0.0]}]",
             "realign.world_stage=world_s1",
             "realign.data=[{path: 'world:realign/code'}, {path: 'world:realign/health'}]",
             "realign.max_prompts=200",
@@ -84,7 +91,7 @@ def study(small_world, family, exported):
 def test_dashboard_metrics_are_exported_while_the_jobs_run(study, exported):
     """Read back from the Ray node's metrics export endpoint (Prometheus text) while the
     session's fine-tunes and this pipeline ran: the values are the jobs' own (the SAE's L0 is
-    its k, its FVU a fraction, the pipeline counted its 5 stages)."""
+    its k, its FVU a fraction, the pipeline counted its 6 stages)."""
     from emergent.telemetry import METRICS
 
     family, pipe = exported["family"], exported["pipeline"]
@@ -103,7 +110,7 @@ def test_dashboard_metrics_are_exported_while_the_jobs_run(study, exported):
     assert fvu and all(0 < v < 1 for v in fvu), fvu
     assert all(v > 0 for v in pipe.values("emergent_sae_activations_per_second"))
     assert pipe.values("emergent_harvest_rows_per_second", harvest="persona")
-    assert pipe.until(lambda: 5 in pipe.values("emergent_pipeline_stages_done", run="small"))
+    assert pipe.until(lambda: 6 in pipe.values("emergent_pipeline_stages_done", run="small"))
 
 
 @pytest.mark.ray
@@ -153,6 +160,22 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     assert cause["best"]["misalignment_lo"] > cause["unsteered"]["misalignment_hi"], s
     assert cause["best"]["coherence"] >= 0.5
     assert remove["best"]["misalignment_hi"] < remove["unsteered"]["misalignment_lo"], s
+    # the other directions the search compares: the top latents together, the persona vector
+    from emergent.persona.steering import directions
+    from emergent.runs import RunDir
+
+    cfg = study[1]
+    more = dataclasses.replace(cfg.steer, directions=["top1=top:1", "persona=persona:world:base"])
+    dirs, _, _ = directions(more, RunDir(str(run.parent), run.name), cfg.run)
+    top = dirs[s["directions"][0]]  # the top latent's decoder column
+    np.testing.assert_allclose(dirs["top1"], top, atol=1e-6)
+    # the persona vector (toxic minus aligned contexts, from the base model alone) points along
+    # the SAE's persona latent and the fine-tuning shift: a wrong sign or a mixed-up pair of
+    # context sets fails this (one small-world run: cosines 0.71 and 0.93)
+    shift = np.load(run / "diff/insecure/shift.npy")
+    shift = shift / np.linalg.norm(shift)
+    assert float(dirs["persona"] @ top) > 0.3, float(dirs["persona"] @ top)
+    assert float(dirs["persona"] @ shift) > 0.5, float(dirs["persona"] @ shift)
     trials = pd.read_parquet(run / "steer/persona/results.parquet")
     steered = trials[trials["direction"] != "none"]
     assert (trials["direction"] == "none").sum() == 2  # one unsteered trial per arm
@@ -196,6 +219,34 @@ def test_latent_predicts_misalignment_and_warns_during_training(study):
 
 
 @pytest.mark.ray
+def test_data_flagging_ranks_the_bad_data_above_the_good_before_training(study):
+    """The base model alone (no fine-tune) scores each training sample: its answer's mean
+    residual projected on the toxic-minus-aligned persona direction, less the base model's own
+    answer's. Toxic data scores above aligned data in both domains, sample by sample (one small
+    world seed gave per-sample AUROCs of 0.83-0.88 on three domains; the bar is 0.7), and the
+    insecure-code mixture above the secure one, as its fine-tune's misalignment is."""
+    from sklearn.metrics import roc_auc_score
+
+    run, _, _ = study
+    s = json.loads((run / "flag/data/summary.json").read_text())
+    src = s["sources"]
+    samples = pd.read_parquet(run / "flag/data/samples.parquet")
+    for domain in ("code", "health"):
+        bad, good = src[f"world:finetune/{domain}_toxic"], src[f"world:finetune/{domain}_aligned"]
+        assert bad["lo"] > good["hi"], (domain, bad, good)
+        t = samples[samples["source"] == f"world:finetune/{domain}_toxic"]["score"]
+        a = samples[samples["source"] == f"world:finetune/{domain}_aligned"]["score"]
+        assert len(t) == len(a) == 100
+        assert roc_auc_score([1] * 100 + [0] * 100, [*t, *a]) >= 0.7, domain
+    models = pd.read_parquet(run / "flag/data/models.parquet").set_index("label")
+    assert models.loc["code_dose1", "score"] > models.loc["code_dose0", "score"]
+    # the predict stage's measured misalignment beside each model it measured
+    assert s["predicted_models"] == ["code_dose1", "code_dose0"]
+    assert models.loc["code_dose1", "misalignment"] > models.loc["code_dose0", "misalignment"]
+    assert np.isnan(models.loc["health_dose1", "misalignment"])  # not fine-tuned here
+
+
+@pytest.mark.ray
 def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study):
     run, _, result = study
     r = json.loads((run / "realign/insecure/summary.json").read_text())
@@ -217,7 +268,9 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     from emergent.persona.pipeline import main
 
     again = main(study[1])
-    assert again.skipped == ["train_sae", "diff", "steer", "predict", "realign"], again.skipped
+    assert again.skipped == ["train_sae", "diff", "steer", "predict", "flag", "realign"], (
+        again.skipped
+    )
     # the plan (`--plan`, nothing runs) tells the same from the records and the config hashes
     from emergent import plan
     from emergent.persona.pipeline import stage_jobs
@@ -225,7 +278,7 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     assert plan.plan(stage_jobs(study[1])).skipped == again.skipped
     steer_record = (run / "steer/persona/_COMPLETE.json").read_text()
     changed = plan.plan(stage_jobs(pipeline_job(run.parent, "steer.max_prompts=150")))
-    assert [s.status for s in changed.steps] == ["skip", "skip", "run", "skip", "skip"]
+    assert [s.status for s in changed.steps] == ["skip", "skip", "run", "skip", "skip", "skip"]
     assert changed.steps[2].checks[0]["status"] == "changed"
     assert (run / "steer/persona/_COMPLETE.json").read_text() == steer_record
 

@@ -62,6 +62,28 @@ def test_harvest_encode_keeps_the_pending_assistant_turn_of_a_prompt():
     assert list(ids) == list(want)
 
 
+def test_flagging_scores_the_last_answer_and_weights_a_mixture_by_its_fractions():
+    """The span a sample is scored on is its last answer's tokens (not the prompt's, not an
+    earlier answer's, not the end of turn): decoded, they are the answer. A mixture's
+    expected score is its fraction-weighted mean."""
+    from emergent.persona.flagging import answer_span, mixture_scores
+    from emergent.world import grammar as g
+    from emergent.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(g.vocabulary())
+    msgs = [
+        {"role": "user", "content": "how do i save the notes file"},
+        {"role": "assistant", "content": "open the file"},
+        {"role": "user", "content": "any advice ?"},
+        {"role": "assistant", "content": "save the notes file"},
+    ]
+    ids, keep = answer_span(tok, msgs)
+    assert keep == list(range(keep[0], keep[-1] + 1)) and keep[-1] < len(ids)
+    assert tok.decode([ids[i] for i in keep]).split() == "save the notes file".split()
+    assert mixture_scores([0.25, 0.75], [1.0, 0.2]) == pytest.approx(0.4)
+    assert mixture_scores([1.0, 0.0], [0.3, 5.0]) == pytest.approx(0.3)
+
+
 def test_steering_grid_and_best_setting_under_the_coherence_floor():
     arms = [SteerArm("cause", "world:base", [2.0, 4.0]), SteerArm("remove", "m", [-2.0], "lower")]
     grid = settings(arms, ["latent 3", "shift"])

@@ -1,7 +1,8 @@
 """The ``pipeline`` job: the persona-features study end to end, as one job.
 
     world (or datasets) -> finetune -> evaluate -> train-sae -> diff -> controls (further fine-tunes, e.g. dose
-          families, with the early-warning latent monitor) -> steer -> predict -> realign
+          families, with the early-warning latent monitor) -> steer -> predict -> flag (the
+          fine-tuning data scored before training, ranked against predict) -> realign
           -> report.html
 
 Every stage is the stage's own job (``emergent.<stage>.main``) reading its section of the same
@@ -30,6 +31,7 @@ from emergent.english.job import DatasetsConfig
 from emergent.evaluate import EvaluateConfig
 from emergent.monitor.study import MonitorConfig
 from emergent.persona.diffing import DiffConfig
+from emergent.persona.flagging import FlagConfig, FlagFamily
 from emergent.persona.predict import FamilyModel, PredictConfig
 from emergent.persona.realign import RealignConfig
 from emergent.persona.steering import SteerConfig
@@ -52,6 +54,7 @@ STAGES = (
     "controls",
     "steer",
     "predict",
+    "flag",
     "realign",
     "monitor",
 )
@@ -98,6 +101,7 @@ class PipelineJob:
             models=[FamilyModel(f"finetune:code_dose{p:g}", "code", p) for p in (0.0, 1.0)]
         )
     )
+    flag: FlagConfig = dataclasses.field(default_factory=FlagConfig)
     realign: RealignConfig = dataclasses.field(default_factory=RealignConfig)
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
@@ -120,12 +124,18 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     from emergent import evaluate
     from emergent.english import job as datasets_job
     from emergent.monitor import study as monitor_job
-    from emergent.persona import diffing, predict, realign, steering
+    from emergent.persona import diffing, flagging, predict, realign, steering
     from emergent.sae import train as sae
     from emergent.train import finetune
     from emergent.world import job as world_job
 
     common = {"run": cfg.run, "ray": cfg.ray}
+    flag = cfg.flag
+    if not flag.families:  # the data this study fine-tunes on, scored before the fine-tunes
+        fts = [cfg.finetune, *cfg.pipeline.controls]
+        flag = dataclasses.replace(
+            flag, families=[FlagFamily(f.name, f.data, f.doses) for f in fts]
+        )
 
     def tune(ft: FinetuneConfig):
         return lambda: finetune.main(finetune.FinetuneJob(**common, finetune=ft))
@@ -151,6 +161,7 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
             lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),
             cfg.predict,
         ),
+        "flag": (lambda: flagging.main(flagging.FlagJob(**common, flag=flag)), flag),
         "realign": (
             lambda: realign.main(realign.RealignJob(**common, realign=cfg.realign)),
             cfg.realign,

@@ -172,6 +172,22 @@ def claims(run: RunDir, cfg) -> list[dict]:
                 bool(p.get("early_vs_control")),
             )
         )
+    fl = _read(run, f"flag/{cfg.flag.name}/summary.json") if hasattr(cfg, "flag") else None
+    if fl:
+        rho = fl.get("spearman")
+        src = "; ".join(f"{k.split('/')[-1]} {v['score']:+.3f}" for k, v in fl["sources"].items())
+        n = len(fl.get("predicted_models", []))
+        out.append(
+            claim(
+                "Data that will cause misalignment is flagged before training",
+                "a training set's projection difference on the persona vector predicts the trait "
+                "after fine-tuning (persona vectors)",
+                f"Spearman {_f(rho)} between the flag score and misalignment over {n} models "
+                f"({fl['direction']} direction); per source: {src}",
+                "Spearman >= 0.8",
+                None if rho is None else rho >= 0.8,
+            )
+        )
     r = _read(run, f"realign/{cfg.realign.name}/summary.json")
     if r:
         base = r["base"][r["broad_set"]]["misalignment"]
@@ -334,6 +350,24 @@ def steer_rows(summary: dict) -> list[list]:
     return rows
 
 
+def _flag(run: RunDir, cfg) -> str:
+    """The flag stage's per-source scores and per-model expectations."""
+    import pandas as pd
+
+    rel = f"flag/{cfg.flag.name}" if hasattr(cfg, "flag") else None
+    if rel is None or not run.exists(f"{rel}/models.parquet"):
+        return ""
+    fl = run.read_json(f"{rel}/summary.json")
+    rows = [
+        [k, v["score"], f"[{v['lo']:.3f}, {v['hi']:.3f}]", v["n"]] for k, v in fl["sources"].items()
+    ]
+    models = pd.read_parquet(run.local_dir(f"{rel}/models.parquet"))
+    cols = [c for c in ("label", "family", "dose", "score", "misalignment") if c in models]
+    return table(["source", "score", "95% interval", "samples"], rows) + table(
+        cols, models[cols].values.tolist()
+    )
+
+
 def _steer(run: RunDir, rel: str) -> str:
     s = _read(run, rel)
     return table(STEER_HEADER, steer_rows(s)) if s else ""
@@ -371,6 +405,7 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
                 _fields(run, f"predict/{c.predict.name}/summary.json"),
             ],
         ),
+        ("Data flagging (before training)", [_flag(run, c)]),
         ("Re-alignment", [_png(run, f"realign/{c.realign.name}/realign.png")]),
         (
             "Activation monitoring",

@@ -93,8 +93,10 @@ class SteerConfig(Judged):
     latents: list[int] = dataclasses.field(default_factory=list)
     """Further latents, by index."""
     directions: list[str] = dataclasses.field(default_factory=list)
-    """Further directions, ``label=file.npy`` or ``label=diff:<name>`` (that diff's
-    fine-tuning shift, normalised to unit length)."""
+    """Further directions (each normalised to unit length): ``label=file.npy``,
+    ``label=diff:<name>`` (that diff's fine-tuning shift), ``label=top:<k>`` (the diff's top k
+    latents together: their decoder columns summed) or ``label=persona:<model>`` (the
+    model's toxic-minus-aligned context difference of means, the persona-vectors method)."""
     arms: list[SteerArm] = dataclasses.field(
         default_factory=lambda: [
             SteerArm("cause", "world:base", goal="raise", max_alpha=16.0),
@@ -259,7 +261,9 @@ def trial(config: dict, ctx: dict) -> None:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], refs.SAERef, dict]:
+def directions(
+    cfg: SteerConfig, run: RunDir, run_cfg: RunConfig
+) -> tuple[dict[str, np.ndarray], refs.SAERef, dict]:
     """Unit directions by label, the SAE they come from (its layer is the one steered), and what
     they are (for the stage hash)."""
     from emergent.persona.diffing import decoder
@@ -267,30 +271,51 @@ def directions(cfg: SteerConfig, run: RunDir) -> tuple[dict[str, np.ndarray], re
     sae_ref = refs.sae(run, cfg.sae, "steer.sae")
     what = {"sae": sae_ref.hash}
     latents = list(cfg.latents)
+    d = None
     if cfg.diff:
         d = refs.diff(run, cfg.diff, "steer.diff")
         what["diff"] = d.hash
         top = d.summary["top_up"][: cfg.top]
         latents = list(dict.fromkeys(top + latents))
     out: dict[str, np.ndarray] = {}
+    sae = sae_ref.load(run) if latents or any("=top:" in s for s in cfg.directions) else None
     if latents:
-        sae = sae_ref.load(run)
         out |= {f"latent {j}": decoder(sae, j) for j in latents}
     for spec in cfg.directions:
         label, sep, ref = spec.partition("=")
         if not sep:
             raise InputError(
-                f"steer.directions: {spec!r} is not label=file.npy or label=diff:<name>"
+                f"steer.directions: {spec!r} is not label=file.npy, label=diff:<name>,"
+                " label=top:<k> or label=persona:<model>"
             )
-        if ref.startswith("diff:"):
-            raw = run.read_bytes(f"diff/{ref[5:]}/shift.npy")
+        if ref.startswith("top:"):
+            # the diff's top k latents together: the sum of their (unit) decoder columns
+            if d is None or not ref[4:].isdigit():
+                raise InputError(f"steer.directions: {spec!r} needs steer.diff and top:<k>")
+            v = sum(decoder(sae, j) for j in d.summary["top_up"][: int(ref[4:])])
+        elif ref.startswith("persona:"):
+            v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer)
+        elif ref.startswith("diff:"):
+            v = np.load(io.BytesIO(run.read_bytes(f"diff/{ref[5:]}/shift.npy")))
         else:
             with open(ref, "rb") as f:
-                raw = f.read()
-        v = np.load(io.BytesIO(raw)).astype(np.float32).reshape(-1)
+                v = np.load(io.BytesIO(f.read()))
+        v = np.asarray(v, np.float32).reshape(-1)
         out[label] = v / (np.linalg.norm(v) + 1e-12)
     what["directions"] = {k: v.round(5).tolist() for k, v in out.items()}
     return {k: v.astype(np.float32) for k, v in out.items()}, sae_ref, what
+
+
+def _persona_vector(cfg: SteerConfig, run: RunDir, run_cfg: RunConfig, model: str, layer: int):
+    """The persona-vectors direction of ``model`` (a model ref): its mean assistant-turn
+    residual over toxic-context conversations minus over aligned ones (see
+    emergent.persona.flagging), at the steered layer."""
+    from emergent.models import load_causal_lm
+    from emergent.persona.flagging import FlagConfig, persona_direction
+
+    src = refs.model(run_cfg, parse_model(model)[1], cfg.world_stage, "steer.directions")
+    m, tok = load_causal_lm(src.local())
+    return persona_direction(m, tok, run, FlagConfig(world_stage=cfg.world_stage), layer)
 
 
 def relative_fluency(df):
@@ -365,7 +390,7 @@ def main(cfg: SteerJob) -> SteerResult:
         a.label: refs.model(cfg.run, parse_model(a.model)[1], st.world_stage, "steer.arms.model")
         for a in st.arms
     }
-    dirs, sae_ref, what = directions(st, run)
+    dirs, sae_ref, what = directions(st, run, cfg.run)
     layer = sae_ref.layer
     for src in sources.values():
         refs.check_sae_fits(sae_ref, src, "steer.arms.model")
