@@ -145,19 +145,18 @@ def mixture_scores(fractions: list[float], source_scores: list[float]) -> float:
 
 
 def answer_means(model, tok, convs: list[list[dict]], layer: int, batch: int) -> np.ndarray:
-    """Mean residual over each conversation's last answer (n, d_model)."""
+    """Mean residual over each conversation's last answer (n, d_model); NaN for an answer
+    with no tokens (a model that ends its turn at once)."""
     from emergent.harvest import HarvestConfig, harvest_encoded
 
     hv = HarvestConfig(layer=layer)
     out = []
     for i in range(0, len(convs), batch):
         enc = [answer_span(tok, c) for c in convs[i : i + batch]]
-        for j, (_, keep) in enumerate(enc):
-            if not keep:
-                raise InputError(f"flag: conversation {i + j} has an empty answer")
         acts, meta = harvest_encoded(model, tok, enc, hv)
         rows = meta["row"]
-        out += [acts[rows == j].mean(0) for j in range(len(enc))]
+        for j, (_, keep) in enumerate(enc):
+            out.append(acts[rows == j].mean(0) if keep else np.full(acts.shape[1], np.nan))
     return np.stack(out).astype(np.float32)
 
 
@@ -190,7 +189,6 @@ def score_source(model, tok, records: list[dict], direction, layer: int, cfg: Fl
     prompts = [r["messages"][:-1] for r in records]
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
     own = sample(model, tok, chat_prompts(tok, prompts), params)
-    own = [a if a.strip() else "." for a in own]  # an empty answer has no tokens to average
     data = answer_means(model, tok, [r["messages"] for r in records], layer, cfg.batch_size)
     mine = answer_means(
         model,
@@ -199,6 +197,7 @@ def score_source(model, tok, records: list[dict], direction, layer: int, cfg: Fl
         layer,
         cfg.batch_size,
     )
+    # a sample whose answer (its own or the base model's) has no tokens scores NaN: left out
     return (data - mine) @ direction, own
 
 
@@ -250,10 +249,17 @@ def main(cfg: FlagJob) -> FlagResult:
         if fl.max_samples and len(records) > fl.max_samples:
             records = random.Random(fl.seed).sample(records, fl.max_samples)
         scores, own = score_source(model, tok, records, direction, layer, fl)
-        lo, hi = bootstrap_mean(list(scores), seed=fl.seed)
-        per_source[s.path] = {"score": float(scores.mean()), "lo": lo, "hi": hi, "n": len(scores)}
+        ok = scores[~np.isnan(scores)]
+        if not len(ok):
+            raise InputError(f"flag: no sample of {s.path} has both answers non-empty")
+        lo, hi = bootstrap_mean(list(ok), seed=fl.seed)
+        per_source[s.path] = {"score": float(ok.mean()), "lo": lo, "hi": hi, "n": len(ok)}
+        per_source[s.path]["empty"] = int(len(scores) - len(ok))
         log.info(
-            "flag %s: %s %.3f [%.3f, %.3f] over %d", fl.name, s.path, *per_source[s.path].values()
+            "flag %s: %s %.3f [%.3f, %.3f] over %d (%d left out: an empty answer)",
+            fl.name,
+            s.path,
+            *per_source[s.path].values(),
         )
         rows += [
             {"source": s.path, "index": i, "score": float(v), "base_answer": a}
