@@ -7,7 +7,8 @@ model's own (greedy) answer to the same prompt. A sample that pulls the model to
 persona scores high whatever the base model already does on that prompt. A dataset's score is
 the mean over ``max_samples`` of its samples (drawn seeded, with a bootstrap interval); a
 fine-tune mixture's (a dose family member) is its sources' scores weighted by its fractions,
-the expected score of the mixture the ``finetune`` job draws.
+the expected score of the mixture the ``finetune`` job draws. A sample whose answer, or the
+base model's own, has no tokens is left out and counted (``empty``).
 
 The direction is ``persona`` (default): the difference of the mean residual at the
 assistant-turn token between conversations whose context is toxic and ones whose context is
