@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from emergent.persona.diffing import auroc, cosine, rank_latents, toxic_auroc
-from emergent.persona.predict import analyse, loo_accuracy, paired_z, threshold_classifier
+from emergent.persona.predict import analyse, held_out, paired_z, threshold_classifier
 from emergent.persona.realign import summarize
 from emergent.persona.steering import SteerArm, best, settings
 
@@ -267,7 +267,7 @@ def test_paired_z_threshold_classifier_and_analysis():
     y = np.array([0, 0, 0, 1, 1])
     t, acc = threshold_classifier(x, y)
     assert 0.2 < t < 0.5 and acc == 1.0
-    assert loo_accuracy(x, y) >= 0.8
+    assert (held_out(x, y, np.arange(len(x))) == y.astype(bool)).mean() >= 0.8  # leave one out
     family = pd.DataFrame(
         {
             "label": ["d0", "d0.1", "d0.5", "d1"],
@@ -297,7 +297,7 @@ def test_threshold_by_balanced_accuracy_held_out_and_early_warning_against_the_c
     secure control is no early warning against it."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from emergent.persona.predict import balanced_accuracy, held_out
+    from emergent.persona.predict import balanced_accuracy
 
     x = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     y = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 1], bool)
@@ -314,7 +314,6 @@ def test_threshold_by_balanced_accuracy_held_out_and_early_warning_against_the_c
         tg, _ = threshold_classifier(x[~out], y[~out])
         naive[out] = x[out] > tg
     assert (held_out(x, y, groups) == naive).all()
-    assert loo_accuracy(x, y) == (held_out(x, y, np.arange(10)) == y).mean()
     family = pd.DataFrame(
         {
             "label": ["d0", "d0.1", "d0.25", "d1", "h0", "h1"],

@@ -152,11 +152,6 @@ def held_out(x: np.ndarray, y: np.ndarray, groups) -> np.ndarray:
     return pred
 
 
-def loo_accuracy(x: np.ndarray, y: np.ndarray) -> float:
-    """Leave-one-out accuracy of :func:`threshold_classifier`."""
-    return float((held_out(x, y, np.arange(len(x))) == np.asarray(y).astype(bool)).mean())
-
-
 def analyse(df, z: float) -> dict:
     """Correlation, classifier (in sample, leave one model out, leave one family out) and early
     detection over the family table (one row per model, base excluded): columns
