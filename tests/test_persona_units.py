@@ -606,3 +606,60 @@ def test_residual_reads_and_steering_see_through_a_lora_wrapper():
     with torch.no_grad(), steering(wrapped, 0, torch.ones(16), 3.0, "all"):
         steered = residual_after(wrapped, 1, input_ids=ids)
     assert not torch.allclose(steered, want)
+
+
+def test_claims_over_seeds_pool_each_seed_s_figure_with_a_t_interval():
+    """The multi-seed table: per claim key every seed's figure and verdict, the mean over seeds
+    with a Student-t interval (against scipy's), the verdict by the stated rule (every seed /
+    some / none), and a claim one seed did not measure counted as not met there."""
+    from scipy import stats
+
+    from emergent.persona.report import claim
+    from emergent.persona.seeds import html_page, markdown, pool, verdict
+
+    def row(key, value, met):
+        return claim(key, "paper", "ours", "target", met, key=key, value=value, measure="m")
+
+    per_seed = {
+        2: [row("em", 0.30, True), row("steer_cause", 0.01, False)],
+        0: [row("em", 0.13, True), row("steer_cause", 0.70, True), row("realign", 0.2, False)],
+        1: [row("em", 0.33, True), row("steer_cause", None, False)],
+    }
+    rows = {r["key"]: r for r in pool(per_seed)}
+    assert list(rows) == ["em", "steer_cause", "realign"]  # first seed's order, then new keys
+    em = rows["em"]
+    assert em["seeds"] == [0, 1, 2] and em["values"] == [0.13, 0.33, 0.30]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(em["values"]), scale=stats.sem(em["values"]))
+    assert em["mean"] == pytest.approx(np.mean([0.13, 0.33, 0.30]))
+    assert (em["lo"], em["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert em["met_seeds"] == 3 and em["verdict"] == "holds"
+    steer = rows["steer_cause"]  # seed 1 found no setting above the floor: no figure
+    assert steer["values"] == [0.70, None, 0.01] and steer["mean"] == pytest.approx(0.355)
+    assert steer["met_seeds"] == 1 and steer["verdict"] == "mixed"
+    realign = rows["realign"]  # measured on seed 0 only: one figure, no interval
+    assert realign["met_by_seed"] == [False, None, None] and realign["verdict"] == "fails"
+    assert np.isnan(realign["lo"])
+    assert verdict([True, None]) == "mixed" and verdict([None, None]) == "fails"
+    table = markdown(pool(per_seed))
+    assert "| 0.13 (met) | 0.33 (met) | 0.30 (met) |" in table and "| 3/3 | holds |" in table
+    assert "n/a (not met)" in table and "n/a (not measured)" in table
+    page = html_page("study", pool(per_seed), {0: "runs/study_s0/report/report.html"})
+    assert "<pre>" not in page and page.count("<tr>") == 4  # header + three claims
+    assert "<td>3/3</td><td>holds</td>" in page and "study_s0/report/report.html" in page
+
+
+def test_each_seed_runs_in_its_own_run_with_the_seed_in_world_datasets_and_sae():
+    from emergent.config import ConfigError, load
+    from emergent.persona.pipeline import PipelineJob, stage_jobs
+    from emergent.persona.seeds import seed_run
+
+    cfg = load(PipelineJob, "configs/toy.yaml", ["pipeline.seeds=[3, 5]", "run.name=study"])
+    one = seed_run(cfg, 5)
+    assert one.run.name == "study_s5" and one.pipeline.seeds == []
+    assert one.world.seed == one.datasets.seed == one.train_sae.sae.seed == 5
+    assert one.finetune == cfg.finetune  # everything else keeps the config's values
+    names = [n for n, _, _ in stage_jobs(cfg)]
+    single = [n for n, _, _ in stage_jobs(one)]
+    assert names == [f"s3/{n}" for n in single] + [f"s5/{n}" for n in single]
+    with pytest.raises(ConfigError, match="pipeline.seeds"):
+        load(PipelineJob, None, ["pipeline.seeds=[1, 1]"])

@@ -11,7 +11,8 @@
 The text's own pass stops after block L (no LM head); a template's pass runs the whole model
 only where a zero-shot score is read from it (and the LM head only at its final token).
 Suffix-only templates on chats share the text's pass: its KV cache is kept and each monitor runs
-only its own question (``featurize``), so many monitors cost one pass over the text. Every
+only its own question (``featurize``), all monitors' questions in one more pass, so many monitors
+cost one pass over the text. Every
 feature notes its forward tokens per item alone (``tokens/<method>``) and what it ran beside the
 text's pass (``run/<template>``), the inference cost the study compares.
 
@@ -127,20 +128,55 @@ def shareable(model, docs: list[dict], t: Template) -> bool:
 
 
 def _forward(model, layer: int, at, **inputs):
-    """(residual after block ``layer``, logits at positions ``at`` per row or None) of one
-    pass. With ``at`` (a tensor of one position per row) the whole model runs and the LM head
-    only there; without, the pass stops after the block."""
+    """(residual after block ``layer``, logits at positions ``at`` or None) of one pass.
+    ``at`` (rows x m) holds m query positions per row: the whole model runs and its LM head
+    only there (its input is gathered to those positions, so a batch of rows of many lengths
+    costs rows x m head columns, not rows x distinct positions); without ``at`` the pass stops
+    after the block."""
     import torch
 
     from emergent.models import capture, residual_after
 
     if at is None:
         return residual_after(model, layer, **inputs), None
-    cols = torch.unique(at)  # the LM head runs at these sequence positions only
-    with torch.no_grad(), capture(model, layer) as seen:
-        logits = model(**inputs, logits_to_keep=cols).logits
-    rows = torch.arange(len(at), device=at.device)
-    return seen[0], logits[rows, torch.searchsorted(cols, at)]
+    rows = torch.arange(at.shape[0], device=at.device)[:, None]
+
+    def gather(_head, args):
+        return (args[0][rows, at],)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        with torch.no_grad(), capture(model, layer) as seen:
+            logits = model(**inputs, logits_to_keep=0).logits  # 0: every position, a view
+    finally:
+        handle.remove()
+    return seen[0], logits
+
+
+def block_mask(reuse, lengths, cached: int, dtype):
+    """The additive attention mask (rows x 1 x Q x cached + Q) of one pass that runs several
+    templates' tokens side by side on a cache of ``cached`` positions: the tokens of row r's
+    template k (``lengths[k][r]`` of them, after those of templates 0..k-1) see the cached
+    positions before ``reuse[k][r]`` and, causally, their own template's tokens only, as in a
+    pass of their own. Padding queries see themselves (their outputs are never read)."""
+    import torch
+
+    n_rows = len(lengths[0])
+    total = [sum(lens[r] for lens in lengths) for r in range(n_rows)]
+    q = max(total)
+    seen = torch.zeros(n_rows, q, cached + q, dtype=torch.bool)
+    for r in range(n_rows):
+        start = 0
+        for k, lens in enumerate(lengths):
+            n = lens[r]
+            rows = slice(start, start + n)
+            seen[r, rows, : reuse[k][r]] = True
+            seen[r, rows, cached + start : cached + start + n] = torch.ones(n, n).tril().bool()
+            start += n
+        pad = torch.arange(total[r], q)
+        seen[r, pad, cached + pad] = True
+    mask = torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 def featurize(
@@ -162,8 +198,9 @@ def featurize(
     With ``share_prefix``, suffix-only templates on chats run on the text's own pass: its KV
     cache is kept, and each template runs only the tokens after the prefix it shares with the
     text (the text's turns), at their own positions; the cached positions it does not share are
-    masked out. Causal attention makes this the same computation as a separate pass (within
-    float tolerance). ``tokens/<t>`` is what a template costs alone (its whole sequence),
+    masked out. All of them run in one further pass, side by side in each row, each template's
+    tokens attending to the cache and to themselves only. Causal attention makes this the same
+    computation as a separate pass per template (within float tolerance). ``tokens/<t>`` is what a template costs alone (its whole sequence),
     ``run/<t>`` what it ran here. ``extra_layers``: also the text's pooled residuals after
     those blocks (``raw@<L>/<pool>``), from the same pass.
     """
@@ -199,6 +236,7 @@ def featurize(
     out["tokens/text"] = np.array([len(i) for i in text_ids], dtype=np.int64)
     if sae is not None:
         out["sae"] = sae_max(sae, hidden, keep)
+    ran: dict[str, tuple[list[int], list[list[int]]]] = {}
     for t in templates:
         seqs = [
             list(tok.apply_chat_template(wrap(d, t), add_generation_prompt=True, return_dict=False))
@@ -211,31 +249,56 @@ def featurize(
             if t in shared
             else [0] * len(seqs)
         )
-        rest = [s[p:] for s, p in zip(seqs, reuse)]
-        last = torch.tensor([len(s) - 1 for s in rest], device=device)
-        rows = torch.arange(len(seqs), device=device)
+        ran[t.name] = (reuse, [s[p:] for s, p in zip(seqs, reuse)])
+        out[f"tokens/{t.name}"] = np.array([len(s) for s in seqs], dtype=np.int64)
+        out[f"run/{t.name}"] = np.array([len(s) for s in ran[t.name][1]], dtype=np.int64)
+    zero_shot = {t.name: unavailable(tok, t) is None for t in templates}
+
+    def read(group: list[Template], last, h, logits) -> None:
+        rows = torch.arange(len(docs), device=device)
+        for k, t in enumerate(group):
+            out[f"prompted/{t.name}"] = h[rows, last[:, k]].float().cpu().numpy()
+            if zero_shot[t.name]:
+                lg = logits[:, k].float()
+                yes, no = answer_token(tok, t.yes), answer_token(tok, t.no)
+                out[f"zero_shot/{t.name}"] = (lg[:, yes] - lg[:, no]).cpu().numpy()
+
+    for t in templates:  # a pass of its own
+        if t in shared:
+            continue
+        rest = ran[t.name][1]
+        last = torch.tensor([[len(s) - 1] for s in rest], device=device)
         rid, rmask = pad_right(tok, rest)
         inputs = {"input_ids": rid.to(device), "attention_mask": rmask.to(device)}
-        if t in shared:
-            past = torch.zeros_like(mask)
-            for r, p in enumerate(reuse):
-                past[r, :p] = 1
-            steps = torch.arange(rid.shape[1])
-            inputs |= {
-                "attention_mask": torch.cat([past, rmask], 1).to(device),
-                "position_ids": (torch.tensor(reuse)[:, None] + steps[None]).to(device),
-                "cache": DynamicCache(ddp_cache_data=kv),
-                "use_cache": True,
-            }
-        zero_shot = unavailable(tok, t) is None
-        h, logits = _forward(model, layer, last if zero_shot else None, **inputs)
-        if zero_shot:
-            yes, no = answer_token(tok, t.yes), answer_token(tok, t.no)
-            lg = logits.float()
-            out[f"zero_shot/{t.name}"] = (lg[:, yes] - lg[:, no]).cpu().numpy()
-        out[f"prompted/{t.name}"] = h[rows, last].float().cpu().numpy()
-        out[f"tokens/{t.name}"] = np.array([len(s) for s in seqs], dtype=np.int64)
-        out[f"run/{t.name}"] = np.array([len(s) for s in rest], dtype=np.int64)
+        read([t], last, *_forward(model, layer, last if zero_shot[t.name] else None, **inputs))
+    if shared:
+        # every shared template's tokens in one pass on the text's cache, side by side in each
+        # row, each template's seeing the cached text and its own tokens only (``block_mask``):
+        # one call instead of one per template, the same computation
+        reuse = [ran[t.name][0] for t in shared]
+        rest = [ran[t.name][1] for t in shared]
+        lengths = [[len(s) for s in r] for r in rest]
+        flat, pos, last = [], [], []
+        for r in range(len(docs)):
+            flat.append([x for k in range(len(shared)) for x in rest[k][r]])
+            pos.append([reuse[k][r] + j for k in range(len(shared)) for j in range(lengths[k][r])])
+            ends = np.cumsum([lengths[k][r] for k in range(len(shared))])
+            last.append((ends - 1).tolist())
+        rid, _ = pad_right(tok, flat)
+        position_ids = torch.zeros_like(rid)
+        for r, p in enumerate(pos):
+            position_ids[r, : len(p)] = torch.tensor(p)
+        last = torch.tensor(last, device=device)
+        dtype = next(model.parameters()).dtype
+        inputs = {
+            "input_ids": rid.to(device),
+            "attention_mask": block_mask(reuse, lengths, ids.shape[1], dtype).to(device),
+            "position_ids": position_ids.to(device),
+            "cache": DynamicCache(ddp_cache_data=kv),
+            "use_cache": True,
+        }
+        logits_at = last if any(zero_shot[t.name] for t in shared) else None
+        read(shared, last, *_forward(model, layer, logits_at, **inputs))
     return out
 
 

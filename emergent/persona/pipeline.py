@@ -76,11 +76,17 @@ class PipelineConfig:
     English datasets (emergent.english) for a real chat model, in place of the world;
     ``monitor`` runs the activation-monitoring study (emergent.monitor) after the rest, and
     the report gains its section (as it does whenever the run holds that study)."""
+    seeds: list[int] = dataclasses.field(default_factory=list)
+    """Run the whole study once per seed (the world's, the English datasets' and the SAE's),
+    each into run ``<run.name>_s<seed>``, then the claims per seed and pooled over seeds in
+    ``<run.name>/seeds/`` (emergent.persona.seeds). Empty: one run, on the config's seeds."""
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"pipeline.stages: unknown {bad} (choose from {list(STAGES)})")
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"pipeline.seeds: distinct seeds >= 0, got {self.seeds}")
 
 
 @config
@@ -120,7 +126,8 @@ class PipelineResult:
 
 def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     """The stages ``pipeline.stages`` names, in order, as (name, run it, its config section):
-    each control fine-tune its own entry (``controls/<name>``)."""
+    each control fine-tune its own entry (``controls/<name>``); with ``pipeline.seeds``, every
+    seed's stages, named ``s<seed>/<stage>``."""
     from emergent import evaluate
     from emergent.english import job as datasets_job
     from emergent.monitor import study as monitor_job
@@ -129,6 +136,14 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     from emergent.train import finetune
     from emergent.world import job as world_job
 
+    if cfg.pipeline.seeds:
+        from emergent.persona.seeds import seed_run
+
+        return [
+            (f"s{seed}/{name}", job, section)
+            for seed in cfg.pipeline.seeds
+            for name, job, section in stage_jobs(seed_run(cfg, seed))
+        ]
     common = {"run": cfg.run, "ray": cfg.ray}
     flag = cfg.flag
     if not flag.families:  # the data this study fine-tunes on, scored before the fine-tunes
@@ -182,10 +197,16 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     return out
 
 
-def main(cfg: PipelineJob) -> PipelineResult:
+def main(cfg: PipelineJob):
+    """The study on one run (a :class:`PipelineResult`), or with ``pipeline.seeds`` on one run
+    per seed (a ``seeds.SeedsResult``)."""
     from emergent.persona import report
 
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
+    if cfg.pipeline.seeds:
+        from emergent.persona import seeds
+
+        return seeds.main(cfg)
     seconds, skipped, stages = {}, [], []
     t_all = time.time()
     steps = stage_jobs(cfg)

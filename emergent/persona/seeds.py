@@ -1,0 +1,200 @@
+"""The persona study over seeds: the whole pipeline once per seed, then every claim per seed and
+pooled over seeds.
+
+One world seed decides which claims hold on PersonaWorld (and one data / SAE seed on a real
+model): the claim table of a single run is one draw. With ``pipeline.seeds: [0, 1, 2]`` the
+pipeline runs the study on each seed into its own run directory ``<run.name>_s<seed>`` (the
+world, the English datasets and the SAE all take the seed; everything else keeps the config's
+values), inside one Ray session, each run resuming and skipping like any pipeline run. Then
+``<run.name>/seeds/`` gets the claim table over seeds:
+
+- per seed, each claim's headline figure (``value``, what ``measure`` says) and its verdict;
+- pooled: the mean of the per-seed figures with a 95% t interval over seeds (the seeds are the
+  units: answers are never pooled across seeds), and how many seeds met the claim;
+- the stated rule: a claim *holds* when it is met on every seed, is *mixed* when met on some,
+  and *fails* when met on none (a seed without the measurement counts as not met).
+
+    emergent pipeline --config configs/toy.yaml --set "pipeline.seeds=[0, 1, 2]"
+
+Seeds run one after another: each stage already spreads its own work over the cluster's workers
+(Ray Train groups, Ray Data pools, Tune trials), and on a 2-core machine two seeds side by side
+would only contend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+from emergent.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def seed_run(cfg, seed: int):
+    """The pipeline config of one seed: its own run directory, the seed in the world, the English
+    datasets and the SAE; no further seeds."""
+    train_sae = dataclasses.replace(
+        cfg.train_sae, sae=dataclasses.replace(cfg.train_sae.sae, seed=seed)
+    )
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}_s{seed}"),
+        world=dataclasses.replace(cfg.world, seed=seed),
+        datasets=dataclasses.replace(cfg.datasets, seed=seed),
+        train_sae=train_sae,
+        pipeline=dataclasses.replace(cfg.pipeline, seeds=[]),
+    )
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of ``values`` with its Student-t interval (the seeds as a
+    sample); one value gives an interval of nan."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(met: list[bool | None]) -> str:
+    """The stated rule over seeds: ``holds`` (met on every seed), ``mixed``, ``fails``."""
+    k = sum(m is True for m in met)
+    return "holds" if k == len(met) else "mixed" if k else "fails"
+
+
+def pool(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """The claim table over seeds, from each seed's claims (``report.claims`` rows): one row per
+    claim key, in the order the claims first appear, with every seed's figure and verdict, the
+    pooled mean and t interval of the figures, the count of seeds that met it and the verdict by
+    :func:`verdict`. A claim a seed did not measure is None there and counts as not met."""
+    seeds = sorted(per_seed)
+    order: list[str] = []
+    rows: dict[str, dict] = {}
+    for s in seeds:
+        for c in per_seed[s]:
+            if c["key"] not in rows:
+                order.append(c["key"])
+                rows[c["key"]] = {k: c[k] for k in ("key", "claim", "paper", "target", "measure")}
+    out = []
+    for key in order:
+        by_seed = {s: next((c for c in per_seed[s] if c["key"] == key), None) for s in seeds}
+        values = {s: None if c is None else c["value"] for s, c in by_seed.items()}
+        met = {s: None if c is None else c["met"] for s, c in by_seed.items()}
+        known = [v for v in values.values() if v is not None and not math.isnan(v)]
+        mean, lo, hi = t_interval(known) if known else (math.nan, math.nan, math.nan)
+        out.append(
+            rows[key]
+            | {
+                "seeds": seeds,
+                "values": [values[s] for s in seeds],
+                "met_by_seed": [met[s] for s in seeds],
+                "mean": mean,
+                "lo": lo,
+                "hi": hi,
+                "met_seeds": sum(m is True for m in met.values()),
+                "verdict": verdict(list(met.values())),
+            }
+        )
+    return out
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def html_page(name: str, rows: list[dict], reports: dict[int, str]) -> str:
+    """The table over seeds as an HTML page, first, then a link to each seed's report."""
+    import html
+    import time
+
+    from emergent.persona.report import STYLE, table
+
+    seeds = rows[0]["seeds"] if rows else sorted(reports)
+    mark = {True: "met", False: "not met", None: "not measured"}
+    body = [
+        [
+            r["claim"],
+            r["paper"],
+            r["measure"],
+            *(f"{_num(v)} ({mark[m]})" for v, m in zip(r["values"], r["met_by_seed"])),
+            f"{_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]",
+            f"{r['met_seeds']}/{len(seeds)}",
+            r["verdict"],
+        ]
+        for r in rows
+    ]
+    head = ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"]
+    links = "".join(
+        f'<li>seed {s}: <a href="{html.escape(u)}">{html.escape(u)}</a></li>'
+        for s, u in sorted(reports.items())
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>emergent: {html.escape(name)} over seeds</title>{STYLE}</head>
+<body><h1>Persona features over seeds: {html.escape(name)}</h1>
+<p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}. A claim holds when it is met on every seed; the
+pooled figure is the mean of the per-seed figures with a 95% t interval over seeds.</p>
+{table([*head, "met on", "verdict"], body)}<h2>Each seed's report</h2><ul>{links}</ul>
+</body></html>"""
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table over seeds as Markdown: claim, the paper's finding, each seed's figure and
+    verdict, the pooled figure, seeds met, and the verdict."""
+    if not rows:
+        return "no claims measured\n"
+    seeds = rows[0]["seeds"]
+    head = ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"]
+    head += ["met on", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mark = {True: "met", False: "not met", None: "not measured"}
+    for r in rows:
+        cells = [r["claim"], r["paper"], r["measure"]]
+        cells += [f"{_num(v)} ({mark[m]})" for v, m in zip(r["values"], r["met_by_seed"])]
+        cells.append(f"{_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]")
+        cells += [f"{r['met_seeds']}/{len(seeds)}", r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SeedsResult:
+    table: str
+    """Where the claim table over seeds is (``<run>/seeds/claims.md``)."""
+    claims: list[dict]
+    """The pooled rows (:func:`pool`)."""
+    runs: dict[int, str]
+    """Each seed's report.html."""
+    skipped: dict[int, list[str]]
+    """Each seed's stages that were complete already."""
+
+
+def main(cfg) -> SeedsResult:
+    """Run the pipeline on every seed of ``cfg.pipeline.seeds`` (one Ray session), then write
+    ``<run>/seeds/{claims.json,claims.md,report.html,runs.json}``."""
+    from emergent.persona import pipeline
+    from emergent.runtime import ray_session
+
+    seeds = list(cfg.pipeline.seeds)
+    per_seed, reports, skipped = {}, {}, {}
+    with ray_session(cfg.ray):
+        for i, seed in enumerate(seeds, 1):
+            log.info("seeds: seed %d (%d/%d)", seed, i, len(seeds))
+            result = pipeline.main(seed_run(cfg, seed))
+            per_seed[seed], reports[seed] = result.claims, result.report
+            skipped[seed] = result.skipped
+    rows = pool(per_seed)
+    run = RunDir.from_config(cfg.run.absolute())
+    run.write_json("seeds/claims.json", rows)
+    run.write_json("seeds/runs.json", {str(s): r for s, r in reports.items()})
+    table = markdown(rows)
+    run.write_text("seeds/claims.md", table)
+    run.write_text("seeds/report.html", html_page(cfg.run.name, rows, reports))
+    log.info("seeds: claims over seeds %s at %s\n%s", seeds, run.url("seeds/claims.md"), table)
+    return SeedsResult(run.url("seeds/claims.md"), rows, reports, skipped)
