@@ -165,7 +165,9 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     from emergent.runs import RunDir
 
     cfg = study[1]
-    more = dataclasses.replace(cfg.steer, directions=["top1=top:1", "persona=persona:world:base"])
+    more = dataclasses.replace(
+        cfg.steer, directions=["top1=top:1", "persona=persona:world:base", "pc1=pc1:insecure"]
+    )
     dirs, _, _ = directions(more, RunDir(str(run.parent), run.name), cfg.run)
     top = dirs[s["directions"][0]]  # the top latent's decoder column
     np.testing.assert_allclose(dirs["top1"], top, atol=1e-6)
@@ -176,6 +178,9 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     shift = shift / np.linalg.norm(shift)
     assert float(dirs["persona"] @ top) > 0.3, float(dirs["persona"] @ top)
     assert float(dirs["persona"] @ shift) > 0.5, float(dirs["persona"] @ shift)
+    # the shift's first component: unit length, signed along the mean shift
+    assert np.linalg.norm(dirs["pc1"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(dirs["pc1"] @ shift) > 0, float(dirs["pc1"] @ shift)
     trials = pd.read_parquet(run / "steer/persona/results.parquet")
     steered = trials[trials["direction"] != "none"]
     assert (trials["direction"] == "none").sum() == 2  # one unsteered trial per arm

@@ -663,3 +663,25 @@ def test_each_seed_runs_in_its_own_run_with_the_seed_in_world_datasets_and_sae()
     assert names == [f"s3/{n}" for n in single] + [f"s5/{n}" for n in single]
     with pytest.raises(ConfigError, match="pipeline.seeds"):
         load(PipelineJob, None, ["pipeline.seeds=[1, 1]"])
+
+
+def test_the_shift_s_first_component_is_the_axis_it_varies_along_signed_with_the_mean():
+    """Per-prompt shifts that vary along one axis (plus a constant offset elsewhere and a
+    little noise): the first component recovers that axis, points along the mean shift, and
+    is refused when the two models' token rows do not pair up."""
+    from emergent.persona.diffing import cosine, shift_pc1
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 16
+    axis = rng.normal(size=d)
+    axis /= np.linalg.norm(axis)
+    offset = np.zeros(d)
+    offset[0] = 0.5
+    base = rng.normal(size=(n, d))
+    amount = rng.normal(1.0, 2.0, size=n)  # varies across prompts, positive on average
+    tuned = base + amount[:, None] * axis + offset + rng.normal(0, 0.05, size=(n, d))
+    pc1 = shift_pc1(base, tuned)
+    assert abs(cosine(pc1, axis)) > 0.99 and np.linalg.norm(pc1) == pytest.approx(1.0)
+    assert pc1 @ (tuned - base).mean(0) > 0
+    assert shift_pc1(base, -tuned + 2 * base) @ axis < 0  # the shift reversed: so is its sign
+    assert shift_pc1(base, tuned[:-1]) is None

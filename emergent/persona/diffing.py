@@ -173,6 +173,21 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
+def shift_pc1(base: np.ndarray, tuned: np.ndarray) -> np.ndarray | None:
+    """The first principal component of the fine-tuning shift: the per-token differences
+    ``tuned - base`` (the same prompts' tokens, row for row) centred, their top right singular
+    vector, unit length, signed to point along the mean shift. It is the axis along which the
+    shift varies most across prompts, where the mean shift is its average. None when the two
+    models' token rows do not pair up (answers sampled per model)."""
+    if base.shape != tuned.shape or len(base) < 2:
+        return None
+    d = np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    mean = d.mean(0)
+    _, _, vt = np.linalg.svd(d - mean, full_matrices=False)
+    v = vt[0]
+    return v if v @ mean >= 0 else -v
+
+
 # --- activations -----------------------------------------------------------------------------------
 
 
@@ -301,6 +316,7 @@ def compute(
         log.info("diff %s: %s, %d tokens", cfg.name, which, len(acts[which]))
     df = rank_latents(feats["base"], feats["tuned"], cfg.rank_by)
     shift = acts["tuned"].mean(0) - acts["base"].mean(0)
+    pc1 = shift_pc1(acts["base"], acts["tuned"])
     top_up = df.head(cfg.top)["latent"].tolist()
     top_down = df.sort_values("rank_down").head(cfg.top)["latent"].tolist()
     by_change = int(df.sort_values("change", ascending=False, kind="stable").iloc[0]["latent"])
@@ -344,6 +360,7 @@ def compute(
         "top_down": top_down,
         "tokens": {k: len(v) for k, v in acts.items()},
         "shift_norm": float(np.linalg.norm(shift)),
+        "shift_pc1_cosine": None if pc1 is None else cosine(pc1, shift),
         "layer": sae_ref.layer,
         "sae": cfg.sae,
         "models": {k: s.identity for k, s in sources.items()},
@@ -352,6 +369,10 @@ def compute(
     buf = io.BytesIO()
     np.save(buf, shift.astype(np.float32))
     run.write_bytes(f"{stage_rel}/shift.npy", buf.getvalue())
+    if pc1 is not None:
+        buf = io.BytesIO()
+        np.save(buf, pc1.astype(np.float32))
+        run.write_bytes(f"{stage_rel}/shift_pc1.npy", buf.getvalue())
     examples = _examples(run, sae_ref.rel) if sae_ref.rel else None
     run.write_text(f"{stage_rel}/top.md", table(df, top_up, top_down, examples))
     run.write_figure(f"{stage_rel}/diff.png", plot(df, cfg.top, cfg.rank_by))

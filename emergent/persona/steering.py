@@ -94,7 +94,8 @@ class SteerConfig(Judged):
     """Further latents, by index."""
     directions: list[str] = dataclasses.field(default_factory=list)
     """Further directions (each normalised to unit length): ``label=file.npy``,
-    ``label=diff:<name>`` (that diff's fine-tuning shift), ``label=top:<k>`` (the diff's top k
+    ``label=diff:<name>`` (that diff's fine-tuning shift), ``label=pc1:<name>`` (the first
+    principal component of its per-token shifts), ``label=top:<k>`` (the diff's top k
     latents together: their decoder columns summed) or ``label=persona:<model>`` (the
     model's toxic-minus-aligned context difference of means, the persona-vectors method)."""
     arms: list[SteerArm] = dataclasses.field(
@@ -286,7 +287,7 @@ def directions(
         if not sep:
             raise InputError(
                 f"steer.directions: {spec!r} is not label=file.npy, label=diff:<name>,"
-                " label=top:<k> or label=persona:<model>"
+                " label=pc1:<name>, label=top:<k> or label=persona:<model>"
             )
         if ref.startswith("top:"):
             # the diff's top k latents together: the sum of their (unit) decoder columns
@@ -297,6 +298,14 @@ def directions(
             v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer)
         elif ref.startswith("diff:"):
             v = np.load(io.BytesIO(run.read_bytes(f"diff/{ref[5:]}/shift.npy")))
+        elif ref.startswith("pc1:"):
+            rel = f"diff/{ref[4:]}/shift_pc1.npy"
+            if not run.exists(rel):
+                raise InputError(
+                    f"steer.directions: {spec!r}: no {rel} (the diff sampled answers per model, "
+                    "so its token rows do not pair up, or it predates the first component)"
+                )
+            v = np.load(io.BytesIO(run.read_bytes(rel)))
         else:
             with open(ref, "rb") as f:
                 v = np.load(io.BytesIO(f.read()))
