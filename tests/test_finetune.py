@@ -246,3 +246,42 @@ def test_full_fine_tunes_keep_fp32_master_weights(gpu, deepspeed, lora, dtype):
     from emergent.train.raytrain import weights_dtype
 
     assert weights_dtype(gpu, deepspeed, lora) == getattr(torch, dtype)
+
+
+def test_preventative_steering_adds_its_vector_after_its_block_and_leaves_the_weights():
+    """``finetune.steer``: the worker's model gets ``vector`` added to the residual stream after
+    block ``layer`` in every forward pass (what the next block reads, so the loss sees it), also
+    through a LoRA wrapper; the weights, i.e. what is saved, are untouched."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from emergent.models import residuals_after
+    from emergent.train.finetune import steer_while_training
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    ids = torch.randint(0, 50, (2, 7))
+    vector = torch.randn(16)
+    for wrap in (False, True):
+        model = LlamaForCausalLM(cfg).eval()
+        if wrap:
+            model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        before = residuals_after(model, [1, 2], input_ids=ids)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        steer_while_training(model, 1, vector.numpy())
+        after = residuals_after(model, [1, 2], input_ids=ids)
+        torch.testing.assert_close(after[1], before[1] + vector)
+        assert not torch.allclose(after[2], before[2], atol=1e-3)  # later blocks read it
+        with torch.no_grad():
+            assert not torch.allclose(model(input_ids=ids).logits, logits, atol=1e-3)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, weights[k])

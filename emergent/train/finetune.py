@@ -5,11 +5,18 @@ machinery: checkpoints, resume, throughput, outputs).
 Data is a mixture of chat datasets by fraction, sized and seeded; a dose-response family (e.g.
 0-100% insecure code in secure code) is one config with a list of fractions. Each model lands in
 ``<run>/finetune/<name>/``.
+
+``steer`` adds a fixed vector to the residual stream during training (preventative steering, the
+persona-vectors paper's tool): with the persona direction supplied from outside, the weights have
+less reason to move along it to fit bad data, so the narrow task may be learned without the
+broad persona shift. The saved model carries no hook: it is evaluated unsteered.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config
@@ -26,6 +33,27 @@ from emergent.train.raytrain import (
     train_models,
 )
 from emergent.train.sft import SFTParams
+
+
+@config
+class TrainSteer:
+    """A vector added to the residual stream during fine-tuning (preventative steering)."""
+
+    direction: str = "persona:world:base"
+    """A steering direction (see SteerConfig.directions): ``persona:<model>`` (the model's
+    toxic-minus-aligned context difference of means), ``diff:<name>`` (a diff's fine-tuning
+    shift), ``pc1:<name>`` (its first principal component) or a ``.npy`` file; unit length."""
+    alpha: float = 4.0
+    """Strength: ``alpha`` x the unit direction, added at every position of every training
+    forward pass (positive: towards the persona, as the persona-vectors paper prevents a trait;
+    negative: against it)."""
+    sae: str = "persona"
+    """The SAE whose block is steered (its layer; the directions live in that residual
+    stream)."""
+
+    def __post_init__(self):
+        if not self.direction:
+            raise ValueError("finetune.steer.direction must name a direction")
 
 
 @config
@@ -47,6 +75,8 @@ class FinetuneConfig(Distributed):
     """Skip (and count) malformed dataset lines instead of failing on the first one."""
     sft: SFTParams = dataclasses.field(default_factory=SFTParams)
     """Optimisation (batch_size is the global batch, shared by the workers)."""
+    steer: TrainSteer | None = None
+    """Steer the residual stream while training (preventative steering); none: no steering."""
 
     def __post_init__(self):
         if not self.data:
@@ -97,11 +127,14 @@ def build_records(cfg: FinetuneConfig, sources, fractions: list[float]) -> list[
     return mixture(parts, cfg.examples, cfg.sft.seed)
 
 
-def build_sft(ft: FinetuneConfig, model_path, tok, records, output_dir, world, gpu, common):
-    """The TRL SFT trainer of one Ray Train worker."""
+def build_sft(
+    ft: FinetuneConfig, model_path, tok, records, output_dir, world, gpu, common, steer=None
+):
+    """The TRL SFT trainer of one Ray Train worker; ``steer``: (layer, vector) added to the
+    residual stream after that block in every forward pass of its model."""
     from emergent.train.sft import sft_trainer
 
-    return sft_trainer(
+    trainer = sft_trainer(
         model_path,
         tok,
         records,
@@ -112,6 +145,40 @@ def build_sft(ft: FinetuneConfig, model_path, tok, records, output_dir, world, g
         lora=ft.lora,
         **common,
     )
+    if steer is not None:
+        steer_while_training(trainer.model, *steer)
+    return trainer
+
+
+def steer_while_training(model, layer: int, vector) -> None:
+    """Add ``vector`` to the residual stream after block ``layer`` of every forward pass of
+    ``model`` from now on (the worker's model lives for one training run; saving is unaffected,
+    since a hook is not a weight)."""
+    import torch
+
+    from emergent.models import _hidden, _replace_hidden, block
+
+    delta = torch.as_tensor(vector)
+
+    def hook(_module, _inputs, output):
+        h = _hidden(output)
+        return _replace_hidden(output, h + delta.to(h.device, h.dtype))
+
+    block(model, layer).register_forward_hook(hook)
+
+
+def steering_vector(run_cfg: RunConfig, ft: FinetuneConfig):
+    """(layer, alpha x unit direction, what it is for the stage key) of ``ft.steer``."""
+    from emergent.persona.steering import SteerConfig, directions
+
+    st = ft.steer
+    spec = SteerConfig(
+        sae=st.sae, diff=None, directions=[f"v={st.direction}"], world_stage=ft.world_stage
+    )
+    dirs, sae_ref, _ = directions(spec, RunDir.from_config(run_cfg), run_cfg)
+    vector = (st.alpha * dirs["v"]).astype("float32")
+    digest = hashlib.sha256(vector.tobytes()).hexdigest()[:16]
+    return sae_ref.layer, vector, {"layer": sae_ref.layer, "vector": digest}
 
 
 def main(cfg: FinetuneJob) -> FinetuneResult:
@@ -129,10 +196,18 @@ def main(cfg: FinetuneJob) -> FinetuneResult:
 
     for i, src in enumerate(ft.data):  # a missing dataset fails here, in one line
         source_path(run, src, ft.world_stage, f"finetune.data[{i}].path")
+    builder, steered = build_sft, {}
+    if ft.steer is not None:  # the direction is resolved in the driver, once
+        layer, vector, steered = steering_vector(cfg.run, ft)
+        builder = functools.partial(build_sft, steer=(layer, vector))
     with ray_session(cfg.ray):
         jobs = [
-            ModelJob(name, {"fractions": fractions}, loader(fractions))
+            ModelJob(
+                name,
+                {"fractions": fractions} | ({"steer": steered} if steered else {}),
+                loader(fractions),
+            )
             for name, fractions in variants(ft)
         ]
-        models = train_models(cfg.run, "finetune", ft, jobs, build_sft)
+        models = train_models(cfg.run, "finetune", ft, jobs, builder)
     return FinetuneResult(models)
