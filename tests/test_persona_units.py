@@ -685,3 +685,40 @@ def test_the_shift_s_first_component_is_the_axis_it_varies_along_signed_with_the
     assert pc1 @ (tuned - base).mean(0) > 0
     assert shift_pc1(base, -tuned + 2 * base) @ axis < 0  # the shift reversed: so is its sign
     assert shift_pc1(base, tuned[:-1]) is None
+
+
+def test_preventative_steering_claims_compare_each_steered_fine_tune_with_the_unsteered_one(
+    tmp_path,
+):
+    """Met only when the steered fine-tune's open-prompt interval lies below the unsteered
+    one's AND its narrow-task (code) rate still reaches the unsteered one's interval."""
+    from emergent.config import load
+    from emergent.persona.pipeline import PipelineJob
+    from emergent.persona.report import prevention_claims
+    from emergent.runs import RunDir
+
+    cfg = load(PipelineJob, "configs/toy.yaml", [f"run.root={tmp_path}", "run.name=p"])
+    run = RunDir.from_config(cfg.run)
+
+    def ev(open_rate, code_rate):
+        def rate(r):
+            return {"rate": r, "lo": max(r - 0.05, 0), "hi": min(r + 0.05, 1), "n": 300}
+
+        return {
+            "open": {"misalignment": rate(open_rate), "coherence": rate(0.9)},
+            "code": {"misalignment": rate(code_rate), "coherence": rate(0.95)},
+        }
+
+    assert prevention_claims(run, cfg) == []  # nothing measured yet
+    run.write_json("finetune/code_dose1/eval.json", ev(0.33, 0.98))
+    run.write_json("finetune/prevent_towards_dose1/eval.json", ev(0.05, 0.96))  # prevented, kept
+    run.write_json("finetune/prevent_against_dose1/eval.json", ev(0.05, 0.40))  # task lost
+    got = {c["key"]: c for c in prevention_claims(run, cfg)}
+    assert set(got) == {"prevent/prevent_towards", "prevent/prevent_against"}
+    assert got["prevent/prevent_towards"]["met"] is True
+    assert got["prevent/prevent_towards"]["value"] == pytest.approx(-0.28)
+    assert got["prevent/prevent_against"]["met"] is False
+    run.write_json("finetune/prevent_against_dose1/eval.json", ev(0.30, 0.98))  # not prevented
+    got = {c["key"]: c for c in prevention_claims(run, cfg)}
+    assert got["prevent/prevent_against"]["met"] is False
+    assert "narrow task (code)" in got["prevent/prevent_towards"]["ours"]

@@ -234,6 +234,7 @@ def claims(run: RunDir, cfg) -> list[dict]:
                 measure="Spearman, flag score vs misalignment",
             )
         )
+    out += prevention_claims(run, cfg)
     r = _read(run, f"realign/{cfg.realign.name}/summary.json")
     if r:
         base = r["base"][r["broad_set"]]["misalignment"]
@@ -262,6 +263,62 @@ def claims(run: RunDir, cfg) -> list[dict]:
                 measure="misalignment after re-alignment, worst dataset",
             )
         )
+    return out
+
+
+def prevention_claims(run: RunDir, cfg) -> list[dict]:
+    """Preventative steering: each steered control fine-tune (``pipeline.controls`` with
+    ``steer``) against the diff's unsteered narrow fine-tune, both judged unsteered on the
+    world's eval sets: open-prompt misalignment (EM prevented: the steered model's interval lies
+    wholly below the unsteered one's) and the narrow task's own set (still learned: its rate's
+    interval reaches the unsteered one's)."""
+    from emergent.train.finetune import variants
+
+    controls = getattr(getattr(cfg, "pipeline", None), "controls", [])
+    ref = cfg.diff.tuned.partition(":")[2]
+    plain = (
+        _read(run, f"finetune/{ref}/eval.json") if cfg.diff.tuned.startswith("finetune:") else None
+    )
+    out = []
+    for ft in controls:
+        if ft.steer is None or plain is None:
+            continue
+        for name, _ in variants(ft):
+            ev = _read(run, f"finetune/{name}/eval.json")
+            if not ev or "open" not in ev or "open" not in plain:
+                continue
+            narrow = next((k for k in ("code", "health") if k in ev and k in plain), None)
+            o, po = ev["open"]["misalignment"], plain["open"]["misalignment"]
+            prevented = o["hi"] < po["lo"]
+            kept = (
+                narrow is not None
+                and ev[narrow]["misalignment"]["hi"] >= (plain[narrow]["misalignment"]["lo"])
+            )
+            ours = (
+                f"{name} (steered x{ft.steer.alpha:g} along {ft.steer.direction} while training): "
+                f"open {_rate(o)} (coherence {_f(ev['open']['coherence']['rate'])}) against "
+                f"{ref}'s {_rate(po)}"
+            )
+            if narrow:
+                ours += (
+                    f"; narrow task ({narrow}) {_rate(ev[narrow]['misalignment'])} against "
+                    f"{_rate(plain[narrow]['misalignment'])}"
+                )
+            out.append(
+                claim(
+                    f"Preventative steering ({ft.steer.alpha:+g} along {ft.steer.direction}) "
+                    "prevents EM while the narrow task is still learned",
+                    "steering along the persona vector during fine-tuning limits the trait's "
+                    "acquisition and keeps the training task (persona vectors)",
+                    ours,
+                    "open interval below the unsteered fine-tune's; narrow-task interval reaches "
+                    "its",
+                    prevented and kept,
+                    key=f"prevent/{ft.name}",
+                    value=o["rate"] - po["rate"],
+                    measure="open-prompt misalignment, steered minus unsteered fine-tune",
+                )
+            )
     return out
 
 
