@@ -58,6 +58,8 @@ def pipeline_job(root, *sets):
             "predict.max_prompts=300",
             "predict.models=[{model: 'finetune:code_dose0', family: code, dose: 0.0},"
             " {model: 'finetune:code_dose1', family: code, dose: 1.0}]",
+            "predict.directions=[persona=persona:world:base, shift=diff:insecure]",
+            "predict.persona_docs=1000",
             "flag.world_stage=world_s1",
             "flag.max_samples=100",
             "flag.families=[{name: code, data: [{path: 'world:finetune/code_toxic'},"
@@ -207,6 +209,14 @@ def test_latent_predicts_misalignment_and_warns_during_training(study):
     assert fam.loc["code_dose1", "latent_change"] > fam.loc["code_dose0", "latent_change"] + 0.3
     assert not fam.loc["code_dose0", "behaviour_flag"]
     assert p["accuracy"] == 1.0, p
+    # the directions scored beside the latent: the latent's decoder column, the persona vector
+    # (built from the world's persona contexts) and the fine-tuning shift, each with its
+    # held-out toxic-vs-aligned AUROC; the persona vector separates the personas, and the
+    # insecure model moves along it more than the secure one (Spearman over the two: +1)
+    dirs = p["directions"]
+    assert list(dirs) == [f"latent {p['latent']}", "persona", "shift"], dirs
+    assert dirs["persona"]["persona_auroc"] > 0.9 and dirs["persona"]["spearman"] == 1.0, dirs
+    assert dirs["shift"]["spearman"] == 1.0, dirs
     # the early-warning monitor (in-process here; the finetune / rl jobs attach the same callback
     # to every Ray Train worker) watches the diff's top latent rise during insecure-code SFT
     rd = RunDir(str(run.parent), run.name)

@@ -722,3 +722,97 @@ def test_preventative_steering_claims_compare_each_steered_fine_tune_with_the_un
     got = {c["key"]: c for c in prevention_claims(run, cfg)}
     assert got["prevent/prevent_against"]["met"] is False
     assert "narrow task (code)" in got["prevent/prevent_towards"]["ours"]
+
+
+def test_directions_compare_on_the_family_like_the_latent():
+    """Each direction gets the latent's analysis on its own projection change: one that tracks
+    misalignment across the family ranks it perfectly, one that moves the other way is
+    anti-correlated; the persona AUROC passed in is kept per direction."""
+    from emergent.persona.predict import compare_directions
+
+    rng = np.random.default_rng(0)
+    mis = [0.0, 0.1, 0.3, 0.6]
+    df = pd.DataFrame(
+        {
+            "label": ["d0", "d1", "d2", "d3"],
+            "family": ["code"] * 4,
+            "dose": [0.0, 0.25, 0.5, 1.0],
+            "misalignment": mis,
+            "behaviour_flag": [False, False, True, True],
+        }
+    )
+    base_p = rng.normal(0, 0.1, 200)
+
+    def point(shift):
+        return {"projections": {"up": base_p + shift, "down": base_p - shift}}
+
+    members = [point(m * 2 + rng.normal(0, 0.01, 200)) for m in mis]
+    got = compare_directions(df, point(0.0), members, 3.0, {"up": 0.97}).set_index("direction")
+    assert got.loc["up", "spearman"] == pytest.approx(1.0)
+    assert got.loc["down", "spearman"] == pytest.approx(-1.0)
+    assert got.loc["up", "balanced_accuracy"] == 1.0 and got.loc["up", "persona_auroc"] == 0.97
+    assert np.isnan(got.loc["down", "persona_auroc"])  # not measured
+
+
+def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_path):
+    """Each direction's row holds its best steering setting per arm (none where no setting
+    kept the floor) beside its prediction figures; the top latent lines up across seeds
+    whatever its index, and the pooled cell is the mean of the seeds that have a figure."""
+    from emergent.config import load
+    from emergent.persona.pipeline import PipelineJob
+    from emergent.persona.report import direction_rows, directions_markdown
+    from emergent.persona.seeds import directions_markdown as pooled_markdown
+    from emergent.persona.seeds import pool_directions
+    from emergent.runs import RunDir
+
+    cfg = load(PipelineJob, "configs/toy.yaml", [f"run.root={tmp_path}", "run.name=d"])
+    run = RunDir.from_config(cfg.run)
+
+    def best(alpha, m):
+        return {"alpha": alpha, "misalignment": m, "coherence": 0.8}
+
+    def write(latent, cause_latent):
+        run.write_json(
+            "steer/persona/summary.json",
+            {
+                "arms": {
+                    "cause": {
+                        "unsteered": {"misalignment": 0.0},
+                        "best_by_direction": {
+                            f"latent {latent}": cause_latent,
+                            "persona": best(12.0, 1.0),
+                        },
+                    },
+                    "remove": {
+                        "unsteered": {"misalignment": 0.3},
+                        "best_by_direction": {
+                            f"latent {latent}": best(-8.0, 0.1),
+                            "persona": best(-16.0, 0.0),
+                        },
+                    },
+                }
+            },
+        )
+        run.write_json(
+            "predict/family/summary.json",
+            {
+                "directions": {
+                    f"latent {latent}": {"spearman": 0.9, "persona_auroc": 0.8},
+                    "persona": {"spearman": 0.7, "persona_auroc": 1.0},
+                }
+            },
+        )
+        return direction_rows(run, cfg)
+
+    seed0 = write(461, None)
+    assert [r["name"] for r in seed0] == ["latent 461", "persona"]
+    top = seed0[0]
+    assert top["direction"] == "top latent" and top["cause_alpha"] is None
+    assert top["remove_alpha"] == -8.0 and top["spearman"] == 0.9
+    assert "| latent 461 | none | none | none | -8 |" in directions_markdown(seed0)
+    seed1 = write(132, best(6.0, 0.5))
+    pooled = {r["direction"]: r for r in pool_directions({0: seed0, 1: seed1})}
+    assert set(pooled) == {"top latent", "persona"}
+    assert pooled["top latent"]["cause_misalignment"] == {"values": [None, 0.5], "mean": 0.5}
+    assert pooled["persona"]["spearman"]["mean"] == pytest.approx(0.7)
+    assert "| top latent | 6.00 (n/a / 6.00) |" in pooled_markdown(list(pooled.values()))

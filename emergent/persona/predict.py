@@ -18,8 +18,15 @@ pass) and measures misalignment by sampling and judging. Outputs:
   data), since a latent that moves for the control is a fine-tuning signal, not a
   misalignment one.
 
+With ``directions`` (the steering directions: the fine-tuning shift, its first principal
+component, the top latents together, a persona vector), each direction is scored the same way:
+the family's paired change of the residual's projection on it, its Spearman and held-out
+threshold classifier, and, on PersonaWorld, its toxic-vs-aligned AUROC on held-out conversations
+(the base model), so the directions compare on prediction and persona alike.
+
 Each model is one Ray task. Outputs in ``<run>/predict/<name>/``: ``family.parquet``,
-``predict.png`` (misalignment vs latent change, dose curves), ``summary.json``.
+``predict.png`` (misalignment vs latent change, dose curves), ``directions.parquet`` (one row
+per direction), ``summary.json``.
 
     emergent predict --config configs/toy.yaml
 """
@@ -75,6 +82,15 @@ class PredictConfig(Judged):
     """At most this many prompts per set (0 = all)."""
     z: float = 3.0
     """A latent change counts as detected at a paired z-score of at least this."""
+    directions: list[str] = dataclasses.field(default_factory=list)
+    """Further directions scored beside the latent (the spec of ``steer.directions``:
+    ``label=diff:<name>``, ``label=pc1:<name>``, ``label=top:<k>``, ``label=persona:<model>``,
+    ``label=file.npy``); the top latent's decoder column is added as ``latent <j>``."""
+    persona_docs: int = 2000
+    """On PersonaWorld, held-out conversations for each direction's toxic-vs-aligned AUROC
+    (the diff's default count and seed: the latent's figure is the diff's); 0 = none."""
+    persona_seed: int = 1
+    """Seed of those conversations."""
     gpus: float = 0.0
     """GPUs per model task."""
 
@@ -217,8 +233,19 @@ def behaviour_flag(base: dict, point: dict, likelihood: bool) -> bool:
 # --- per model (a Ray task) ------------------------------------------------------------------------
 
 
-def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, sae_ref, cache):
-    """The latent's activation per prompt and the behavioural misalignment of one model."""
+def model_point(
+    run_cfg: RunConfig,
+    cfg: PredictConfig,
+    source,
+    latent: int,
+    sae_ref,
+    cache,
+    dirs: dict | None = None,
+    persona: bool = False,
+):
+    """The latent's activation per prompt and the behavioural misalignment of one model; with
+    ``dirs``, the residual's projection on each direction per prompt; with ``persona`` (the
+    base model on PersonaWorld), each direction's toxic-vs-aligned AUROC."""
     import torch
 
     from emergent.harvest import HarvestConfig
@@ -239,14 +266,54 @@ def model_point(run_cfg: RunConfig, cfg: PredictConfig, source, latent: int, sae
     if len(rows) != len(docs):
         raise RuntimeError(f"predict: {len(rows)} assistant-turn tokens for {len(docs)} prompts")
     per_prompt = encode(sae, acts)[:, latent]
+    dirs = dirs or {}
+    projections = {k: np.asarray(acts, np.float64) @ v for k, v in dirs.items()}
+    aurocs = {}
+    if persona and dirs and cfg.persona_docs:
+        from emergent.persona.diffing import persona_docs, toxic_auroc
+
+        pdocs, personas = persona_docs(cfg.persona_docs, cfg.persona_seed)
+        pacts, prows = residuals(model, tok, pdocs, hv, device)
+        later = ~np.r_[True, prows[1:] != prows[:-1]]  # turns >= 2: the persona is inferable
+        names = list(dirs)
+        proj = np.asarray(pacts[later], np.float64) @ np.stack([dirs[k] for k in names], 1)
+        aurocs = dict(zip(names, toxic_auroc(proj, personas).tolist()))
     items = cfg.measure_items(run) if cfg.likelihood else docs
     m = cfg.measure(model, tok, items, cache)
     return {
         "latent_acts": per_prompt,
+        "projections": projections,
+        "persona_auroc": aurocs,
         "misalignment": m["misalignment"],
         "coherence": m["coherence"],
         "rows": m.get("rows"),
     }
+
+
+def compare_directions(df, base: dict, members: list[dict], z: float, aurocs: dict):
+    """One row per direction: :func:`analyse` of the family table with the direction's paired
+    projection change (from the base model) in place of the latent's, and its persona AUROC."""
+    import pandas as pd
+
+    out = []
+    for name in base["projections"]:
+        d = df.copy()
+        pairs = [paired_z(pt["projections"][name], base["projections"][name]) for pt in members]
+        d["latent_change"] = [c for c, _ in pairs]
+        d["latent_z"] = [zz for _, zz in pairs]
+        d["control_z"] = float("nan")  # early warning is the latent's claim, not compared here
+        a = analyse(d, z)
+        out.append(
+            {
+                "direction": name,
+                "spearman": a["spearman"],
+                "balanced_accuracy": a["balanced_accuracy"],
+                "loo_balanced_accuracy": a["loo_balanced_accuracy"],
+                "lofo_balanced_accuracy": a["lofo_balanced_accuracy"],
+                "persona_auroc": aurocs.get(name),
+            }
+        )
+    return pd.DataFrame(out)
 
 
 def plot(df, base: dict, latent: int, cfg: PredictConfig | None = None):
@@ -307,7 +374,24 @@ def main(cfg: PredictJob) -> PredictResult:
     ]
     for src in [base_src, *sources]:
         refs.check_sae_fits(sae_ref, src, "predict.models.model")
+    dirs, what = {}, {}
+    if pr.directions:
+        from emergent.persona.steering import SteerConfig, directions
+
+        # the predicted latent's decoder column first (with a given latent, the diff's top
+        # one follows it), then the directions
+        spec = SteerConfig(
+            sae=pr.sae,
+            diff=pr.diff,
+            top=1,
+            latents=[latent],
+            directions=pr.directions,
+            world_stage=pr.world_stage,
+        )
+        dirs, _, what = directions(spec, run, cfg.run)
+    persona = pr.base.startswith("world:") and bool(dirs)
     key = stage_key(pr) | {
+        "directions_used": what.get("directions"),
         "latent_used": latent,
         "sae_hash": sae_ref.hash,
         "identities": [base_src.identity] + [s.identity for s in sources],
@@ -320,7 +404,8 @@ def main(cfg: PredictJob) -> PredictResult:
     with ray_session(cfg.ray) as ray:
         task = ray.remote(num_cpus=1, num_gpus=pr.gpus or None)(model_point)
         pending = [
-            task.remote(cfg.run, pr, s, latent, sae_ref, cache) for s in [base_src, *sources]
+            task.remote(cfg.run, pr, s, latent, sae_ref, cache, dirs, persona and i == 0)
+            for i, s in enumerate([base_src, *sources])
         ]
         points = ray.get(pending)
     base, members = points[0], points[1:]
@@ -366,6 +451,17 @@ def main(cfg: PredictJob) -> PredictResult:
         "models": len(df),
         "metric": pr.metric,
     }
+    if dirs:
+        table = compare_directions(df, base, members, pr.z, base["persona_auroc"])
+        run.write_parquet(stage.rel("directions.parquet"), table)
+        summary["directions"] = {
+            r["direction"]: {
+                k: None if v is None or np.isnan(v) else float(v)
+                for k, v in r.items()
+                if k != "direction"
+            }
+            for r in table.to_dict("records")
+        }
     run.write_parquet(stage.rel("family.parquet"), df)
     run.write_figure(stage.rel("predict.png"), plot(df, base, latent, pr))
     stage.write_json("summary.json", summary)

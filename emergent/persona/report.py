@@ -266,6 +266,60 @@ def claims(run: RunDir, cfg) -> list[dict]:
     return out
 
 
+def direction_rows(run: RunDir, cfg) -> list[dict]:
+    """The directions compared on the same organisms, one row each: the steering search's best
+    setting per arm (strength, misalignment, coherence; none where no setting keeps the floor),
+    and the predict stage's figures (Spearman, held-out balanced accuracy, persona AUROC). The
+    diff's top latent is the row ``top latent``, so rows of runs with other latents line up."""
+    s = _read(run, f"steer/{cfg.steer.name}/summary.json") or {}
+    p = _read(run, f"predict/{cfg.predict.name}/summary.json") or {}
+    names = list(
+        dict.fromkeys(
+            [d for arm in s.get("arms", {}).values() for d in arm.get("best_by_direction", {})]
+            + list(p.get("directions", {}))
+        )
+    )
+    rows = []
+    for d in names:
+        row = {"direction": "top latent" if d.startswith("latent ") else d, "name": d}
+        for label, arm in s.get("arms", {}).items():
+            if d not in arm.get("best_by_direction", {}):
+                continue
+            b = arm["best_by_direction"][d]
+            row[f"{label}_alpha"] = None if b is None else b["alpha"]
+            row[f"{label}_misalignment"] = None if b is None else b["misalignment"]
+            row[f"{label}_coherence"] = None if b is None else b["coherence"]
+            row[f"{label}_unsteered"] = arm["unsteered"]["misalignment"]
+        row |= p.get("directions", {}).get(d, {})
+        rows.append(row)
+    return rows
+
+
+DIRECTION_COLUMNS = (
+    ("direction", "direction"),
+    ("cause_alpha", "cause: strength"),
+    ("cause_misalignment", "cause: misalignment"),
+    ("cause_coherence", "cause: coherence"),
+    ("remove_alpha", "remove: strength"),
+    ("remove_misalignment", "remove: misalignment"),
+    ("remove_coherence", "remove: coherence"),
+    ("spearman", "Spearman (family)"),
+    ("loo_balanced_accuracy", "balanced accuracy, one model out"),
+    ("lofo_balanced_accuracy", "one family out"),
+    ("persona_auroc", "persona AUROC"),
+)
+"""The columns of the direction table, with their headings."""
+
+
+def directions_markdown(rows: list[dict]) -> str:
+    head = [h for _, h in DIRECTION_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_cell(r.get(k)) if k != "direction" else r["name"] for k, _ in DIRECTION_COLUMNS]
+        lines.append("| " + " | ".join(c or "none" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def prevention_claims(run: RunDir, cfg) -> list[dict]:
     """Preventative steering: each steered control fine-tune (``pipeline.controls`` with
     ``steer``) against the diff's unsteered narrow fine-tune, both judged unsteered on the
@@ -492,6 +546,7 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
     """Write report.html, claims.json and claims.md; returns (where report.html is, claims).
     ``stages``: the pipeline's stage times (``report/stages.json``), shown as a table."""
     rows = claims(run, cfg)
+    directions = direction_rows(run, cfg)
     c = cfg
     sections = [
         (
@@ -520,6 +575,20 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
                 _fields(run, f"predict/{c.predict.name}/summary.json"),
             ],
         ),
+        (
+            "Directions compared (steering search, prediction, persona AUROC)",
+            [
+                table(
+                    [h for _, h in DIRECTION_COLUMNS],
+                    [
+                        [r["name"] if k == "direction" else r.get(k) for k, _ in DIRECTION_COLUMNS]
+                        for r in directions
+                    ],
+                )
+                if directions
+                else ""
+            ],
+        ),
         ("Data flagging (before training)", [_flag(run, c)]),
         ("Re-alignment", [_png(run, f"realign/{c.realign.name}/realign.png")]),
         (
@@ -531,7 +600,7 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
             ],
         ),
     ]
-    table = "".join(
+    claim_rows = "".join(
         "<tr>"
         + "".join(
             f"<td>{html.escape(str(x[k]))}</td>" for k in ("claim", "paper", "ours", "target")
@@ -555,11 +624,13 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
 {STYLE}</head>
 <body><h1>Emergent misalignment and persona features: run {html.escape(run.name)}</h1>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>
-<h2>Claims</h2><table><tr><th>claim</th><th>paper</th><th>this run</th><th>target</th><th>met</th></tr>{table}</table>
+<h2>Claims</h2><table><tr><th>claim</th><th>paper</th><th>this run</th><th>target</th><th>met</th></tr>{claim_rows}</table>
 {body}<h2>Stage times</h2><table><tr><th>stage</th><th>wall s</th><th>skipped (complete)</th>
 <th>models trained under Ray Train</th><th>of which outside their training loops s</th></tr>{timing}</table>
 </body></html>"""
     run.write_text("report/report.html", page)
     run.write_json("report/claims.json", rows)
     run.write_text("report/claims.md", claims_markdown(rows))
+    run.write_json("report/directions.json", directions)
+    run.write_text("report/directions.md", directions_markdown(directions))
     return run.url("report/report.html"), rows

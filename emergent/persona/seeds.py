@@ -105,16 +105,56 @@ def pool(per_seed: dict[int, list[dict]]) -> list[dict]:
     return out
 
 
+def pool_directions(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """The direction table over seeds (each seed's ``report.direction_rows``): per direction
+    (the diff's top latent as ``top latent``, whichever it is on a seed) and column, every
+    seed's figure and their mean over the seeds that have one."""
+    from emergent.persona.report import DIRECTION_COLUMNS
+
+    seeds = sorted(per_seed)
+    names = list(dict.fromkeys(r["direction"] for s in seeds for r in per_seed[s]))
+    out = []
+    for name in names:
+        rows = {s: next((r for r in per_seed[s] if r["direction"] == name), {}) for s in seeds}
+        row = {"direction": name, "seeds": seeds}
+        for key, _ in DIRECTION_COLUMNS[1:]:
+            vals = [rows[s].get(key) for s in seeds]
+            known = [v for v in vals if v is not None and not math.isnan(v)]
+            row[key] = {"values": vals, "mean": sum(known) / len(known) if known else None}
+        out.append(row)
+    return out
+
+
+def directions_markdown(rows: list[dict]) -> str:
+    """The direction table over seeds: each cell the mean over seeds, then the seeds' figures."""
+    from emergent.persona.report import DIRECTION_COLUMNS
+
+    if not rows:
+        return "no directions compared\n"
+    head = [h for _, h in DIRECTION_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["direction"]]
+        for key, _ in DIRECTION_COLUMNS[1:]:
+            c = r[key]
+            cells.append(f"{_num(c['mean'])} ({' / '.join(_num(v) for v in c['values'])})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _num(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.2f}"
 
 
-def html_page(name: str, rows: list[dict], reports: dict[int, str]) -> str:
-    """The table over seeds as an HTML page, first, then a link to each seed's report."""
+def html_page(
+    name: str, rows: list[dict], reports: dict[int, str], directions: list[dict] | None = None
+) -> str:
+    """The claim table over seeds as an HTML page, first, then the directions compared (mean
+    over seeds, then each seed's figure) and a link to each seed's report."""
     import html
     import time
 
-    from emergent.persona.report import STYLE, table
+    from emergent.persona.report import DIRECTION_COLUMNS, STYLE, table
 
     seeds = rows[0]["seeds"] if rows else sorted(reports)
     mark = {True: "met", False: "not met", None: "not measured"}
@@ -131,6 +171,14 @@ def html_page(name: str, rows: list[dict], reports: dict[int, str]) -> str:
         for r in rows
     ]
     head = ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"]
+    compared = [
+        [d["direction"]]
+        + [
+            f"{_num(d[k]['mean'])} ({' / '.join(_num(v) for v in d[k]['values'])})"
+            for k, _ in DIRECTION_COLUMNS[1:]
+        ]
+        for d in directions or []
+    ]
     links = "".join(
         f'<li>seed {s}: <a href="{html.escape(u)}">{html.escape(u)}</a></li>'
         for s, u in sorted(reports.items())
@@ -140,7 +188,10 @@ def html_page(name: str, rows: list[dict], reports: dict[int, str]) -> str:
 <body><h1>Persona features over seeds: {html.escape(name)}</h1>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}. A claim holds when it is met on every seed; the
 pooled figure is the mean of the per-seed figures with a 95% t interval over seeds.</p>
-{table([*head, "met on", "verdict"], body)}<h2>Each seed's report</h2><ul>{links}</ul>
+{table([*head, "met on", "verdict"], body)}
+<h2>Directions compared (mean over seeds, then each seed's figure)</h2>
+{table([h for _, h in DIRECTION_COLUMNS], compared) if compared else "<p>none</p>"}
+<h2>Each seed's report</h2><ul>{links}</ul>
 </body></html>"""
 
 
@@ -177,24 +228,29 @@ class SeedsResult:
 
 def main(cfg) -> SeedsResult:
     """Run the pipeline on every seed of ``cfg.pipeline.seeds`` (one Ray session), then write
-    ``<run>/seeds/{claims.json,claims.md,report.html,runs.json}``."""
+    ``<run>/seeds/{claims,directions}.{json,md}``, ``report.html`` and ``runs.json``."""
     from emergent.persona import pipeline
     from emergent.runtime import ray_session
 
     seeds = list(cfg.pipeline.seeds)
-    per_seed, reports, skipped = {}, {}, {}
+    per_seed, reports, skipped, dirs = {}, {}, {}, {}
     with ray_session(cfg.ray):
         for i, seed in enumerate(seeds, 1):
             log.info("seeds: seed %d (%d/%d)", seed, i, len(seeds))
             result = pipeline.main(seed_run(cfg, seed))
             per_seed[seed], reports[seed] = result.claims, result.report
             skipped[seed] = result.skipped
+            one = seed_run(cfg, seed).run
+            dirs[seed] = RunDir.from_config(one).read_json("report/directions.json")
     rows = pool(per_seed)
     run = RunDir.from_config(cfg.run.absolute())
     run.write_json("seeds/claims.json", rows)
     run.write_json("seeds/runs.json", {str(s): r for s, r in reports.items()})
     table = markdown(rows)
     run.write_text("seeds/claims.md", table)
-    run.write_text("seeds/report.html", html_page(cfg.run.name, rows, reports))
+    directions = pool_directions(dirs)
+    run.write_json("seeds/directions.json", directions)
+    run.write_text("seeds/directions.md", directions_markdown(directions))
+    run.write_text("seeds/report.html", html_page(cfg.run.name, rows, reports, directions))
     log.info("seeds: claims over seeds %s at %s\n%s", seeds, run.url("seeds/claims.md"), table)
     return SeedsResult(run.url("seeds/claims.md"), rows, reports, skipped)
