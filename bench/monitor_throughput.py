@@ -17,7 +17,8 @@ same texts and batches, wall time in this process:
                  the pass stops after the block)
   1 monitor      featurize with one monitor, a pass of its own (raw features + 1 monitor)
   K separate     featurize with K monitors, a pass each (share_prefix=False)
-  K shared       featurize with K monitors on the text's KV cache (share_prefix=True)
+  K shared       featurize with K monitors on the text's KV cache (share_prefix=True): every
+                 monitor's question in one more pass, side by side
 
 Ratios: tokens/s against the forward; and each monitor row's time against "1 monitor" (goal for
 K = 8 shared: <= 1.3x).

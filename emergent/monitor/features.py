@@ -12,9 +12,9 @@ The text's own pass stops after block L (no LM head); a template's pass runs the
 only where a zero-shot score is read from it (and the LM head only at its final token).
 Suffix-only templates on chats share the text's pass: its KV cache is kept and each monitor runs
 only its own question (``featurize``), all monitors' questions in one more pass, so many monitors
-cost one pass over the text. Every
-feature notes its forward tokens per item alone (``tokens/<method>``) and what it ran beside the
-text's pass (``run/<template>``), the inference cost the study compares.
+cost one pass over the text. Every feature notes its forward tokens per item alone
+(``tokens/<method>``) and what it ran beside the text's pass (``run/<template>``), the inference
+cost the study compares.
 
 A zero-shot score needs the answer words as tokens of the model's vocabulary (PersonaWorld's
 word-level vocabulary has ``yes`` and ``no`` since its judgment turns, grammar version 2); a
@@ -200,9 +200,10 @@ def featurize(
     text (the text's turns), at their own positions; the cached positions it does not share are
     masked out. All of them run in one further pass, side by side in each row, each template's
     tokens attending to the cache and to themselves only. Causal attention makes this the same
-    computation as a separate pass per template (within float tolerance). ``tokens/<t>`` is what a template costs alone (its whole sequence),
-    ``run/<t>`` what it ran here. ``extra_layers``: also the text's pooled residuals after
-    those blocks (``raw@<L>/<pool>``), from the same pass.
+    computation as a separate pass per template (within float tolerance). ``tokens/<t>`` is
+    what a template costs alone (its whole sequence), ``run/<t>`` what it ran here.
+    ``extra_layers``: also the text's pooled residuals after those blocks (``raw@<L>/<pool>``),
+    from the same pass.
     """
     import torch
     from transformers import DynamicCache
