@@ -133,17 +133,45 @@ def directions_markdown(rows: list[dict]) -> str:
         return "no directions compared\n"
     head = [h for _, h in DIRECTION_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["direction"]]
-        for key, _ in DIRECTION_COLUMNS[1:]:
-            c = r[key]
-            cells.append(f"{_num(c['mean'])} ({' / '.join(_num(v) for v in c['values'])})")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(direction_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+MARK = {True: "met", False: "not met", None: "not measured"}
+
+
+def claim_head(seeds: list[int]) -> list[str]:
+    return ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"] + [
+        "met on",
+        "verdict",
+    ]
+
+
+def claim_cells(r: dict) -> list[str]:
+    """One pooled claim as table cells (the columns of :func:`claim_head`)."""
+    return [
+        r["claim"],
+        r["paper"],
+        r["measure"],
+        *(f"{_num(v)} ({MARK[m]})" for v, m in zip(r["values"], r["met_by_seed"])),
+        f"{_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]",
+        f"{r['met_seeds']}/{len(r['seeds'])}",
+        r["verdict"],
+    ]
+
+
+def direction_cells(d: dict) -> list[str]:
+    """One pooled direction as table cells: each column's mean over seeds, then the seeds'."""
+    from emergent.persona.report import DIRECTION_COLUMNS
+
+    return [d["direction"]] + [
+        f"{_num(d[k]['mean'])} ({' / '.join(_num(v) for v in d[k]['values'])})"
+        for k, _ in DIRECTION_COLUMNS[1:]
+    ]
 
 
 def html_page(
@@ -157,28 +185,7 @@ def html_page(
     from emergent.persona.report import DIRECTION_COLUMNS, STYLE, table
 
     seeds = rows[0]["seeds"] if rows else sorted(reports)
-    mark = {True: "met", False: "not met", None: "not measured"}
-    body = [
-        [
-            r["claim"],
-            r["paper"],
-            r["measure"],
-            *(f"{_num(v)} ({mark[m]})" for v, m in zip(r["values"], r["met_by_seed"])),
-            f"{_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]",
-            f"{r['met_seeds']}/{len(seeds)}",
-            r["verdict"],
-        ]
-        for r in rows
-    ]
-    head = ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"]
-    compared = [
-        [d["direction"]]
-        + [
-            f"{_num(d[k]['mean'])} ({' / '.join(_num(v) for v in d[k]['values'])})"
-            for k, _ in DIRECTION_COLUMNS[1:]
-        ]
-        for d in directions or []
-    ]
+    compared = [direction_cells(d) for d in directions or []]
     links = "".join(
         f'<li>seed {s}: <a href="{html.escape(u)}">{html.escape(u)}</a></li>'
         for s, u in sorted(reports.items())
@@ -188,7 +195,7 @@ def html_page(
 <body><h1>Persona features over seeds: {html.escape(name)}</h1>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}. A claim holds when it is met on every seed; the
 pooled figure is the mean of the per-seed figures with a 95% t interval over seeds.</p>
-{table([*head, "met on", "verdict"], body)}
+{table(claim_head(seeds), [claim_cells(r) for r in rows])}
 <h2>Directions compared (mean over seeds, then each seed's figure)</h2>
 {table([h for _, h in DIRECTION_COLUMNS], compared) if compared else "<p>none</p>"}
 <h2>Each seed's report</h2><ul>{links}</ul>
@@ -200,17 +207,9 @@ def markdown(rows: list[dict]) -> str:
     verdict, the pooled figure, seeds met, and the verdict."""
     if not rows:
         return "no claims measured\n"
-    seeds = rows[0]["seeds"]
-    head = ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"]
-    head += ["met on", "verdict"]
+    head = claim_head(rows[0]["seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    mark = {True: "met", False: "not met", None: "not measured"}
-    for r in rows:
-        cells = [r["claim"], r["paper"], r["measure"]]
-        cells += [f"{_num(v)} ({mark[m]})" for v, m in zip(r["values"], r["met_by_seed"])]
-        cells.append(f"{_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]")
-        cells += [f"{r['met_seeds']}/{len(seeds)}", r["verdict"]]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(claim_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
