@@ -145,10 +145,8 @@ MARK = {True: "met", False: "not met", None: "not measured"}
 
 
 def claim_head(seeds: list[int]) -> list[str]:
-    return ["claim", "paper", "figure", *(f"seed {s}" for s in seeds), "pooled (95% t, seeds)"] + [
-        "met on",
-        "verdict",
-    ]
+    per_seed = [f"seed {s}" for s in seeds]
+    return ["claim", "paper", "figure", *per_seed, "pooled (95% t, seeds)", "met on", "verdict"]
 
 
 def claim_cells(r: dict) -> list[str]:
