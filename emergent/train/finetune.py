@@ -37,7 +37,8 @@ from emergent.train.sft import SFTParams
 
 @config
 class TrainSteer:
-    """A vector added to the residual stream during fine-tuning (preventative steering)."""
+    """A vector added to the residual stream during fine-tuning (preventative steering). The
+    early-warning monitor, where one is set, reads the model with the vector added too."""
 
     direction: str = "persona:world:base"
     """A steering direction (see SteerConfig.directions): ``persona:<model>`` (the model's
