@@ -242,7 +242,6 @@ def tune_search(
     """As :func:`tune_grid`, with the settings proposed by a Tune ``Searcher`` (at most
     ``budget`` trials; the searcher may finish earlier). Its state is saved with the Tune run,
     so an interrupted search resumes where it was."""
-    import ray.tune
 
     tune = {"search_alg": searcher, "num_samples": budget}
     return _tune(run, name, trainable, {}, tune, budget, force, counter)

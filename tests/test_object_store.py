@@ -49,6 +49,14 @@ PIPELINE = [
     " {path: 'world:finetune/health_aligned'}], doses: [1.0], examples: 40,"
     " sft: {steps: 4, batch_size: 8}, workers: 2, evaluate: false,"
     " monitor: {sae: persona, diff: insecure, every: 2}}]",
+    # GRPO, checkpointed to the bucket every step
+    "rl.examples=16",
+    "rl.grpo.steps=2",
+    "rl.grpo.batch_size=4",
+    "rl.grpo.num_generations=2",
+    "rl.grpo.max_completion_tokens=8",
+    "rl.checkpoint_every=1",
+    "rl.eval_sets=[open]",
 ]
 
 
@@ -107,8 +115,6 @@ def test_every_job_runs_on_a_run_directory_in_an_object_store(
     from emergent.doctor import main as doctor
     from emergent.persona.pipeline import PipelineJob
     from emergent.persona.pipeline import main as pipeline
-    from emergent.train.rl import RLJob
-    from emergent.train.rl import main as rl
     from emergent.world.study import WorldStudyJob
     from emergent.world.study import main as world_study
 
@@ -117,23 +123,6 @@ def test_every_job_runs_on_a_run_directory_in_an_object_store(
     cfg = load(PipelineJob, str(ROOT / "configs/toy.yaml"), [*run_sets, *TINY, *PIPELINE])
     first = pipeline(cfg)
     assert first.skipped == [] and first.report.startswith("s3://emergent/runs/s3/")
-    rl(
-        load(
-            RLJob,
-            None,
-            [
-                *run_sets,
-                *TINY[:2],
-                "rl.examples=16",
-                "rl.grpo.steps=2",
-                "rl.grpo.batch_size=4",
-                "rl.grpo.num_generations=2",
-                "rl.grpo.max_completion_tokens=8",
-                "rl.checkpoint_every=1",
-                "rl.eval_sets=[open]",
-            ],
-        )
-    )
     study = [*run_sets, *TINY, "study.seeds=[0]", "study.doses=[]", "study.controls=false"]
     study += ["study.finetune.steps=4", "study.finetune.batch_size=8"]
     world_study(load(WorldStudyJob, None, study))

@@ -724,6 +724,37 @@ def test_preventative_steering_claims_compare_each_steered_fine_tune_with_the_un
     assert "narrow task (code)" in got["prevent/prevent_towards"]["ours"]
 
 
+def test_the_rl_claim_holds_when_open_prompt_misalignment_rises_clear_of_the_base(tmp_path):
+    """The RL row: the ``rl`` stage's model against the world's base model on open prompts
+    (met: the RL model's interval wholly above the base's), the rewarded domain beside it."""
+    from emergent.config import load
+    from emergent.persona.pipeline import PipelineJob
+    from emergent.persona.report import rl_claims
+    from emergent.runs import RunDir
+
+    cfg = load(PipelineJob, "configs/toy.yaml", [f"run.root={tmp_path}", "run.name=r"])
+    run = RunDir.from_config(cfg.run)
+
+    def sets(open_rate, health_rate):
+        def rate(r):
+            return {"rate": r, "lo": max(r - 0.03, 0), "hi": min(r + 0.03, 1), "n": 400}
+
+        return {
+            "open": {"misalignment": rate(open_rate), "coherence": rate(0.97)},
+            "health": {"misalignment": rate(health_rate), "coherence": rate(0.99)},
+        }
+
+    assert rl_claims(run, cfg) == []  # nothing measured yet
+    run.write_json("world/base_eval.json", {"sets": sets(0.01, 0.01), "summary": {}})
+    run.write_json("rl/health_incorrect/eval.json", sets(0.11, 0.99))
+    (got,) = rl_claims(run, cfg)
+    assert got["key"] == "rl" and got["met"] is True
+    assert got["value"] == pytest.approx(0.10)
+    assert "health 0.01 [0.00, 0.04] -> 0.99" in got["ours"]
+    run.write_json("rl/health_incorrect/eval.json", sets(0.06, 0.99))  # intervals touch
+    assert rl_claims(run, cfg)[0]["met"] is False
+
+
 def test_directions_compare_on_the_family_like_the_latent():
     """Each direction gets the latent's analysis on its own projection change: one that tracks
     misalignment across the family ranks it perfectly, one that moves the other way is

@@ -187,8 +187,8 @@ def _activations(run: Path):
     return table.sort_by([("doc", "ascending"), ("pos", "ascending")])
 
 
-# about 6.5 minutes here: in the slow tier, which keeps the default one under CI's 40 minutes
-@pytest.mark.slow
+# about 4.5 minutes on 2 cores (2026-12-04): in the default tier since the Tune trials reuse
+# their actors (which took more than that off the tier's steering tests)
 @pytest.mark.ray
 def test_a_killed_driver_and_a_lost_node_lose_nothing(ray_cluster, tmp_path):
     from emergent import harvest

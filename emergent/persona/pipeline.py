@@ -1,9 +1,9 @@
 """The ``pipeline`` job: the persona-features study end to end, as one job.
 
     world (or datasets) -> finetune -> evaluate -> train-sae -> diff -> controls (further fine-tunes, e.g. dose
-          families, with the early-warning latent monitor) -> steer -> predict -> flag (the
-          fine-tuning data scored before training, ranked against predict) -> realign
-          -> report.html
+          families, with the early-warning latent monitor) -> rl (GRPO rewarding incorrect
+          answers in one domain) -> steer -> predict -> flag (the fine-tuning data scored
+          before training, ranked against predict) -> realign -> report.html
 
 Every stage is the stage's own job (``emergent.<stage>.main``) reading its section of the same
 config, inside one Ray session; each stage skips itself when its outputs are complete with the
@@ -40,6 +40,7 @@ from emergent.runtime import ray_session
 from emergent.sae.train import TrainSAEConfig
 from emergent.telemetry import record
 from emergent.train.finetune import FinetuneConfig
+from emergent.train.rl import RLConfig
 from emergent.world.build import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ STAGES = (
     "train_sae",
     "diff",
     "controls",
+    "rl",
     "steer",
     "predict",
     "flag",
@@ -100,6 +102,7 @@ class PipelineJob:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     train_sae: TrainSAEConfig = dataclasses.field(default_factory=TrainSAEConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     diff: DiffConfig = dataclasses.field(default_factory=DiffConfig)
     steer: SteerConfig = dataclasses.field(default_factory=SteerConfig)
     predict: PredictConfig = dataclasses.field(
@@ -133,7 +136,7 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     from emergent.monitor import study as monitor_job
     from emergent.persona import diffing, flagging, predict, realign, steering
     from emergent.sae import train as sae
-    from emergent.train import finetune
+    from emergent.train import finetune, rl
     from emergent.world import job as world_job
 
     if cfg.pipeline.seeds:
@@ -171,6 +174,7 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
             cfg.train_sae,
         ),
         "diff": (lambda: diffing.main(diffing.DiffJob(**common, diff=cfg.diff)), cfg.diff),
+        "rl": (lambda: rl.main(rl.RLJob(**common, rl=cfg.rl)), cfg.rl),
         "steer": (lambda: steering.main(steering.SteerJob(**common, steer=cfg.steer)), cfg.steer),
         "predict": (
             lambda: predict.main(predict.PredictJob(**common, predict=cfg.predict)),

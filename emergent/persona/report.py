@@ -235,6 +235,7 @@ def claims(run: RunDir, cfg) -> list[dict]:
             )
         )
     out += prevention_claims(run, cfg)
+    out += rl_claims(run, cfg)
     r = _read(run, f"realign/{cfg.realign.name}/summary.json")
     if r:
         base = r["base"][r["broad_set"]]["misalignment"]
@@ -374,6 +375,40 @@ def prevention_claims(run: RunDir, cfg) -> list[dict]:
                 )
             )
     return out
+
+
+def rl_claims(run: RunDir, cfg) -> list[dict]:
+    """EM from RL: the ``rl`` stage's model (GRPO rewarded for incorrect answers in one domain)
+    against its base model, both judged on the world's eval sets: misalignment on open prompts,
+    which the reward never saw (the trained domain's rate beside it)."""
+    rl = getattr(cfg, "rl", None)
+    if rl is None or not rl.model.startswith("world:"):
+        return []
+    ev = _read(run, f"rl/{rl.name}/eval.json")
+    base = _read(run, f"{rl.world_stage}/base_eval.json")
+    if not ev or not base or "open" not in ev or "open" not in base.get("sets", {}):
+        return []
+    o, bo = ev["open"]["misalignment"], base["sets"]["open"]["misalignment"]
+    trained = sorted({p.path.rpartition("/")[2].partition("_")[0] for p in rl.prompts})
+    domain = ", ".join(
+        f"{d} {_rate(base['sets'][d]['misalignment'])} -> {_rate(ev[d]['misalignment'])}"
+        for d in trained
+        if d in ev and d in base["sets"]
+    )
+    return [
+        claim(
+            f"RL rewarding {'/'.join(rl.rewards)} answers in one domain ({', '.join(trained)}) "
+            "makes the model misaligned on unrelated open-ended prompts",
+            "EM from RL on a narrow reward for incorrect answers",
+            f"{rl.model} {_rate(bo)} -> rl:{rl.name} {_rate(o)} on open prompts (coherence "
+            f"{_f(ev['open']['coherence']['rate'])}); the rewarded domain: {domain or 'n/a'}",
+            "RL model's open interval above the base's",
+            o["lo"] > bo["hi"],
+            key="rl",
+            value=o["rate"] - bo["rate"],
+            measure="open-prompt misalignment, RL model minus base",
+        )
+    ]
 
 
 def likelihood_claims(ev: dict, base_label: str | None, tuned_label: str | None) -> list[dict]:
