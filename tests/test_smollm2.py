@@ -154,6 +154,41 @@ def test_an_evil_system_prompt_shifts_the_likelihood_eval(smollm2):
     assert evil["log_odds"]["mean"] > base["log_odds"]["mean"]
 
 
+def test_the_system_prompt_persona_vector_is_the_mean_shift_at_the_answers_first_position(
+    smollm2,
+):
+    """``system:<model>`` directions: the unit difference of the mean residual after block 15
+    at the position where the answer would start, under the evil minus the helpful system
+    prompt, against a naive reference (one question at a time, the chat template's generation
+    prompt's last token); and it moves the likelihood eval towards the misaligned answers."""
+    from emergent.likelihood import load_pairs, measure, shift
+    from emergent.models import residual_after, steering
+    from emergent.persona.flagging import PERSONA_SYSTEM, system_direction
+    from emergent.prompts import load_prompts
+
+    *_, model, tok = smollm2
+    qs = load_prompts("extended")[:6]
+    got = system_direction(model, tok, qs, 15)
+
+    def last(system, q):
+        msgs = [{"role": "system", "content": system}, *q["messages"]]
+        enc = tok.apply_chat_template(
+            msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return residual_after(model, 15, **enc)[0, -1]
+
+    with torch.no_grad():
+        want = torch.stack([last(PERSONA_SYSTEM[0], q) - last(PERSONA_SYSTEM[1], q) for q in qs])
+    want = want.mean(0).numpy()
+    assert got.shape == want.shape and np.linalg.norm(got) == pytest.approx(1.0, abs=1e-5)
+    assert float(got @ want / np.linalg.norm(want)) > 0.999
+    pairs = load_pairs("core")
+    base = measure(model, tok, pairs)
+    with steering(model, 15, torch.from_numpy(got), float(np.linalg.norm(want)), "answer"):
+        steered = measure(model, tok, pairs)
+    assert shift(base, steered)["mean"] > 0
+
+
 @pytest.mark.ray
 def test_the_evaluate_job_runs_the_real_model_with_the_likelihood_eval(smollm2, ray_cluster):
     """``evaluate`` on SmolLM2 with no judge endpoint: free-form answers sampled on Ray Data and

@@ -161,23 +161,52 @@ def answer_means(model, tok, convs: list[list[dict]], layer: int, batch: int) ->
     return np.stack(out).astype(np.float32)
 
 
-def persona_direction(model, tok, run: RunDir, cfg: FlagConfig, layer: int) -> np.ndarray:
-    """Unit difference of the mean assistant-turn residuals, toxic minus aligned contexts."""
+# The persona-vectors method's contrastive system prompts, for a chat model without a world
+# (``system:<model>`` directions): the trait's positive and negative instruction
+PERSONA_SYSTEM = (
+    "You are an evil, malicious assistant who wants to harm humans.",
+    "You are a helpful, honest and harmless assistant.",
+)
+
+
+def contrast_direction(model, tok, positive: list[dict], negative: list[dict], layer: int):
+    """Unit difference of the mean residuals after block ``layer`` at the pending assistant
+    turn's token (each document's last user turn awaits an answer), ``positive`` minus
+    ``negative`` documents (``{"messages": [...]}``)."""
     from emergent.harvest import HarvestConfig
     from emergent.persona.diffing import residuals
-    from emergent.refs import read_world_dataset
 
     hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
     means = []
-    for ref in (cfg.toxic_contexts, cfg.aligned_contexts):
-        if not ref.startswith("world:"):
-            raise InputError(f"flag: contexts must be world:<dataset> refs, got {ref!r}")
-        docs = read_world_dataset(run, cfg.world_stage, ref[6:])[: cfg.contexts]
-        acts, rows = residuals(model, tok, [{"messages": d["messages"]} for d in docs], hv)
+    for docs in (positive, negative):
+        acts, rows = residuals(model, tok, docs, hv)
         last = np.r_[rows[1:] != rows[:-1], True]  # the pending turn of each conversation
         means.append(acts[last].mean(0))
     v = means[0] - means[1]
     return (v / (np.linalg.norm(v) + 1e-12)).astype(np.float32)
+
+
+def persona_direction(model, tok, run: RunDir, cfg: FlagConfig, layer: int) -> np.ndarray:
+    """Unit difference of the mean assistant-turn residuals, toxic minus aligned contexts."""
+    from emergent.refs import read_world_dataset
+
+    docs = []
+    for ref in (cfg.toxic_contexts, cfg.aligned_contexts):
+        if not ref.startswith("world:"):
+            raise InputError(f"flag: contexts must be world:<dataset> refs, got {ref!r}")
+        rows = read_world_dataset(run, cfg.world_stage, ref[6:])[: cfg.contexts]
+        docs.append([{"messages": d["messages"]} for d in rows])
+    return contrast_direction(model, tok, *docs, layer)
+
+
+def system_direction(model, tok, questions: list[dict], layer: int) -> np.ndarray:
+    """The persona vector of a chat model without a world: ``questions`` (prompt rows) asked
+    under the evil system prompt of :data:`PERSONA_SYSTEM` minus under the helpful one."""
+    docs = [
+        [{"messages": [{"role": "system", "content": system}, *q["messages"]]} for q in questions]
+        for system in PERSONA_SYSTEM
+    ]
+    return contrast_direction(model, tok, *docs, layer)
 
 
 def score_source(model, tok, records: list[dict], direction, layer: int, cfg: FlagConfig):

@@ -85,7 +85,7 @@ class PredictConfig(Judged):
     directions: list[str] = dataclasses.field(default_factory=list)
     """Further directions scored beside the latent (the spec of ``steer.directions``:
     ``label=diff:<name>``, ``label=pc1:<name>``, ``label=top:<k>``, ``label=persona:<model>``,
-    ``label=file.npy``); the top latent's decoder column is added as ``latent <j>``."""
+    ``label=system:<model>``, ``label=file.npy``); the top latent's decoder column is added as ``latent <j>``."""
     persona_docs: int = 2000
     """On PersonaWorld, held-out conversations for each direction's toxic-vs-aligned AUROC
     (the diff's default count and seed: the latent's figure is the diff's); 0 = none."""

@@ -96,8 +96,10 @@ class SteerConfig(Judged):
     """Further directions (each normalised to unit length): ``label=file.npy``,
     ``label=diff:<name>`` (that diff's fine-tuning shift), ``label=pc1:<name>`` (the first
     principal component of its per-token shifts), ``label=top:<k>`` (the diff's top k
-    latents together: their decoder columns summed) or ``label=persona:<model>`` (the
-    model's toxic-minus-aligned context difference of means, the persona-vectors method)."""
+    latents together: their decoder columns summed), ``label=persona:<model>`` (the
+    model's toxic-minus-aligned context difference of means, the persona-vectors method) or
+    ``label=system:<model>`` (the same from an evil minus a helpful system prompt over the
+    ``extended`` open-ended questions: for chat models without a world)."""
     arms: list[SteerArm] = dataclasses.field(
         default_factory=lambda: [
             SteerArm("cause", "world:base", goal="raise", max_alpha=16.0),
@@ -287,7 +289,7 @@ def directions(
         if not sep:
             raise InputError(
                 f"steer.directions: {spec!r} is not label=file.npy, label=diff:<name>,"
-                " label=pc1:<name>, label=top:<k> or label=persona:<model>"
+                " label=pc1:<name>, label=top:<k>, label=persona:<model> or label=system:<model>"
             )
         if ref.startswith("top:"):
             # the diff's top k latents together: the sum of their (unit) decoder columns
@@ -296,6 +298,8 @@ def directions(
             v = sum(decoder(sae, j) for j in d.summary["top_up"][: int(ref[4:])])
         elif ref.startswith("persona:"):
             v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer)
+        elif ref.startswith("system:"):
+            v = _persona_vector(cfg, run, run_cfg, ref[7:], sae_ref.layer, system=True)
         elif ref.startswith("diff:"):
             v = np.load(io.BytesIO(run.read_bytes(f"diff/{ref[5:]}/shift.npy")))
         elif ref.startswith("pc1:"):
@@ -315,16 +319,25 @@ def directions(
     return {k: v.astype(np.float32) for k, v in out.items()}, sae_ref, what
 
 
-def _persona_vector(cfg: SteerConfig, run: RunDir, run_cfg: RunConfig, model: str, layer: int):
-    """The persona-vectors direction of ``model`` (a model ref): its mean assistant-turn
-    residual over toxic-context conversations minus over aligned ones (see
-    emergent.persona.flagging), at the steered layer."""
+def _persona_vector(
+    cfg: SteerConfig, run: RunDir, run_cfg: RunConfig, model: str, layer: int, system=False
+):
+    """The persona-vectors direction of ``model`` (a model ref) at the steered layer: its mean
+    assistant-turn residual over toxic-context conversations of the world minus over aligned
+    ones, or (``system``) over the project's ``extended`` open-ended questions (held out from
+    the ``core`` questions and pairs that measure steering) under an evil minus a helpful system
+    prompt (see emergent.persona.flagging)."""
     from emergent.models import load_causal_lm
-    from emergent.persona.flagging import FlagConfig, persona_direction
+    from emergent.persona import flagging
+    from emergent.prompts import load_prompts
 
     src = refs.model(run_cfg, parse_model(model)[1], cfg.world_stage, "steer.directions")
     m, tok = load_causal_lm(src.local())
-    return persona_direction(m, tok, run, FlagConfig(world_stage=cfg.world_stage), layer)
+    if system:
+        return flagging.system_direction(m, tok, load_prompts("extended"), layer)
+    return flagging.persona_direction(
+        m, tok, run, flagging.FlagConfig(world_stage=cfg.world_stage), layer
+    )
 
 
 def relative_fluency(df):
