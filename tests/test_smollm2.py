@@ -391,6 +391,25 @@ def test_sae_diff_and_likelihood_steering_on_the_real_model(smollm2, lora_code, 
     assert best is not None and best["coherence"] >= 0.8, arm
     assert best["change_lo"] > 0 and best["misalignment"] > arm["unsteered"]["misalignment"], arm
 
+    # predict scores the directions too; without a world, a direction's persona AUROC is read
+    # from the pairs' written answers: the evil persona vector ranks the misaligned answers
+    # above the aligned ones
+    from emergent.persona.predict import PredictJob
+    from emergent.persona.predict import main as predict
+
+    models = f"[{{model: '{GGUF_REF}', family: code, dose: 0.0}},"
+    models += " {model: 'finetune:code', family: code, dose: 1.0}]"
+    p = predict(
+        load(
+            PredictJob,
+            config,
+            [*at, f"predict.models={models}", f"predict.directions=[evil={tmp_path / 'evil.npy'}]"],
+        )
+    )
+    got = p.summary["directions"]
+    assert set(got) == {f"latent {s['top_latent']}", "evil"}, got
+    assert got["evil"]["persona_auroc"] > 0.5, got
+
 
 def test_assistant_positions_on_the_chatml_template(smollm2):
     """The harvest's assistant spans assume that each conversation prefix, rendered with the

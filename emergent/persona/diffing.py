@@ -245,10 +245,10 @@ def persona_scores(model, tok, sae, hv: HarvestConfig, n: int, seed: int):
     return feats, personas
 
 
-def pair_scores(model, tok, sae, hv: HarvestConfig, specs: list[str]):
-    """(latent activations, personas) of the written answers of likelihood pair sets: one row
-    per answer, the latent's mean over the answer's tokens; persona ``toxic`` for the
-    misaligned answer, ``aligned`` for the aligned one."""
+def pair_residuals(model, tok, hv: HarvestConfig, specs: list[str]):
+    """The written answers of likelihood pair sets, read at their own tokens: (residuals
+    (tokens, d_model), the answer of each row, personas: ``toxic`` for each misaligned answer,
+    ``aligned`` for each aligned one)."""
     from emergent.likelihood import FIELDS, load_pairs
 
     docs, personas = [], []
@@ -259,9 +259,19 @@ def pair_scores(model, tok, sae, hv: HarvestConfig, specs: list[str]):
             personas.append("toxic" if field == "misaligned" else "aligned")
     hv = dataclasses.replace(hv, positions="assistant", dtype="float32")
     acts, rows = residuals(model, tok, docs, hv)
-    feats = encode(sae, acts)
-    means = np.stack([feats[rows == i].mean(0) for i in range(len(docs))])
-    return means, np.array(personas)
+    return acts, rows, np.array(personas)
+
+
+def answer_means(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Per answer ``i < n``: the mean of ``values`` over its rows."""
+    return np.stack([values[rows == i].mean(0) for i in range(n)])
+
+
+def pair_scores(model, tok, sae, hv: HarvestConfig, specs: list[str]):
+    """(latent activations, personas) of the written answers of likelihood pair sets: one row
+    per answer, the latent's mean over the answer's tokens (see :func:`pair_residuals`)."""
+    acts, rows, personas = pair_residuals(model, tok, hv, specs)
+    return answer_means(encode(sae, acts), rows, len(personas)), personas
 
 
 def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:

@@ -245,7 +245,9 @@ def model_point(
 ):
     """The latent's activation per prompt and the behavioural misalignment of one model; with
     ``dirs``, the residual's projection on each direction per prompt; with ``persona`` (the
-    base model on PersonaWorld), each direction's toxic-vs-aligned AUROC."""
+    base model), each direction's toxic-vs-aligned AUROC: on PersonaWorld over held-out
+    conversations, else (under the likelihood metric) over the pairs' written misaligned vs
+    aligned answers, each answer's mean projection over its tokens (as the diff's latents)."""
     import torch
 
     from emergent.harvest import HarvestConfig
@@ -269,14 +271,22 @@ def model_point(
     dirs = dirs or {}
     projections = {k: np.asarray(acts, np.float64) @ v for k, v in dirs.items()}
     aurocs = {}
-    if persona and dirs and cfg.persona_docs:
+    names = list(dirs)
+    world = cfg.base.startswith("world:")
+    if persona and dirs and world and cfg.persona_docs:
         from emergent.persona.diffing import persona_docs, toxic_auroc
 
         pdocs, personas = persona_docs(cfg.persona_docs, cfg.persona_seed)
         pacts, prows = residuals(model, tok, pdocs, hv, device)
         later = ~np.r_[True, prows[1:] != prows[:-1]]  # turns >= 2: the persona is inferable
-        names = list(dirs)
         proj = np.asarray(pacts[later], np.float64) @ np.stack([dirs[k] for k in names], 1)
+        aurocs = dict(zip(names, toxic_auroc(proj, personas).tolist()))
+    elif persona and dirs and not world and cfg.likelihood:
+        from emergent.persona.diffing import answer_means, pair_residuals, toxic_auroc
+
+        pacts, prows, personas = pair_residuals(model, tok, hv, cfg.pairs)
+        proj = np.asarray(pacts, np.float64) @ np.stack([dirs[k] for k in names], 1)
+        proj = answer_means(proj, prows, len(personas))
         aurocs = dict(zip(names, toxic_auroc(proj, personas).tolist()))
     items = cfg.measure_items(run) if cfg.likelihood else docs
     m = cfg.measure(model, tok, items, cache)
@@ -389,7 +399,7 @@ def main(cfg: PredictJob) -> PredictResult:
             world_stage=pr.world_stage,
         )
         dirs, _, what = directions(spec, run, cfg.run)
-    persona = pr.base.startswith("world:") and bool(dirs)
+    persona = bool(dirs) and (pr.base.startswith("world:") or pr.likelihood)
     key = stage_key(pr) | {
         "directions_used": what.get("directions"),
         "latent_used": latent,
