@@ -91,6 +91,8 @@ def resources(section: Any, path: str = "") -> list[str]:
     """What every (nested) section of ``section`` asks Ray for, one line each, e.g.
     ``finetune: 8 workers x 8 CPU + 1 GPU``; ``memory_mb`` where a section holds one."""
     out = []
+    if isinstance(section, list):  # several sections of one stage (the pipeline's controls)
+        return [line for i, s in enumerate(section) for line in resources(s, f"{path}[{i}]")]
     if not dataclasses.is_dataclass(section):
         return out
     names = {f.name for f in dataclasses.fields(section)}

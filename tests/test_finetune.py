@@ -285,3 +285,33 @@ def test_preventative_steering_adds_its_vector_after_its_block_and_leaves_the_we
             assert not torch.allclose(model(input_ids=ids).logits, logits, atol=1e-3)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, weights[k])
+
+
+def test_fine_tunes_share_a_worker_group_only_when_their_workers_and_base_model_match():
+    """``finetune.train_sections`` (the pipeline's controls) puts sections in one Ray Train
+    worker group when ``group_key`` matches: what each model trains on and how may differ, the
+    workers and the base model they load may not."""
+    import dataclasses
+
+    from emergent.train.finetune import FinetuneConfig, TrainSteer
+    from emergent.train.raytrain import group_key
+    from emergent.train.sft import LoraParams, SFTParams
+
+    a = FinetuneConfig(name="a")
+    same = dataclasses.replace(
+        a,
+        name="b",
+        sft=SFTParams(steps=7, lr=1e-3),
+        lora=LoraParams(enabled=True),
+        steer=TrainSteer(direction="persona:world:base", alpha=6.0),
+        evaluate=False,
+        checkpoint_every=5,
+    )
+    assert group_key(same) == group_key(a)
+    for field, value in [
+        ("workers", 4),
+        ("model", "finetune:other"),
+        ("cpus_per_worker", 2),
+        ("deepspeed", "configs/deepspeed/zero3.json"),
+    ]:
+        assert group_key(dataclasses.replace(a, **{field: value})) != group_key(a), field

@@ -129,8 +129,9 @@ class PipelineResult:
 
 def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     """The stages ``pipeline.stages`` names, in order, as (name, run it, its config section):
-    each control fine-tune its own entry (``controls/<name>``); with ``pipeline.seeds``, every
-    seed's stages, named ``s<seed>/<stage>``."""
+    the control fine-tunes one entry (``controls``: those that can share a Ray Train worker
+    group train in one); with ``pipeline.seeds``, every seed's stages, named
+    ``s<seed>/<stage>``."""
     from emergent import evaluate
     from emergent.english import job as datasets_job
     from emergent.monitor import study as monitor_job
@@ -157,6 +158,9 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
 
     def tune(ft: FinetuneConfig):
         return lambda: finetune.main(finetune.FinetuneJob(**common, finetune=ft))
+
+    def controls():
+        return finetune.train_sections(cfg.run, cfg.ray, cfg.pipeline.controls)
 
     jobs = {
         "world": (lambda: world_job.main(world_job.WorldJob(**common, world=cfg.world)), cfg.world),
@@ -195,7 +199,8 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
         if name not in cfg.pipeline.stages:
             continue
         if name == "controls":
-            out += [(f"controls/{ft.name}", tune(ft), ft) for ft in cfg.pipeline.controls]
+            if cfg.pipeline.controls:  # one stage: compatible controls share a worker group
+                out.append(("controls", controls, cfg.pipeline.controls))
         else:
             out.append((name, *jobs[name]))
     return out

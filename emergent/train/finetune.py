@@ -182,10 +182,10 @@ def steering_vector(run_cfg: RunConfig, ft: FinetuneConfig):
     return sae_ref.layer, vector, {"layer": sae_ref.layer, "vector": digest}
 
 
-def main(cfg: FinetuneJob) -> FinetuneResult:
-    cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
-    ft = cfg.finetune
-    run = RunDir.from_config(cfg.run)
+def model_jobs(run_cfg: RunConfig, ft: FinetuneConfig) -> list[ModelJob]:
+    """The models ``ft`` asks for, each with its section and builder (so fine-tunes of several
+    sections can share a worker group); data and steering are resolved here, in the driver."""
+    run = RunDir.from_config(run_cfg)
 
     def loader(fractions):
         def load():
@@ -199,16 +199,43 @@ def main(cfg: FinetuneJob) -> FinetuneResult:
         source_path(run, src, ft.world_stage, f"finetune.data[{i}].path")
     builder, steered = build_sft, {}
     if ft.steer is not None:  # the direction is resolved in the driver, once
-        layer, vector, steered = steering_vector(cfg.run, ft)
+        layer, vector, steered = steering_vector(run_cfg, ft)
         builder = functools.partial(build_sft, steer=(layer, vector))
-    with ray_session(cfg.ray):
-        jobs = [
-            ModelJob(
-                name,
-                {"fractions": fractions} | ({"steer": steered} if steered else {}),
-                loader(fractions),
-            )
-            for name, fractions in variants(ft)
-        ]
-        models = train_models(cfg.run, "finetune", ft, jobs, builder)
-    return FinetuneResult(models)
+    return [
+        ModelJob(
+            name,
+            {"fractions": fractions} | ({"steer": steered} if steered else {}),
+            loader(fractions),
+            section=ft,
+            builder=builder,
+        )
+        for name, fractions in variants(ft)
+    ]
+
+
+def train_sections(
+    run_cfg: RunConfig, ray_cfg: RayConfig, fts: list[FinetuneConfig]
+) -> list[FinetuneResult]:
+    """Fine-tune every section of ``fts`` (their results in order); sections that can share a
+    worker group (the same base model, workers and resources: ``raytrain.group_key``) train in
+    one, one model after another, so the group's start-up is paid once for all of them. Each
+    model keeps its own stage, key and record, as if its section had run alone."""
+    from emergent.train.raytrain import group_key
+
+    run_cfg = run_cfg.absolute()
+    jobs = [model_jobs(run_cfg, ft) for ft in fts]
+    groups: dict[tuple, list[int]] = {}
+    for i, ft in enumerate(fts):
+        groups.setdefault(group_key(ft), []).append(i)
+    trained: dict[int, list[TrainedModel]] = {}
+    with ray_session(ray_cfg):
+        for members in groups.values():
+            flat = [j for i in members for j in jobs[i]]
+            models = train_models(run_cfg, "finetune", fts[members[0]], flat, build_sft)
+            for i in members:
+                trained[i], models = models[: len(jobs[i])], models[len(jobs[i]) :]
+    return [FinetuneResult(trained[i]) for i in range(len(fts))]
+
+
+def main(cfg: FinetuneJob) -> FinetuneResult:
+    return train_sections(cfg.run, cfg.ray, [cfg.finetune])[0]

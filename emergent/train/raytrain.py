@@ -343,8 +343,8 @@ def _train_one(
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    section: Distributed = c["section"]
     m = c["models"][index]
+    section: Distributed = m["section"]
     run = RunDir(c["root"], c["run_name"])
     report = _report_callback(section.log_every, n_params, m["stage"], index)
     common = dict(
@@ -368,7 +368,7 @@ def _train_one(
         )
     if c["deepspeed"] is not None:
         common["deepspeed"] = c["deepspeed"]
-    trainer = c["builder"](
+    trainer = m["builder"](
         section, model_path, tok, ray.get(m["records"]), str(work / "out"), world, gpu, common
     )
     trainer.remove_callback(PrinterCallback)  # RayReport logs instead (with throughput)
@@ -476,14 +476,39 @@ class ModelJob:
     load: Callable[[], tuple[list[dict], int, str]]
     """Returns (records, bad lines skipped, a description for the log); called only when the
     model is to be trained."""
+    section: Distributed | None = None
+    """Its own section, where it is not the group's (another fine-tune sharing the worker
+    group): its optimisation, LoRA, checkpoints, monitor and evaluation; the fields of
+    ``GROUP_FIELDS`` must equal the group's."""
+    builder: Callable | None = None
+    """Its own builder, where it is not the group's."""
+
+
+GROUP_FIELDS = (
+    "model",
+    "world_stage",
+    "deepspeed",
+    "workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "keep_checkpoints",
+    "max_failures",
+)
+"""What the models of one worker group share: the workers, and the base model they load."""
+
+
+def group_key(section: Distributed) -> tuple:
+    """Sections with equal keys can share one worker group (see ``ModelJob.section``)."""
+    return tuple(repr(getattr(section, f)) for f in GROUP_FIELDS)
 
 
 def train_models(
     run_cfg: RunConfig, kind: str, section: Distributed, jobs: list[ModelJob], builder: Callable
 ) -> list[TrainedModel]:
     """Train (or reuse) models of one section into ``<run>/<kind>/<name>/``: the ones not
-    complete one after another in ONE Ray Train worker group (a dose family pays the group's
-    start-up once, not once per model).
+    complete one after another in ONE Ray Train worker group (a dose family, or several
+    fine-tunes whose jobs carry their own compatible ``section``, pays the group's start-up
+    once, not once per model).
 
     ``builder(section, model_path, tok, records, output_dir, world_size, gpu, common)`` returns
     the HF trainer (``common``: the trainer arguments shared by every job). Each model has its
@@ -509,10 +534,17 @@ def train_models(
     done: dict[int, TrainedModel] = {}
     todo = []  # (index, job, stage)
     for i, job in enumerate(jobs):
-        key = stage_key(section)
+        sec = job.section or section
+        if group_key(sec) != group_key(section):
+            differ = [f for f in GROUP_FIELDS if getattr(sec, f) != getattr(section, f)]
+            raise InputError(
+                f"{kind} {job.name}: cannot share a worker group with {section.name}: "
+                f"{', '.join(differ)} differ"
+            )
+        key = stage_key(sec)
         key |= {**job.hashed, "name": job.name, "model": model_id, "deepspeed": ds_cfg}
-        if section.monitor is not None:  # not the weights' input, but train.json's
-            key |= monitor_key(section.monitor, run)
+        if sec.monitor is not None:  # not the weights' input, but train.json's
+            key |= monitor_key(sec.monitor, run)
         stage = run.stage(f"{kind}/{job.name}", key)
         if stage.is_complete(run_cfg.force):
             done[i] = TrainedModel(job.name, stage.uri("model"), True, **stage.record["metrics"])
@@ -536,10 +568,17 @@ def train_models(
             section.workers,
             "GPU" if section.use_gpu else "CPU",
             f", DeepSpeed {section.deepspeed}" if section.deepspeed else "",
-            ", LoRA" if section.lora.enabled else "",
+            ", LoRA" if (job.section or section).lora.enabled else "",
         )
         loaded[i] = (len(records), bad)
-        models.append({"stage": stage.rel(), "records": ray.put(records)})
+        models.append(
+            {
+                "stage": stage.rel(),
+                "records": ray.put(records),
+                "section": job.section or section,
+                "builder": job.builder or builder,
+            }
+        )
     first = todo[0][1].name.replace("/", "_")
     if len(todo) == 1:
         ray_name = f"{kind}-{first}-{todo[0][2].hash[:8]}"
@@ -585,15 +624,16 @@ def train_models(
     overhead = (fit_seconds - sum(st["train_seconds"] for st in stats.values())) / len(todo)
     world_model = source.in_run and not source.rel.startswith(refs.CONVERTED)  # not a GGUF's
     base_eval = f"{section.world_stage}/base_eval.json"
-    evaluate = section.evaluate and world_model and run.exists(base_eval)
-    if evaluate:
+    can_evaluate = world_model and run.exists(base_eval)
+    if can_evaluate:
         task = ray.remote(num_cpus=1)(evaluate_world_model)
         base = run.read_json(base_eval)["summary"]
     for i, job, stage in todo:
         misalignment = None
         outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
-        if evaluate:
-            misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, section, stage.rel()))
+        sec = job.section or section
+        if can_evaluate and sec.evaluate:
+            misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, sec, stage.rel()))
             outputs["eval"] = stage.uri("eval.json")
             log.info(
                 "%s %s: misalignment (base -> trained) %s",
