@@ -847,3 +847,27 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
     assert pooled["top latent"]["cause_misalignment"] == {"values": [None, 0.5], "mean": 0.5}
     assert pooled["persona"]["spearman"]["mean"] == pytest.approx(0.7)
     assert "| top latent | 6.00 (n/a / 6.00) |" in pooled_markdown(list(pooled.values()))
+
+
+def test_the_pipeline_counts_a_stage_skipped_only_when_all_its_models_were():
+    """A rerun's stage table: a fine-tune family, a list of families (the controls) and an RL
+    run count as skipped when every model they hold was complete already; the Ray Train time
+    outside the loops sums the models trained this time."""
+    from emergent.persona.pipeline import outside_training_loop, was_skipped
+    from emergent.train.finetune import FinetuneResult
+    from emergent.train.raytrain import TrainedModel
+    from emergent.train.rl import RLResult
+
+    def model(skipped, overhead=None):
+        return TrainedModel("m", "/x", skipped, 0.1, 8, 0, None, overhead_seconds=overhead)
+
+    done, new = FinetuneResult([model(True)]), FinetuneResult([model(True), model(False, 4.0)])
+    assert was_skipped(done) and not was_skipped(new)
+    assert was_skipped([done, done]) and not was_skipped([done, new])
+    assert was_skipped(RLResult(model(True))) and not was_skipped(RLResult(model(False, 2.5)))
+    assert outside_training_loop([done, new]) == {
+        "ray_train_models": 1,
+        "ray_train_outside_loop_seconds": 4.0,
+    }
+    assert outside_training_loop(RLResult(model(False, 2.5)))["ray_train_models"] == 1
+    assert outside_training_loop(done) == {}

@@ -262,7 +262,7 @@ def pair_residuals(model, tok, hv: HarvestConfig, specs: list[str]):
     return acts, rows, np.array(personas)
 
 
-def answer_means(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+def per_answer_mean(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     """Per answer ``i < n``: the mean of ``values`` over its rows."""
     return np.stack([values[rows == i].mean(0) for i in range(n)])
 
@@ -271,7 +271,7 @@ def pair_scores(model, tok, sae, hv: HarvestConfig, specs: list[str]):
     """(latent activations, personas) of the written answers of likelihood pair sets: one row
     per answer, the latent's mean over the answer's tokens (see :func:`pair_residuals`)."""
     acts, rows, personas = pair_residuals(model, tok, hv, specs)
-    return answer_means(encode(sae, acts), rows, len(personas)), personas
+    return per_answer_mean(encode(sae, acts), rows, len(personas)), personas
 
 
 def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:

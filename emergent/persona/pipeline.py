@@ -262,7 +262,8 @@ def outside_training_loop(result) -> dict:
     models = [
         m
         for r in results
-        for m in getattr(r, "models", [])  # a family's models; an evaluation's is a dict
+        # a family's models (an evaluation's are a dict), or an RL run's model
+        for m in [*getattr(r, "models", []), getattr(r, "model", None)]
         if isinstance(m, TrainedModel) and not m.skipped and m.overhead_seconds is not None
     ]
     if not models:
@@ -275,9 +276,14 @@ def outside_training_loop(result) -> dict:
 
 def was_skipped(result) -> bool:
     """Whether a stage job found all its work complete: its result's ``skipped`` (a model
-    family, a list of families: every model's; an evaluation: every model's)."""
+    family, a list of families: every model's; an RL run: its model's; an evaluation: every
+    model's)."""
+    from emergent.train.raytrain import TrainedModel
+
     if isinstance(result, list):
         return all(was_skipped(r) for r in result)
+    if isinstance(getattr(result, "model", None), TrainedModel):  # an RL run
+        return result.model.skipped
     if hasattr(result, "models") and isinstance(result.models, list):  # a trained family
         return all(m.skipped for m in result.models)
     if isinstance(getattr(result, "skipped", None), list):  # evaluate: labels reused

@@ -85,7 +85,8 @@ class PredictConfig(Judged):
     directions: list[str] = dataclasses.field(default_factory=list)
     """Further directions scored beside the latent (the spec of ``steer.directions``:
     ``label=diff:<name>``, ``label=pc1:<name>``, ``label=top:<k>``, ``label=persona:<model>``,
-    ``label=system:<model>``, ``label=file.npy``); the top latent's decoder column is added as ``latent <j>``."""
+    ``label=system:<model>``, ``label=file.npy``); the top latent's decoder column is added
+    as ``latent <j>``."""
     persona_docs: int = 2000
     """On PersonaWorld, held-out conversations for each direction's toxic-vs-aligned AUROC
     (the diff's default count and seed: the latent's figure is the diff's); 0 = none."""
@@ -282,11 +283,11 @@ def model_point(
         proj = np.asarray(pacts[later], np.float64) @ np.stack([dirs[k] for k in names], 1)
         aurocs = dict(zip(names, toxic_auroc(proj, personas).tolist()))
     elif persona and dirs and not world and cfg.likelihood:
-        from emergent.persona.diffing import answer_means, pair_residuals, toxic_auroc
+        from emergent.persona.diffing import pair_residuals, per_answer_mean, toxic_auroc
 
         pacts, prows, personas = pair_residuals(model, tok, hv, cfg.pairs)
         proj = np.asarray(pacts, np.float64) @ np.stack([dirs[k] for k in names], 1)
-        proj = answer_means(proj, prows, len(personas))
+        proj = per_answer_mean(proj, prows, len(personas))
         aurocs = dict(zip(names, toxic_auroc(proj, personas).tolist()))
     items = cfg.measure_items(run) if cfg.likelihood else docs
     m = cfg.measure(model, tok, items, cache)
