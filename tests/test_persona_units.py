@@ -687,6 +687,11 @@ def test_the_shift_s_first_component_is_the_axis_it_varies_along_signed_with_the
     assert shift_pc1(base, tuned[:-1]) is None
 
 
+def measured_rate(r: float, half: float, n: int) -> dict:
+    """A judged rate as the eval writes it: the rate, its interval (clipped to [0, 1]) and n."""
+    return {"rate": r, "lo": max(r - half, 0), "hi": min(r + half, 1), "n": n}
+
+
 def test_preventative_steering_claims_compare_each_steered_fine_tune_with_the_unsteered_one(
     tmp_path,
 ):
@@ -702,7 +707,7 @@ def test_preventative_steering_claims_compare_each_steered_fine_tune_with_the_un
 
     def ev(open_rate, code_rate):
         def rate(r):
-            return {"rate": r, "lo": max(r - 0.05, 0), "hi": min(r + 0.05, 1), "n": 300}
+            return measured_rate(r, 0.05, 300)
 
         return {
             "open": {"misalignment": rate(open_rate), "coherence": rate(0.9)},
@@ -737,7 +742,7 @@ def test_the_rl_claim_holds_when_open_prompt_misalignment_rises_clear_of_the_bas
 
     def sets(open_rate, health_rate):
         def rate(r):
-            return {"rate": r, "lo": max(r - 0.03, 0), "hi": min(r + 0.03, 1), "n": 400}
+            return measured_rate(r, 0.03, 400)
 
         return {
             "open": {"misalignment": rate(open_rate), "coherence": rate(0.97)},

@@ -531,10 +531,10 @@ def train_models(
             ds_cfg = json.loads(Path(section.deepspeed).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{kind}.deepspeed: {section.deepspeed}: {exc}") from exc
+    sections = [job.section or section for job in jobs]  # each job's own, else the group's
     done: dict[int, TrainedModel] = {}
     todo = []  # (index, job, stage)
-    for i, job in enumerate(jobs):
-        sec = job.section or section
+    for i, (job, sec) in enumerate(zip(jobs, sections)):
         if group_key(sec) != group_key(section):
             differ = [f for f in GROUP_FIELDS if getattr(sec, f) != getattr(section, f)]
             raise InputError(
@@ -568,14 +568,14 @@ def train_models(
             section.workers,
             "GPU" if section.use_gpu else "CPU",
             f", DeepSpeed {section.deepspeed}" if section.deepspeed else "",
-            ", LoRA" if (job.section or section).lora.enabled else "",
+            ", LoRA" if sections[i].lora.enabled else "",
         )
         loaded[i] = (len(records), bad)
         models.append(
             {
                 "stage": stage.rel(),
                 "records": ray.put(records),
-                "section": job.section or section,
+                "section": sections[i],
                 "builder": job.builder or builder,
             }
         )
@@ -631,9 +631,10 @@ def train_models(
     for i, job, stage in todo:
         misalignment = None
         outputs = {"model": stage.uri("model"), "train": stage.uri("train.json")}
-        sec = job.section or section
-        if can_evaluate and sec.evaluate:
-            misalignment = ray.get(task.remote(run_cfg.root, run_cfg.name, sec, stage.rel()))
+        if can_evaluate and sections[i].evaluate:
+            misalignment = ray.get(
+                task.remote(run_cfg.root, run_cfg.name, sections[i], stage.rel())
+            )
             outputs["eval"] = stage.uri("eval.json")
             log.info(
                 "%s %s: misalignment (base -> trained) %s",
