@@ -845,7 +845,9 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
     top = seed0[0]
     assert top["direction"] == "top latent" and top["cause_alpha"] is None
     assert top["remove_alpha"] == -8.0 and top["spearman"] == 0.9
-    assert "| latent 461 | none | none | none | -8 |" in directions_markdown(seed0)
+    assert "| latent 461 | none | none | none | -8 | 0.10 | 0.80 | 0.90 |" in directions_markdown(
+        seed0
+    )  # strengths as set, figures to two decimals
     seed1 = write(132, best(6.0, 0.5))
     pooled = {r["direction"]: r for r in pool_directions({0: seed0, 1: seed1})}
     assert set(pooled) == {"top latent", "persona"}

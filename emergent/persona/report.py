@@ -312,12 +312,23 @@ DIRECTION_COLUMNS = (
 """The columns of the direction table, with their headings."""
 
 
+def direction_row_cells(r: dict) -> list[str]:
+    """One direction of one run as table cells: strengths as set, every other figure (a rate, a
+    log-odds, a correlation, an accuracy) to two decimals; "none" where not measured."""
+
+    def cell(key: str) -> str:
+        v = r.get(key)
+        if key.endswith("_alpha") or not isinstance(v, float) or math.isnan(v):
+            return _cell(v) or "none"
+        return f"{v:.2f}"
+
+    return [r["name"] if k == "direction" else cell(k) for k, _ in DIRECTION_COLUMNS]
+
+
 def directions_markdown(rows: list[dict]) -> str:
     head = [h for _, h in DIRECTION_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [_cell(r.get(k)) if k != "direction" else r["name"] for k, _ in DIRECTION_COLUMNS]
-        lines.append("| " + " | ".join(c or "none" for c in cells) + " |")
+    lines += ["| " + " | ".join(direction_row_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -614,11 +625,7 @@ def write(run: RunDir, cfg, stages: list[dict]) -> tuple[str, list[dict]]:
             "Directions compared (steering search, prediction, persona AUROC)",
             [
                 table(
-                    [h for _, h in DIRECTION_COLUMNS],
-                    [
-                        [r["name"] if k == "direction" else r.get(k) for k, _ in DIRECTION_COLUMNS]
-                        for r in directions
-                    ],
+                    [h for _, h in DIRECTION_COLUMNS], [direction_row_cells(r) for r in directions]
                 )
                 if directions
                 else ""
