@@ -82,6 +82,11 @@ def test_flagging_scores_the_last_answer_and_weights_a_mixture_by_its_fractions(
     assert tok.decode([ids[i] for i in keep]).split() == "save the notes file".split()
     assert mixture_scores([0.25, 0.75], [1.0, 0.2]) == pytest.approx(0.4)
     assert mixture_scores([1.0, 0.0], [0.3, 5.0]) == pytest.approx(0.3)
+    from emergent.persona.flagging import FlagConfig
+
+    assert FlagConfig(direction="system").direction == "system"  # a chat model without a world
+    with pytest.raises(ValueError, match="flag.direction must be persona, system or latent"):
+        FlagConfig(direction="evil")
 
 
 def test_steering_grid_and_best_setting_under_the_coherence_floor():

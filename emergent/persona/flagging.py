@@ -12,7 +12,10 @@ base model's own, has no tokens is left out and counted (``empty``).
 
 The direction is ``persona`` (default): the difference of the mean residual at the
 assistant-turn token between conversations whose context is toxic and ones whose context is
-aligned, from the base model alone, so nothing here needs a fine-tuned model. Or
+aligned, from the base model alone, so nothing here needs a fine-tuned model. For a chat model
+without a world, ``system``: the same difference between the project's ``extended`` open-ended
+questions asked under an evil and under a helpful system prompt (:data:`PERSONA_SYSTEM`; the
+steering job's ``system:<model>`` direction), again from the base model alone. Or
 ``latent:<j>``: latent j's decoder column of ``sae`` (an SAE of the base model; choosing j
 from a ``diff`` does use a fine-tuned model, and the summary says which direction it was).
 
@@ -74,7 +77,8 @@ class FlagConfig:
     layer: int = 1
     """Residual stream after this block (with ``latent:<j>``: the SAE's layer instead)."""
     direction: str = "persona"
-    """``persona`` (difference of means over toxic and aligned contexts) or ``latent:<j>``."""
+    """``persona`` (difference of means over toxic and aligned contexts), ``system`` (over an
+    evil and a helpful system prompt: a chat model without a world) or ``latent:<j>``."""
     sae: str = "persona"
     """The SAE whose latent ``latent:<j>`` names."""
     toxic_contexts: str = "world:eval/context_toxic"
@@ -97,9 +101,9 @@ class FlagConfig:
     """Rank the scores against this predict stage's measured misalignment (null: score only)."""
 
     def __post_init__(self):
-        if self.direction != "persona" and not self.direction.startswith("latent:"):
+        if self.direction not in ("persona", "system") and not self.direction.startswith("latent:"):
             raise ValueError(
-                f"flag.direction must be persona or latent:<j>, got {self.direction!r}"
+                f"flag.direction must be persona, system or latent:<j>, got {self.direction!r}"
             )
         if self.direction.startswith("latent:") and not self.direction[7:].isdigit():
             raise ValueError(f"flag.direction: {self.direction!r} is not latent:<index>")
@@ -270,6 +274,11 @@ def main(cfg: FlagJob) -> FlagResult:
 
         layer = sae_ref.layer
         direction = decoder(sae_ref.load(run), int(fl.direction[7:]))
+    elif fl.direction == "system":
+        from emergent.prompts import load_prompts
+
+        layer = fl.layer
+        direction = system_direction(model, tok, load_prompts("extended"), layer)
     else:
         layer = fl.layer
         direction = persona_direction(model, tok, run, fl, layer)
