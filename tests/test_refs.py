@@ -99,6 +99,28 @@ def test_world_datasets_and_saes(run_cfg):
     assert d.hash == run.read_json("diff/insecure/_COMPLETE.json")["config_hash"]
 
 
+def test_direction_errors_name_the_section_that_asked(run_cfg, tmp_path):
+    """The predict and finetune jobs resolve directions through the steering job's resolver: a
+    bad one is reported under their own field, and a direction file that is not there is a
+    one-line error, not a traceback."""
+    from emergent.persona.steering import SteerConfig, directions
+
+    run = RunDir.from_config(run_cfg)
+    missing = tmp_path / "nope.npy"
+    for section, spec, message in [
+        ("predict", f"v={missing}", r"predict\.directions: 'v=.*nope\.npy'.*No such file"),
+        ("finetune.steer", "v=pc1:none", r"finetune\.steer\.directions: 'v=pc1:none': no diff/"),
+        ("steer", "no-label", r"steer\.directions: 'no-label' is not label="),
+    ]:
+        with pytest.raises(UserError, match=message):
+            directions(
+                SteerConfig(sae="persona", diff=None, directions=[spec]), run, run_cfg, section
+            )
+    spec = SteerConfig(sae="other", diff=None, directions=["v=pc1:none"])
+    with pytest.raises(UserError, match=r"predict\.sae: no complete stage .*sae/other"):
+        directions(spec, run, run_cfg, "predict")
+
+
 class _Planted:
     """Unpickling this runs code: it writes a marker file (what a hostile checkpoint would do)."""
 

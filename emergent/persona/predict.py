@@ -399,7 +399,7 @@ def main(cfg: PredictJob) -> PredictResult:
             directions=pr.directions,
             world_stage=pr.world_stage,
         )
-        dirs, _, what = directions(spec, run, cfg.run)
+        dirs, _, what = directions(spec, run, cfg.run, "predict")
     persona = bool(dirs) and (pr.base.startswith("world:") or pr.likelihood)
     key = stage_key(pr) | {
         "directions_used": what.get("directions"),

@@ -265,18 +265,20 @@ def trial(config: dict, ctx: dict) -> None:
 
 
 def directions(
-    cfg: SteerConfig, run: RunDir, run_cfg: RunConfig
+    cfg: SteerConfig, run: RunDir, run_cfg: RunConfig, section: str = "steer"
 ) -> tuple[dict[str, np.ndarray], refs.SAERef, dict]:
     """Unit directions by label, the SAE they come from (its layer is the one steered), and what
-    they are (for the stage hash)."""
+    they are (for the stage hash). ``section``: the config section whose fields ``cfg`` carries
+    (the predict and finetune jobs name directions too), for the errors."""
     from emergent.persona.diffing import decoder
 
-    sae_ref = refs.sae(run, cfg.sae, "steer.sae")
+    field = f"{section}.directions"
+    sae_ref = refs.sae(run, cfg.sae, f"{section}.sae")
     what = {"sae": sae_ref.hash}
     latents = list(cfg.latents)
     d = None
     if cfg.diff:
-        d = refs.diff(run, cfg.diff, "steer.diff")
+        d = refs.diff(run, cfg.diff, f"{section}.diff")
         what["diff"] = d.hash
         top = d.summary["top_up"][: cfg.top]
         latents = list(dict.fromkeys(top + latents))
@@ -288,31 +290,34 @@ def directions(
         label, sep, ref = spec.partition("=")
         if not sep:
             raise InputError(
-                f"steer.directions: {spec!r} is not label=file.npy, label=diff:<name>,"
+                f"{field}: {spec!r} is not label=file.npy, label=diff:<name>,"
                 " label=pc1:<name>, label=top:<k>, label=persona:<model> or label=system:<model>"
             )
         if ref.startswith("top:"):
             # the diff's top k latents together: the sum of their (unit) decoder columns
             if d is None or not ref[4:].isdigit():
-                raise InputError(f"steer.directions: {spec!r} needs steer.diff and top:<k>")
+                raise InputError(f"{field}: {spec!r} needs {section}.diff and top:<k>")
             v = sum(decoder(sae, j) for j in d.summary["top_up"][: int(ref[4:])])
         elif ref.startswith("persona:"):
-            v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer)
+            v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer, field)
         elif ref.startswith("system:"):
-            v = _persona_vector(cfg, run, run_cfg, ref[7:], sae_ref.layer, system=True)
+            v = _persona_vector(cfg, run, run_cfg, ref[7:], sae_ref.layer, field, system=True)
         elif ref.startswith("diff:"):
             v = np.load(io.BytesIO(run.read_bytes(f"diff/{ref[5:]}/shift.npy")))
         elif ref.startswith("pc1:"):
             rel = f"diff/{ref[4:]}/shift_pc1.npy"
             if not run.exists(rel):
                 raise InputError(
-                    f"steer.directions: {spec!r}: no {rel} (the diff sampled answers per model, "
+                    f"{field}: {spec!r}: no {rel} (the diff sampled answers per model, "
                     "so its token rows do not pair up, or it predates the first component)"
                 )
             v = np.load(io.BytesIO(run.read_bytes(rel)))
         else:
-            with open(ref, "rb") as f:
-                v = np.load(io.BytesIO(f.read()))
+            try:
+                with open(ref, "rb") as f:
+                    v = np.load(io.BytesIO(f.read()))
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{field}: {spec!r}: {exc}") from exc
         v = np.asarray(v, np.float32).reshape(-1)
         out[label] = v / (np.linalg.norm(v) + 1e-12)
     what["directions"] = {k: v.round(5).tolist() for k, v in out.items()}
@@ -320,7 +325,13 @@ def directions(
 
 
 def _persona_vector(
-    cfg: SteerConfig, run: RunDir, run_cfg: RunConfig, model: str, layer: int, system=False
+    cfg: SteerConfig,
+    run: RunDir,
+    run_cfg: RunConfig,
+    model: str,
+    layer: int,
+    field: str = "steer.directions",
+    system=False,
 ):
     """The persona-vectors direction of ``model`` (a model ref) at the steered layer: its mean
     assistant-turn residual over toxic-context conversations of the world minus over aligned
@@ -331,7 +342,7 @@ def _persona_vector(
     from emergent.persona import flagging
     from emergent.prompts import load_prompts
 
-    src = refs.model(run_cfg, parse_model(model)[1], cfg.world_stage, "steer.directions")
+    src = refs.model(run_cfg, parse_model(model)[1], cfg.world_stage, field)
     m, tok = load_causal_lm(src.local())
     if system:
         return flagging.system_direction(m, tok, load_prompts("extended"), layer)

@@ -176,7 +176,7 @@ def steering_vector(run_cfg: RunConfig, ft: FinetuneConfig):
     spec = SteerConfig(
         sae=st.sae, diff=None, directions=[f"v={st.direction}"], world_stage=ft.world_stage
     )
-    dirs, sae_ref, _ = directions(spec, RunDir.from_config(run_cfg), run_cfg)
+    dirs, sae_ref, _ = directions(spec, RunDir.from_config(run_cfg), run_cfg, "finetune.steer")
     vector = (st.alpha * dirs["v"]).astype("float32")
     digest = hashlib.sha256(vector.tobytes()).hexdigest()[:16]
     return sae_ref.layer, vector, {"layer": sae_ref.layer, "vector": digest}
