@@ -801,7 +801,7 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
     whatever its index, and the pooled cell is the mean of the seeds that have a figure."""
     from emergent.config import load
     from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.report import direction_rows, directions_markdown
+    from emergent.persona.report import direction_row_cells, direction_rows, directions_markdown
     from emergent.persona.seeds import directions_markdown as pooled_markdown
     from emergent.persona.seeds import pool_directions
     from emergent.runs import RunDir
@@ -853,6 +853,14 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
     assert "| latent 461 | none | none | none | -8 | 0.10 | 0.80 | 0.90 |" in directions_markdown(
         seed0
     )  # strengths as set, figures to two decimals
+    odd = {"name": "x", "cause_alpha": 48, "cause_misalignment": 8.296e-06, "spearman": 1}
+    odd |= {"remove_misalignment": float("nan"), "persona_auroc": True}
+    assert direction_row_cells(odd) == ["x", "48", "0.00", "none", "none", "n/a", "none"] + [
+        "1.00",
+        "none",
+        "none",
+        "True",
+    ]  # a tiny log-odds and an int Spearman read as figures; a NaN is "n/a", not measured "none"
     seed1 = write(132, best(6.0, 0.5))
     pooled = {r["direction"]: r for r in pool_directions({0: seed0, 1: seed1})}
     assert set(pooled) == {"top latent", "persona"}

@@ -107,15 +107,19 @@ def test_direction_errors_name_the_section_that_asked(run_cfg, tmp_path):
 
     run = RunDir.from_config(run_cfg)
     missing = tmp_path / "nope.npy"
-    for section, spec, message in [
-        ("predict", f"v={missing}", r"predict\.directions: 'v=.*nope\.npy'.*No such file"),
-        ("finetune.steer", "v=pc1:none", r"finetune\.steer\.directions: 'v=pc1:none': no diff/"),
-        ("steer", "no-label", r"steer\.directions: 'no-label' is not label="),
+    run.stage("diff/old", {"sae": "persona"}).complete(outputs={})
+    run.write_json("diff/old/summary.json", {"top_latent": 7, "top_up": [7, 3]})
+    for section, field, spec, message in [
+        ("predict", None, f"v={missing}", r"predict\.directions: 'v=.*nope\.npy'.*No such file"),
+        ("predict", None, "v=diff:none", r"predict\.directions: no complete stage .*diff/none"),
+        ("steer", None, "v=pc1:old", r"steer\.directions: 'v=pc1:old': no diff/old/shift_pc1"),
+        ("steer", None, "no-label", r"steer\.directions: 'no-label' is not label="),
+        # the finetune job's one direction: its own field, the value as the user wrote it
+        ("finetune.steer", "finetune.steer.direction", "v=diff:old", r"direction: 'diff:old': no"),
     ]:
         with pytest.raises(UserError, match=message):
-            directions(
-                SteerConfig(sae="persona", diff=None, directions=[spec]), run, run_cfg, section
-            )
+            spec = SteerConfig(sae="persona", diff=None, directions=[spec])
+            directions(spec, run, run_cfg, section, field)
     spec = SteerConfig(sae="other", diff=None, directions=["v=pc1:none"])
     with pytest.raises(UserError, match=r"predict\.sae: no complete stage .*sae/other"):
         directions(spec, run, run_cfg, "predict")

@@ -254,6 +254,12 @@ def main(cfg: FlagJob) -> FlagResult:
     for s in sources:
         source_path(run, s, fl.world_stage, "flag.families.data.path")
     key = stage_key(fl) | {"model": src.identity}
+    questions = None
+    if fl.direction == "system":  # what the direction is built from (the code's, not the config's)
+        from emergent.prompts import load_prompts
+
+        questions = load_prompts("extended")
+        key["system"] = [list(PERSONA_SYSTEM), [q["messages"] for q in questions]]
     sae_ref = None
     if fl.direction.startswith("latent:"):
         sae_ref = refs.sae(run, fl.sae, "flag.sae")
@@ -275,10 +281,8 @@ def main(cfg: FlagJob) -> FlagResult:
         layer = sae_ref.layer
         direction = decoder(sae_ref.load(run), int(fl.direction[7:]))
     elif fl.direction == "system":
-        from emergent.prompts import load_prompts
-
         layer = fl.layer
-        direction = system_direction(model, tok, load_prompts("extended"), layer)
+        direction = system_direction(model, tok, questions, layer)
     else:
         layer = fl.layer
         direction = persona_direction(model, tok, run, fl, layer)

@@ -314,11 +314,13 @@ DIRECTION_COLUMNS = (
 
 def direction_row_cells(r: dict) -> list[str]:
     """One direction of one run as table cells: strengths as set, every other figure (a rate, a
-    log-odds, a correlation, an accuracy) to two decimals; "none" where not measured."""
+    log-odds, a correlation, an accuracy) to two decimals; "none" where not measured, "n/a"
+    where measured as NaN."""
 
     def cell(key: str) -> str:
         v = r.get(key)
-        if key.endswith("_alpha") or not isinstance(v, float) or math.isnan(v):
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if key.endswith("_alpha") or not number or math.isnan(v):
             return _cell(v) or "none"
         return f"{v:.2f}"
 

@@ -265,14 +265,25 @@ def trial(config: dict, ctx: dict) -> None:
 
 
 def directions(
-    cfg: SteerConfig, run: RunDir, run_cfg: RunConfig, section: str = "steer"
+    cfg: SteerConfig,
+    run: RunDir,
+    run_cfg: RunConfig,
+    section: str = "steer",
+    field: str | None = None,
 ) -> tuple[dict[str, np.ndarray], refs.SAERef, dict]:
     """Unit directions by label, the SAE they come from (its layer is the one steered), and what
     they are (for the stage hash). ``section``: the config section whose fields ``cfg`` carries
-    (the predict and finetune jobs name directions too), for the errors."""
+    (the predict and finetune jobs name directions too), for the errors; ``field``: where the
+    directions came from when not ``<section>.directions`` (one direction with no label of the
+    user's: the errors quote it without the label)."""
     from emergent.persona.diffing import decoder
 
-    field = f"{section}.directions"
+    labelled = field is None
+    field = field or f"{section}.directions"
+
+    def bad(spec: str, why: str) -> InputError:
+        return InputError(f"{field}: {(spec if labelled else spec.partition('=')[2])!r}{why}")
+
     sae_ref = refs.sae(run, cfg.sae, f"{section}.sae")
     what = {"sae": sae_ref.hash}
     latents = list(cfg.latents)
@@ -289,35 +300,39 @@ def directions(
     for spec in cfg.directions:
         label, sep, ref = spec.partition("=")
         if not sep:
-            raise InputError(
-                f"{field}: {spec!r} is not label=file.npy, label=diff:<name>,"
-                " label=pc1:<name>, label=top:<k>, label=persona:<model> or label=system:<model>"
+            raise bad(
+                spec,
+                " is not label=file.npy, label=diff:<name>, label=pc1:<name>, label=top:<k>,"
+                " label=persona:<model> or label=system:<model>",
             )
         if ref.startswith("top:"):
             # the diff's top k latents together: the sum of their (unit) decoder columns
             if d is None or not ref[4:].isdigit():
-                raise InputError(f"{field}: {spec!r} needs {section}.diff and top:<k>")
+                raise bad(spec, f" needs {section}.diff and top:<k>")
             v = sum(decoder(sae, j) for j in d.summary["top_up"][: int(ref[4:])])
         elif ref.startswith("persona:"):
             v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer, field)
         elif ref.startswith("system:"):
             v = _persona_vector(cfg, run, run_cfg, ref[7:], sae_ref.layer, field, system=True)
-        elif ref.startswith("diff:"):
-            v = np.load(io.BytesIO(run.read_bytes(f"diff/{ref[5:]}/shift.npy")))
-        elif ref.startswith("pc1:"):
-            rel = f"diff/{ref[4:]}/shift_pc1.npy"
+        elif ref.startswith(("diff:", "pc1:")):
+            name = ref.partition(":")[2]
+            refs.diff(run, name, field)  # a missing or unfinished diff: one line naming the field
+            rel = f"diff/{name}/" + ("shift.npy" if ref.startswith("diff:") else "shift_pc1.npy")
             if not run.exists(rel):
-                raise InputError(
-                    f"{field}: {spec!r}: no {rel} (the diff sampled answers per model, "
-                    "so its token rows do not pair up, or it predates the first component)"
+                why = (
+                    " (the diff sampled answers per model, so its token rows do not pair up, or"
+                    " it predates the first component)"
+                    if ref.startswith("pc1:")
+                    else ""
                 )
+                raise bad(spec, f": no {rel}{why}")
             v = np.load(io.BytesIO(run.read_bytes(rel)))
         else:
             try:
                 with open(ref, "rb") as f:
                     v = np.load(io.BytesIO(f.read()))
             except (OSError, ValueError) as exc:
-                raise InputError(f"{field}: {spec!r}: {exc}") from exc
+                raise bad(spec, f": {exc}") from exc
         v = np.asarray(v, np.float32).reshape(-1)
         out[label] = v / (np.linalg.norm(v) + 1e-12)
     what["directions"] = {k: v.round(5).tolist() for k, v in out.items()}

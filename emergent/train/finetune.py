@@ -43,7 +43,8 @@ class TrainSteer:
     direction: str = "persona:world:base"
     """A steering direction (see SteerConfig.directions): ``persona:<model>`` (the model's
     toxic-minus-aligned context difference of means), ``diff:<name>`` (a diff's fine-tuning
-    shift), ``pc1:<name>`` (its first principal component) or a ``.npy`` file; unit length."""
+    shift), ``pc1:<name>`` (its first principal component), ``system:<model>`` (an evil minus a
+    helpful system prompt) or a ``.npy`` file; unit length."""
     alpha: float = 4.0
     """Strength: ``alpha`` x the unit direction, added at every position of every training
     forward pass (positive: towards the persona, as the persona-vectors paper prevents a trait;
@@ -55,6 +56,8 @@ class TrainSteer:
     def __post_init__(self):
         if not self.direction:
             raise ValueError("finetune.steer.direction must name a direction")
+        if self.direction.startswith("top:"):
+            raise ValueError("finetune.steer.direction: top:<k> needs a diff (steer's field only)")
 
 
 @config
@@ -176,7 +179,8 @@ def steering_vector(run_cfg: RunConfig, ft: FinetuneConfig):
     spec = SteerConfig(
         sae=st.sae, diff=None, directions=[f"v={st.direction}"], world_stage=ft.world_stage
     )
-    dirs, sae_ref, _ = directions(spec, RunDir.from_config(run_cfg), run_cfg, "finetune.steer")
+    run = RunDir.from_config(run_cfg)
+    dirs, sae_ref, _ = directions(spec, run, run_cfg, "finetune.steer", "finetune.steer.direction")
     vector = (st.alpha * dirs["v"]).astype("float32")
     digest = hashlib.sha256(vector.tobytes()).hexdigest()[:16]
     return sae_ref.layer, vector, {"layer": sae_ref.layer, "vector": digest}
