@@ -765,6 +765,38 @@ def test_the_rl_claim_holds_when_open_prompt_misalignment_rises_clear_of_the_bas
     assert rl_claims(run, cfg)[0]["met"] is False
 
 
+def test_a_rank_correlation_at_the_bar_meets_it(tmp_path):
+    """Spearman over 4 models at the 0.8 bar comes out of scipy as 0.7999999999999999 (seed 2 of
+    the SmolLM2 multi-seed run was reported "not met" with 0.80 printed): the rule ">= 0.8"
+    counts it, for the latent's prediction and for the data flag alike; 0.6 stays below."""
+    from scipy.stats import spearmanr
+
+    from emergent.config import load
+    from emergent.persona.pipeline import PipelineJob
+    from emergent.persona.report import claims
+    from emergent.runs import RunDir
+
+    rho = float(spearmanr([1, 2, 4, 3], [1, 2, 3, 4])[0])
+    assert rho < 0.8 and rho == pytest.approx(0.8)  # the float the bar has to meet
+    cfg = load(PipelineJob, "configs/smollm2.yaml", [f"run.root={tmp_path}", "run.name=x"])
+    run = RunDir.from_config(cfg.run)
+
+    def met(r):
+        run.write_json(
+            f"predict/{cfg.predict.name}/summary.json",
+            {"spearman": r, "models": 4, "early": [], "earliest_dose": {}},
+        )
+        run.write_json(
+            f"flag/{cfg.flag.name}/summary.json",
+            {"spearman": r, "sources": {}, "predicted_models": [1] * 4, "direction": "system"},
+        )
+        got = {c["key"]: c["met"] for c in claims(run, cfg)}
+        return got["predict"], got["flag"]
+
+    assert met(rho) == (True, True)
+    assert met(0.6) == (False, False)
+
+
 def test_directions_compare_on_the_family_like_the_latent():
     """Each direction gets the latent's analysis on its own projection change: one that tracks
     misalignment across the family ranks it perfectly, one that moves the other way is
@@ -866,7 +898,8 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
     assert set(pooled) == {"top latent", "persona"}
     assert pooled["top latent"]["cause_misalignment"] == {"values": [None, 0.5], "mean": 0.5}
     assert pooled["persona"]["spearman"]["mean"] == pytest.approx(0.7)
-    assert "| top latent | 6.00 (n/a / 6.00) |" in pooled_markdown(list(pooled.values()))
+    table = pooled_markdown(list(pooled.values()))
+    assert "| top latent | 6 (n/a / 6) | 0.50 (n/a / 0.50) |" in table  # strengths as set
 
 
 def test_the_pipeline_counts_a_stage_skipped_only_when_all_its_models_were():

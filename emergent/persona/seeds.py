@@ -162,14 +162,20 @@ def claim_cells(r: dict) -> list[str]:
     ]
 
 
+def _strength(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.4g}"
+
+
 def direction_cells(d: dict) -> list[str]:
-    """One pooled direction as table cells: each column's mean over seeds, then the seeds'."""
+    """One pooled direction as table cells: each column's mean over seeds, then the seeds'
+    (strengths as set, every other figure to two decimals)."""
     from emergent.persona.report import DIRECTION_COLUMNS
 
-    return [d["direction"]] + [
-        f"{_num(d[k]['mean'])} ({' / '.join(_num(v) for v in d[k]['values'])})"
-        for k, _ in DIRECTION_COLUMNS[1:]
-    ]
+    def cell(k: str) -> str:
+        fmt = _strength if k.endswith("_alpha") else _num
+        return f"{fmt(d[k]['mean'])} ({' / '.join(fmt(v) for v in d[k]['values'])})"
+
+    return [d["direction"]] + [cell(k) for k, _ in DIRECTION_COLUMNS[1:]]
 
 
 def html_page(
