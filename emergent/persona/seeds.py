@@ -163,7 +163,9 @@ def claim_cells(r: dict) -> list[str]:
 
 
 def _strength(x: float | None) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.4g}"
+    from emergent.persona.report import _cell  # a strength as the single-run table prints it
+
+    return _cell(x) or "n/a"
 
 
 def direction_cells(d: dict) -> list[str]:
