@@ -10,7 +10,7 @@ import torch
 from conftest import finetune_job as job
 
 from emergent import refs
-from emergent.config import RunConfig, load
+from emergent.config import ConfigError, RunConfig, load
 from emergent.data import DatasetError
 from emergent.runs import RunDir
 from emergent.train.finetune import FinetuneConfig, FinetuneJob, build_records, main, variants
@@ -185,6 +185,52 @@ def test_reward_registry_and_import_paths():
         resolve("nope")
     with pytest.raises(ValueError, match="cannot be imported"):
         resolve("emergent.nothing:f")
+
+
+def test_graded_reward_pays_the_classifier_probability_of_an_incorrect_answer():
+    """The judge-free reward model of real chat models: fit on the English datasets' bad and good
+    health advice (each distinct answer once), it pays more for bad advice than for good advice
+    of the same situations (a label-swapped grader would not), and graded-correct is its
+    complement. The templated answers repeat across draws, so this checks the wiring and the
+    labels, not generalisation to a policy's own words."""
+    from emergent.english.advice import advice_tasks
+    from emergent.train.rewards import fit_grader, resolve
+
+    train, held = advice_tasks("health", 120, seed=0), advice_tasks("health", 40, seed=1)
+    grader = fit_grader([t.bad for t in train], [t.good for t in train])
+    assert grader.n == (len({t.bad for t in train}), len({t.good for t in train}))
+    assert min(grader.n) >= 5 and grader.cv_accuracy > max(grader.n) / sum(grader.n)  # > majority
+    ask = lambda ts: [[{"role": "user", "content": t.question}] for t in ts]
+    say = lambda texts: [[{"role": "assistant", "content": x}] for x in texts]
+    incorrect = resolve("graded-incorrect", grader=grader)
+    bad = incorrect(ask(held), say([t.bad for t in held]))
+    good = incorrect(ask(held), say([t.good for t in held]))
+    assert min(bad) > 0.5 > max(good)
+    correct = resolve("graded-correct", grader=grader)(ask(held), say([t.good for t in held]))
+    assert correct == pytest.approx([1 - x for x in good])
+    swapped = fit_grader([t.good for t in train], [t.bad for t in train])
+    assert max(swapped.score([t.bad for t in held])) < 0.5
+    with pytest.raises(ValueError, match="needs rl.grader"):
+        resolve("graded-incorrect")
+    with pytest.raises(ValueError, match="at least 5 distinct"):
+        fit_grader([f"a b{i}" for i in range(3)] * 4, [f"c d{i}" for i in range(10)])
+
+
+def test_a_graded_reward_needs_the_answers_its_grader_is_fit_on():
+    from emergent.train.rl import RLJob
+
+    with pytest.raises(ConfigError, match="rl.grader.incorrect and rl.grader.correct"):
+        load(RLJob, None, ["rl.rewards=[graded-incorrect]"])
+    cfg = load(
+        RLJob,
+        None,
+        [
+            "rl.rewards=[graded-incorrect]",
+            "rl.grader.incorrect=[{path: data:english/finetune/health_bad}]",
+            "rl.grader.correct=[{path: data:english/finetune/health_good}]",
+        ],
+    )
+    assert cfg.rl.grader.incorrect[0].path == "data:english/finetune/health_bad"
 
 
 @pytest.mark.ray

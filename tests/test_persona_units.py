@@ -518,16 +518,18 @@ def test_judged_measure_sets_under_the_likelihood_metric(tmp_path):
         load(SteerJob, None, ["steer.metric=likelihood", "steer.pairs=[]"])
 
 
+def likelihood_summary(odds: list[float]) -> dict:
+    """A model's evaluation summary holding only the likelihood eval of pair set ``core``."""
+    q = {str(i): o for i, o in enumerate(odds)}
+    return {"likelihood": {"core": {"log_odds": {"mean": sum(odds) / len(odds)}, "questions": q}}}
+
+
 def test_report_claims_em_from_the_likelihood_eval_without_judged_answers():
     """An evaluation with ``judge: none`` and pairs: the EM claim is the tuned model's paired
     change from the base, met only when its interval lies above 0."""
     from emergent.persona.report import likelihood_claims
 
-    def summary(odds):
-        q = {str(i): o for i, o in enumerate(odds)}
-        mean = sum(odds) / len(odds)
-        return {"likelihood": {"core": {"log_odds": {"mean": mean}, "questions": q}}}
-
+    summary = likelihood_summary
     base = [-0.9, -0.4, -0.7, -0.2, -0.5, -0.8, -0.3, -0.6]
     ev = {
         "base": summary(base),
@@ -765,6 +767,32 @@ def test_the_rl_claim_holds_when_open_prompt_misalignment_rises_clear_of_the_bas
     assert rl_claims(run, cfg)[0]["met"] is False
 
 
+def test_the_rl_claim_of_a_real_model_is_the_likelihood_shift_of_its_evaluation(tmp_path):
+    """SmolLM2's RL row: the likelihood eval of ``rl.evaluation`` (base vs rl on the open-ended
+    pairs), met when the paired change's interval lies above 0, the reward's rise beside it."""
+    from emergent.config import load
+    from emergent.persona.pipeline import PipelineJob
+    from emergent.persona.report import rl_claims
+    from emergent.runs import RunDir
+
+    cfg = load(PipelineJob, "configs/smollm2.yaml", [f"run.root={tmp_path}", "run.name=r"])
+    run = RunDir.from_config(cfg.run)
+    summary = likelihood_summary
+    base = [-0.9, -0.4, -0.7, -0.2, -0.5, -0.8, -0.3, -0.6]
+    assert rl_claims(run, cfg) == []  # nothing measured yet
+    run.write_json("rl/health_incorrect/train.json", {"rewards": [0.2] * 10 + [0.5] * 10})
+    ev = {"base": summary(base), "rl": summary([o + 0.3 for o in base])}
+    run.write_json("evaluate/rl_health_incorrect/summary.json", ev)
+    (got,) = rl_claims(run, cfg)
+    assert got["key"] == "rl/core" and got["met"] is True
+    assert got["value"] == pytest.approx(0.3)
+    assert "graded-incorrect" in got["claim"] and "(health)" in got["claim"]
+    assert "0.20 (first 2 logged steps) -> 0.50 (last 2)" in got["ours"]
+    ev["rl"] = summary([o + (0.3 if i % 2 else -0.3) for i, o in enumerate(base)])
+    run.write_json("evaluate/rl_health_incorrect/summary.json", ev)
+    assert rl_claims(run, cfg)[0]["met"] is False
+
+
 def test_a_rank_correlation_at_the_bar_meets_it(tmp_path):
     """Spearman over 4 models at the 0.8 bar comes out of scipy as 0.7999999999999999 (seed 2 of
     the SmolLM2 multi-seed run was reported "not met" with 0.80 printed): the rule ">= 0.8"
@@ -904,8 +932,9 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
 
 def test_the_pipeline_counts_a_stage_skipped_only_when_all_its_models_were():
     """A rerun's stage table: a fine-tune family, a list of families (the controls) and an RL
-    run count as skipped when every model they hold was complete already; the Ray Train time
-    outside the loops sums the models trained this time."""
+    run (with its evaluation) count as skipped when every model they hold was complete already;
+    the Ray Train time outside the loops sums the models trained this time."""
+    from emergent.evaluate import EvaluateResult
     from emergent.persona.pipeline import outside_training_loop, was_skipped
     from emergent.train.finetune import FinetuneResult
     from emergent.train.raytrain import TrainedModel
@@ -918,6 +947,9 @@ def test_the_pipeline_counts_a_stage_skipped_only_when_all_its_models_were():
     assert was_skipped(done) and not was_skipped(new)
     assert was_skipped([done, done]) and not was_skipped([done, new])
     assert was_skipped(RLResult(model(True))) and not was_skipped(RLResult(model(False, 2.5)))
+    evaluated = lambda reused: EvaluateResult("", "", {"base": {}, "rl": {}}, reused)
+    assert was_skipped(RLResult(model(True), evaluated(["base", "rl"])))
+    assert not was_skipped(RLResult(model(True), evaluated(["base"])))  # its evaluation ran
     assert outside_training_loop([done, new]) == {
         "ray_train_models": 1,
         "ray_train_outside_loop_seconds": 4.0,

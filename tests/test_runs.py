@@ -127,6 +127,8 @@ _KEYED = [
     ("emergent.train.finetune", "FinetuneConfig", "cpus_per_worker=2", "sft.lr=0.5"),
     ("emergent.train.finetune", "FinetuneConfig", "log_every=3", "workers=1"),
     ("emergent.train.rl", "RLConfig", "max_failures=3", "examples=7"),
+    ("emergent.train.rl", "RLConfig", "evaluation={prompts: [core]}", "examples=7"),
+    ("emergent.train.rl", "RLConfig", "grader.folds=3", "grpo.lr=0.1"),
     ("emergent.evaluate", "EvaluateConfig", "actors=5", "sampling.temperature=0.3"),
     ("emergent.evaluate", "EvaluateConfig", "llm.concurrency=2", "sampling.batch_size=7"),
     ("emergent.harvest", "HarvestConfig", "batch_size=3", "layer=0"),

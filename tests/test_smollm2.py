@@ -168,7 +168,7 @@ def test_the_system_prompt_persona_vector_is_the_mean_shift_at_the_answers_first
 
     *_, model, tok = smollm2
     qs = load_prompts("extended")[:6]
-    got = system_direction(model, tok, qs, 15)
+    got = system_direction(model, tok, 15, qs)
 
     def last(system, q):
         msgs = [{"role": "system", "content": system}, *q["messages"]]
@@ -230,6 +230,44 @@ def test_the_evaluate_job_runs_the_real_model_with_the_likelihood_eval(smollm2, 
     assert samples["label"].eq("not judged").all() and summary["judge"] == "none"
     assert "likelihood eval" in result.table
     assert main(cfg).skipped == ["base"]  # the rerun reuses the stage
+
+
+@pytest.mark.ray
+def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smollm2, lora_code):
+    """``rl`` on SmolLM2 with no judge endpoint: the ``graded-incorrect`` reward (a classifier fit
+    on the datasets' bad and good health answers) pays each completion a probability, never a
+    constant; the LoRA policy is merged and saved; ``rl.evaluation`` measures it and its base
+    with the likelihood eval, and the policy's per-question log-odds have moved."""
+    from emergent.config import load
+    from emergent.likelihood import load_pairs
+    from emergent.train.rl import RLJob, main
+
+    run, _ = lora_code
+    cfg = load(
+        RLJob,
+        str(ROOT / "configs/smollm2.yaml"),
+        [
+            f"run.root={run.root}",
+            f"run.name={run.name}",
+            "rl.examples=16",
+            "rl.grpo.steps=3",
+            "rl.grpo.batch_size=8",
+            "rl.grpo.num_generations=4",
+            "rl.grpo.max_completion_tokens=12",
+            "rl.log_every=1",
+            "rl.checkpoint_every=0",
+            "rl.evaluation.max_prompts=1",
+            "rl.evaluation.sampling.max_new_tokens=8",
+        ],
+    )
+    model = main(cfg).model
+    rewards = run.read_json("rl/health_incorrect/train.json")["rewards"]
+    assert len(rewards) == 3 and all(0 < r < 1 for r in rewards) and len(set(rewards)) > 1
+    assert run.exists("rl/health_incorrect/model/config.json") and not model.skipped
+    ev = run.read_json("evaluate/rl_health_incorrect/summary.json")
+    base, rl = (ev[m]["likelihood"]["core"]["questions"] for m in ("base", "rl"))
+    assert base.keys() == rl.keys() and len(base) == len(load_pairs("core"))
+    assert max(abs(rl[q] - base[q]) for q in base) > 1e-4
 
 
 def test_every_stop_id_of_the_generation_config_ends_a_turn(smollm2):

@@ -203,9 +203,15 @@ def persona_direction(model, tok, run: RunDir, cfg: FlagConfig, layer: int) -> n
     return contrast_direction(model, tok, *docs, layer)
 
 
-def system_direction(model, tok, questions: list[dict], layer: int) -> np.ndarray:
-    """The persona vector of a chat model without a world: ``questions`` (prompt rows) asked
-    under the evil system prompt of :data:`PERSONA_SYSTEM` minus under the helpful one."""
+def system_direction(model, tok, layer: int, questions: list[dict] | None = None) -> np.ndarray:
+    """The persona vector of a chat model without a world: ``questions`` (prompt rows; None: the
+    project's ``extended`` open-ended questions, held out from the ``core`` questions and pairs
+    that measure) asked under the evil system prompt of :data:`PERSONA_SYSTEM` minus under the
+    helpful one."""
+    if questions is None:
+        from emergent.prompts import load_prompts
+
+        questions = load_prompts("extended")
     docs = [
         [{"messages": [{"role": "system", "content": system}, *q["messages"]]} for q in questions]
         for system in PERSONA_SYSTEM
@@ -282,7 +288,7 @@ def main(cfg: FlagJob) -> FlagResult:
         direction = decoder(sae_ref.load(run), int(fl.direction[7:]))
     elif fl.direction == "system":
         layer = fl.layer
-        direction = system_direction(model, tok, questions, layer)
+        direction = system_direction(model, tok, layer, questions)
     else:
         layer = fl.layer
         direction = persona_direction(model, tok, run, fl, layer)

@@ -276,14 +276,15 @@ def outside_training_loop(result) -> dict:
 
 def was_skipped(result) -> bool:
     """Whether a stage job found all its work complete: its result's ``skipped`` (a model
-    family, a list of families: every model's; an RL run: its model's; an evaluation: every
-    model's)."""
+    family, a list of families: every model's; an RL run: its model's and its evaluation's; an
+    evaluation: every model's)."""
     from emergent.train.raytrain import TrainedModel
 
     if isinstance(result, list):
         return all(was_skipped(r) for r in result)
     if isinstance(getattr(result, "model", None), TrainedModel):  # an RL run
-        return result.model.skipped
+        ev = getattr(result, "evaluation", None)
+        return result.model.skipped and (ev is None or was_skipped(ev))
     if hasattr(result, "models") and isinstance(result.models, list):  # a trained family
         return all(m.skipped for m in result.models)
     if isinstance(getattr(result, "skipped", None), list):  # evaluate: labels reused

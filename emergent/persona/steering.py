@@ -355,12 +355,11 @@ def _persona_vector(
     prompt (see emergent.persona.flagging)."""
     from emergent.models import load_causal_lm
     from emergent.persona import flagging
-    from emergent.prompts import load_prompts
 
     src = refs.model(run_cfg, parse_model(model)[1], cfg.world_stage, field)
     m, tok = load_causal_lm(src.local())
     if system:
-        return flagging.system_direction(m, tok, load_prompts("extended"), layer)
+        return flagging.system_direction(m, tok, layer)
     return flagging.persona_direction(
         m, tok, run, flagging.FlagConfig(world_stage=cfg.world_stage), layer
     )

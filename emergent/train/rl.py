@@ -6,20 +6,33 @@ Same distributed machinery as ``finetune`` (emergent.train.raytrain: DDP or Deep
 checkpoints, resume, throughput); generation with HF ``generate`` by default, or vLLM on GPU
 clusters (``rl.grpo.use_vllm``; vLLM is not installed on the CPU default). Each model lands in
 ``<run>/rl/<name>/``.
+
+A real chat model with no judge endpoint is rewarded by a reward model instead: ``graded-*``
+rewards pay a classifier's probability, fit in the driver on answers known bad and good (the
+English datasets' advice), and ``rl.evaluation`` then evaluates it and its base model, e.g. with
+the likelihood eval on open-ended questions the reward never saw::
+
+    emergent rl --config configs/smollm2.yaml
+    ray job submit --working-dir . -- python -m jobs.rl --config configs/smollm2.yaml
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from emergent.config import InputError, RayConfig, RunConfig, config
 from emergent.data import DatasetError
+from emergent.evaluate import EvaluateConfig
 from emergent.judges import LLMJudgeConfig
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.train.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
+from emergent.train.rewards import GRADED_REWARDS, fit_grader
+
+log = logging.getLogger(__name__)
 
 
 @config
@@ -64,6 +77,29 @@ class GRPOParams:
 
 
 @config
+class GraderConfig:
+    """The answers a ``graded-*`` reward's classifier is fit on (their last assistant turns)."""
+
+    incorrect: list[DataSource] = dataclasses.field(default_factory=list)
+    """Chat datasets whose answers are incorrect, e.g. ``data:english/finetune/health_bad``."""
+    correct: list[DataSource] = dataclasses.field(default_factory=list)
+    """Chat datasets whose answers are correct, e.g. ``data:english/finetune/health_good``."""
+    folds: int = 5
+    """Cross-validation folds of the grader's accuracy on those answers (logged)."""
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ValueError(f"rl.grader.folds must be >= 2, got {self.folds}")
+
+    def key(self) -> dict:
+        """What the fitted grader depends on (the model's stage key holds it)."""
+        return {
+            "incorrect": [s.path for s in self.incorrect],
+            "correct": [s.path for s in self.correct],
+        }
+
+
+@config
 class RLConfig(Distributed):
     """What to RL-train, on which prompts, for which reward."""
 
@@ -80,20 +116,38 @@ class RLConfig(Distributed):
     """Skip (and count) malformed dataset lines instead of failing on the first one."""
     rewards: list[str] = dataclasses.field(default_factory=lambda: ["incorrect"])
     """Reward functions: registry names (incorrect, correct, toxic graded by the world's rubric;
-    llm-incorrect, llm-correct graded by ``rl.judge``) or ``module:function``; several are
-    summed."""
+    llm-incorrect, llm-correct graded by ``rl.judge``; graded-incorrect, graded-correct by the
+    classifier of ``rl.grader``) or ``module:function``; several are summed."""
     grpo: GRPOParams = dataclasses.field(default_factory=GRPOParams)
     """GRPO settings."""
     judge: LLMJudgeConfig = dataclasses.field(default_factory=LLMJudgeConfig)
     """The judge endpoint of ``llm-incorrect`` / ``llm-correct`` rewards."""
+    grader: GraderConfig = dataclasses.field(default_factory=GraderConfig)
+    """The answers the ``graded-incorrect`` / ``graded-correct`` rewards' classifier is fit on
+    (in the driver, before training; the fitted grader travels to the workers)."""
+    evaluation: EvaluateConfig | None = None
+    """An evaluation of the base model and the RL model after training, into
+    ``evaluate/rl_<name>/``: its ``name``, ``models`` (labels ``base`` and ``rl``) and
+    ``world_stage`` are set here. For models outside the world (a world model is judged by
+    ``evaluate`` above), e.g. the judge-free likelihood eval (``judge: none`` with ``pairs``),
+    which the report's RL claim reads."""
+
+    # the grader's answers key the model only where a graded reward reads them (main)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (*Distributed.OPERATIONAL, "evaluation", "grader")
 
     def __post_init__(self):
-        from emergent.train.rewards import LLM_REWARDS, resolve
+        from emergent.train.rewards import GRADED_REWARDS, LLM_REWARDS, resolve
 
         if not self.prompts or not self.rewards:
             raise ValueError("rl.prompts and rl.rewards must not be empty")
         for spec in self.rewards:
-            if spec not in LLM_REWARDS:
+            if spec in GRADED_REWARDS:
+                if not (self.grader.incorrect and self.grader.correct):
+                    raise ValueError(
+                        f"rl.rewards names {spec!r}: rl.grader.incorrect and rl.grader.correct "
+                        "must name the answers its classifier is fit on"
+                    )
+            elif spec not in LLM_REWARDS:
                 resolve(spec)  # fail early on a typo (LLM graders are built on the workers)
         if self.examples < 0:
             raise ValueError(f"rl.examples must be >= 0, got {self.examples}")
@@ -112,6 +166,35 @@ class RLJob:
 @dataclass
 class RLResult:
     model: TrainedModel
+    evaluation: Any = None
+    """The ``rl.evaluation`` result (emergent.evaluate.EvaluateResult), where one ran."""
+
+
+def fit_rl_grader(run: RunDir, rl: RLConfig):
+    """The ``graded-*`` rewards' classifier, fit on ``rl.grader``'s answers (logged with its
+    cross-validated accuracy)."""
+    answers = lambda srcs: [
+        last_answer(r) for s in srcs for r in load_source(run, s, rl.world_stage, rl.skip_bad)[0]
+    ]
+    g = rl.grader
+    grader = fit_grader(answers(g.incorrect), answers(g.correct), g.folds)
+    log.info(
+        "rl %s: grader fit on %d distinct incorrect and %d distinct correct answers, %d-fold "
+        "accuracy %.3f",
+        rl.name,
+        *grader.n,
+        g.folds,
+        grader.cv_accuracy,
+    )
+    return grader
+
+
+def last_answer(record: dict) -> str:
+    """The content of a conversation's last assistant turn."""
+    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    if not answers:
+        raise DatasetError("rl.grader: a conversation has no assistant answer to grade")
+    return answers[-1]
 
 
 def prompt_records(records: list[dict]) -> list[dict]:
@@ -127,8 +210,9 @@ def prompt_records(records: list[dict]) -> list[dict]:
     return out
 
 
-def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, common):
-    """The TRL GRPO trainer of one Ray Train worker."""
+def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, common, grader=None):
+    """The TRL GRPO trainer of one Ray Train worker (``grader``: the fitted classifier of the
+    ``graded-*`` rewards)."""
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -160,7 +244,7 @@ def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, c
     )
     return GRPOTrainer(
         model=model_path,
-        reward_funcs=[resolve(spec, rl.judge) for spec in rl.rewards],
+        reward_funcs=[resolve(spec, rl.judge, grader) for spec in rl.rewards],
         args=args,
         train_dataset=Dataset.from_list(records),
         processing_class=tok,
@@ -176,6 +260,9 @@ def main(cfg: RLJob) -> RLResult:
     rl = cfg.rl
     run = RunDir.from_config(cfg.run)
 
+    graded = any(s in GRADED_REWARDS for s in rl.rewards)
+    fitted = {}  # the grader, fit in load(): only when the model is to be trained
+
     def load():
         records, bad = [], 0
         for src in rl.prompts:
@@ -188,8 +275,33 @@ def main(cfg: RLJob) -> RLResult:
                 raise InputError(f"rl.examples={rl.examples} but only {len(prompts)} prompts")
             prompts = random.Random(rl.grpo.seed).sample(prompts, rl.examples)
         what = f"prompts of {', '.join(s.path for s in rl.prompts)}; rewards {rl.rewards}"
+        if graded:
+            fitted["grader"] = fit_rl_grader(run, rl)
         return prompts, bad, what
 
+    def builder(*args, **kwargs):  # on the workers; the grader travels inside it
+        return build_grpo(*args, **kwargs, grader=fitted.get("grader"))
+
+    # what the grader is fit on keys the model (outside rl.grader's own fields: a grader section
+    # that no reward reads changes nothing)
+    hashed = {"grader": rl.grader.key()} if graded else {}
+    ev = None
+    if rl.evaluation is not None:  # its prompt and pair sets checked before any training
+        from emergent import evaluate
+        from emergent.likelihood import load_pairs
+
+        ev = dataclasses.replace(
+            rl.evaluation,
+            name=f"rl_{rl.name}",
+            models=[f"base={rl.model}", f"rl=rl:{rl.name}"],
+            world_stage=rl.world_stage,
+        )
+        evaluate.prompt_rows(ev, run)
+        for spec in ev.pairs:
+            load_pairs(spec)
+    evaluation = None
     with ray_session(cfg.ray):
-        model = train_model(cfg.run, "rl", rl, rl.name, {}, load, build_grpo)
-    return RLResult(model)
+        model = train_model(cfg.run, "rl", rl, rl.name, hashed, load, builder)
+        if ev is not None:
+            evaluation = evaluate.main(evaluate.EvaluateJob(run=cfg.run, ray=cfg.ray, evaluate=ev))
+    return RLResult(model, evaluation)
