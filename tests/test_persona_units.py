@@ -784,7 +784,7 @@ def test_the_rl_claim_of_a_real_model_is_the_likelihood_shift_of_its_evaluation(
     ev = {"base": summary(base), "rl": summary([o + 0.3 for o in base])}
     run.write_json("evaluate/rl_health_incorrect/summary.json", ev)
     (got,) = rl_claims(run, cfg)
-    assert got["key"] == "rl/core" and got["met"] is True
+    assert got["key"] == "rl/core" and got["met"] is True and "RL model minus" in got["measure"]
     assert got["value"] == pytest.approx(0.3)
     assert "graded-incorrect" in got["claim"] and "(health)" in got["claim"]
     assert "0.20 (first 2 logged steps) -> 0.50 (last 2)" in got["ours"]

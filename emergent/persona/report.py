@@ -434,7 +434,8 @@ def rl_claims(run: RunDir, cfg) -> list[dict]:
             else ""
         )
         ev = _read(run, f"evaluate/rl_{rl.name}/summary.json")
-        return likelihood_claims(ev, "base", "rl", name, paper, "rl", note=rose)
+        measure = "log-odds change per token, RL model minus base"
+        return likelihood_claims(ev, "base", "rl", name, paper, "rl", rose, measure)
     ev = _read(run, f"rl/{rl.name}/eval.json")
     base = _read(run, f"{rl.world_stage}/base_eval.json")
     if not ev or not base or "open" not in ev or "open" not in base.get("sets", {}):
@@ -469,6 +470,7 @@ def likelihood_claims(
     paper: str = "EM on open prompts after insecure-code SFT; none after secure code",
     key: str = "em_likelihood",
     note: str = "",
+    measure: str = "log-odds change per token, tuned minus base",
 ) -> list[dict]:
     """The EM claim measured by the likelihood eval (an evaluation without judged answers):
     the tuned model's per-question log-odds change from the base on each pair set, with the
@@ -504,7 +506,7 @@ def likelihood_claims(
                 d["lo"] > 0,
                 key=f"{key}/{pairs}",
                 value=d["mean"],
-                measure="log-odds change per token, tuned minus base",
+                measure=measure,
             )
         )
     return out
