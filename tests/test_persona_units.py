@@ -774,13 +774,17 @@ def test_the_rl_claim_of_a_real_model_is_the_likelihood_shift_of_its_evaluation(
     from emergent.persona.pipeline import PipelineJob
     from emergent.persona.report import rl_claims
     from emergent.runs import RunDir
+    from emergent.train.sft import final_loss
 
     cfg = load(PipelineJob, "configs/smollm2.yaml", [f"run.root={tmp_path}", "run.name=r"])
     run = RunDir.from_config(cfg.run)
     summary = likelihood_summary
     base = [-0.9, -0.4, -0.7, -0.2, -0.5, -0.8, -0.3, -0.6]
     assert rl_claims(run, cfg) == []  # nothing measured yet
-    run.write_json("rl/health_incorrect/train.json", {"rewards": [0.2] * 10 + [0.5] * 10})
+    rewards = [0.2] * 10 + [0.5] * 10
+    run.write_json(
+        "rl/health_incorrect/train.json", {"rewards": rewards, "final_reward": final_loss(rewards)}
+    )
     ev = {"base": summary(base), "rl": summary([o + 0.3 for o in base])}
     run.write_json("evaluate/rl_health_incorrect/summary.json", ev)
     (got,) = rl_claims(run, cfg)

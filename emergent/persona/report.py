@@ -426,10 +426,10 @@ def rl_claims(run: RunDir, cfg) -> list[dict]:
             return []
         st = _read(run, f"rl/{rl.name}/train.json") or {}
         r = st.get("rewards") or []
-        k = max(1, len(r) // 10)
+        k = max(1, len(r) // 10)  # the window of train.json's final_reward (sft.final_loss)
         rose = (
             f"; the reward on the {', '.join(trained)} prompts {_f(sum(r[:k]) / k)} (first "
-            f"{k} logged steps) -> {_f(sum(r[-k:]) / k)} (last {k})"
+            f"{k} logged steps) -> {_f(st['final_reward'])} (last {k})"
             if r
             else ""
         )
