@@ -200,9 +200,7 @@ def _format_error(err: pydantic.ValidationError, cls: type, where: str, lines: d
         what = f"{e['msg']} (got {e.get('input')!r})"
     if key in sets:
         return f"--set {key}={sets[key]}: {what}"
-    line = lines.get(loc) or lines.get(loc[:-1])
-    place = f"{where}:{line}" if line else where
-    return f"{place}: {key}: {what}"
+    return f"{lines.get(loc) or lines.get(loc[:-1]) or where}: {key}: {what}"
 
 
 def _resolve(cls: type, loc: tuple) -> type | None:
@@ -240,28 +238,53 @@ SECTIONS = frozenset(
 )
 
 
-def load(cls: type[T], path: str | os.PathLike | None = None, sets: list[str] = ()) -> T:
-    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides (YAML values).
+def _read(path: str | os.PathLike) -> tuple[dict, dict[tuple, str]]:
+    """One YAML config file: its mapping and, per key path, ``file:line``."""
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _yaml_lines(text, where)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark else where
+        raise ConfigError(f"{at}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of config sections at top level")
+    return data, {k: f"{where}:{n}" for k, n in lines.items()}
 
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``: mappings merge key by key, anything else (a list, a value)
+    replaces what was there."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(
+    cls: type[T],
+    path: str | os.PathLike | list | tuple | None = None,
+    sets: list[str] = (),
+) -> T:
+    """Build ``cls`` from optional YAML files plus ``key.sub=value`` overrides (YAML values).
+
+    Several files are layered in order: a later file's mappings merge into the earlier ones key
+    by key, and its lists and values replace theirs (``--config base.yaml --config more.yaml``).
     Raises ConfigError with a one-line message on any unknown key, wrong type or bad value.
     """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path or [])
     data: dict = {}
-    lines: dict = {}
-    where = str(path) if path else "<defaults>"
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-            lines = _yaml_lines(text, where)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f"{where}:{mark.line + 1}" if mark else where
-            raise ConfigError(f"{at}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping of config sections at top level")
+    lines: dict[tuple, str] = {}
+    for p in paths:
+        more, at = _read(p)
+        data = _merge(data, more)
+        lines |= at
+    where = ", ".join(map(str, paths)) or "<defaults>"
     overrides = {}
     for item in sets:
         key, sep, raw = item.partition("=")
@@ -321,7 +344,11 @@ def parse_command(
         + "\n".join(describe(cls)),
     )
     parser.add_argument(
-        "--config", help="YAML file with config sections (default: built-in defaults)"
+        "--config",
+        action="append",
+        default=[],
+        help="YAML file with config sections (default: built-in defaults); repeatable: a later "
+        "file's sections merge into the earlier ones, its lists and values replace theirs",
     )
     parser.add_argument(
         "--set",

@@ -44,6 +44,24 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert load(Job).inner.steps == 10
 
 
+def test_layered_files_merge_sections_and_replace_lists(tmp_path):
+    base = write(tmp_path, "inner:\n  lr: 0.001\n  mode: lora\nfractions: [0.1]\n")
+    more = tmp_path / "more.yaml"
+    more.write_text("inner:\n  steps: 3\nfractions: [0.2, 0.3]\n")
+    cfg = load(Job, [base, more], ["inner.steps=4"])
+    # the later file merges into the section (lr, mode kept), its list replaces the earlier one,
+    # and --set still wins over both
+    assert (cfg.inner.lr, cfg.inner.mode, cfg.inner.steps) == (0.001, "lora", 4)
+    assert cfg.fractions == [0.2, 0.3]
+    # an error names the file that set the key, and its line there
+    more.write_text("run:\n  name: x\ninner:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=rf"^{more}:4: inner.steps: "):
+        load(Job, [base, more])
+    more.write_text("inner:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{base}:5: inner.mode: "):
+        load(Job, [write(tmp_path, "run:\n  name: x\n\ninner:\n  mode: half\n"), more])
+
+
 def test_unknown_key_names_file_line_and_key(tmp_path):
     p = write(tmp_path, "run:\n  name: exp\ninner:\n  lr: 0.001\n  stepz: 3\n")
     with pytest.raises(ConfigError) as e:
