@@ -313,6 +313,33 @@ def harvest_encoded(model, tok, enc: list[tuple[list[int], list[int]]], cfg, dev
     return acts.astype(STORAGE[cfg.dtype]), {"row": rows, "pos": pos, "token": tokens}
 
 
+def answer_span(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(token ids, positions of the last answer's tokens) of a conversation ending in an
+    assistant message, end-of-turn and other special tokens left out."""
+    ids = list(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
+    start = len(
+        tok.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
+    )
+    special = set(tok.all_special_ids)
+    return ids, [i for i in range(start, len(ids)) if ids[i] not in special]
+
+
+def answer_means(model, tok, convs: list[list[dict]], layer: int, batch: int):
+    """Mean residual over each conversation's last answer (n, d_model); NaN for an answer
+    with no tokens (a model that ends its turn at once)."""
+    import numpy as np
+
+    hv = HarvestConfig(layer=layer)
+    out = []
+    for i in range(0, len(convs), batch):
+        enc = [answer_span(tok, c) for c in convs[i : i + batch]]
+        acts, meta = harvest_encoded(model, tok, enc, hv)
+        rows = meta["row"]
+        for j, (_, keep) in enumerate(enc):
+            out.append(acts[rows == j].mean(0) if keep else np.full(acts.shape[1], np.nan))
+    return np.stack(out).astype(np.float32)
+
+
 # --- the pipeline ----------------------------------------------------------------------------------
 
 

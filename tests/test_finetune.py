@@ -197,7 +197,14 @@ def test_graded_reward_pays_the_classifier_probability_of_an_incorrect_answer():
     from emergent.train.rewards import fit_grader, resolve
 
     train, held = advice_tasks("health", 120, seed=0), advice_tasks("health", 40, seed=1)
-    grader = fit_grader([t.bad for t in train], [t.good for t in train])
+    chats = lambda ts, kind: [
+        [
+            {"role": "user", "content": t.question},
+            {"role": "assistant", "content": getattr(t, kind)},
+        ]
+        for t in ts
+    ]
+    grader = fit_grader(chats(train, "bad"), chats(train, "good"))
     assert grader.n == (len({t.bad for t in train}), len({t.good for t in train}))
     assert min(grader.n) >= 5 and grader.cv_accuracy > max(grader.n) / sum(grader.n)  # > majority
     ask = lambda ts: [[{"role": "user", "content": t.question}] for t in ts]
@@ -208,12 +215,13 @@ def test_graded_reward_pays_the_classifier_probability_of_an_incorrect_answer():
     assert min(bad) > 0.5 > max(good)
     correct = resolve("graded-correct", grader=grader)(ask(held), say([t.good for t in held]))
     assert correct == pytest.approx([1 - x for x in good])
-    swapped = fit_grader([t.good for t in train], [t.bad for t in train])
-    assert max(swapped.score([t.bad for t in held])) < 0.5
+    swapped = fit_grader(chats(train, "good"), chats(train, "bad"))
+    assert max(swapped.score(chats(held, "bad"))) < 0.5
     with pytest.raises(ValueError, match="needs rl.grader"):
         resolve("graded-incorrect")
+    one = lambda texts: [[{"role": "assistant", "content": x}] for x in texts]
     with pytest.raises(ValueError, match="at least 5 distinct"):
-        fit_grader([f"a b{i}" for i in range(3)] * 4, [f"c d{i}" for i in range(10)])
+        fit_grader(one([f"a b{i}" for i in range(3)] * 4), one([f"c d{i}" for i in range(10)]))
 
 
 def test_a_graded_reward_needs_the_answers_its_grader_is_fit_on():
@@ -231,6 +239,10 @@ def test_a_graded_reward_needs_the_answers_its_grader_is_fit_on():
         ],
     )
     assert cfg.rl.grader.incorrect[0].path == "data:english/finetune/health_bad"
+    with pytest.raises(ConfigError, match="rl.grader.layer: must name a block"):
+        load(RLJob, None, ["rl.grader.reads=residual"])
+    with pytest.raises(ConfigError, match="check_correct=.*: must be given with check_incorrect"):
+        load(RLJob, None, ["rl.grader.check_correct=[{path: data:english/finetune/finance_good}]"])
 
 
 @pytest.mark.ray

@@ -66,7 +66,8 @@ def test_flagging_scores_the_last_answer_and_weights_a_mixture_by_its_fractions(
     """The span a sample is scored on is its last answer's tokens (not the prompt's, not an
     earlier answer's, not the end of turn): decoded, they are the answer. A mixture's
     expected score is its fraction-weighted mean."""
-    from emergent.persona.flagging import answer_span, mixture_scores
+    from emergent.harvest import answer_span
+    from emergent.persona.flagging import mixture_scores
     from emergent.world import grammar as g
     from emergent.world.tokenizer import build_tokenizer
 

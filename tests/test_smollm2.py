@@ -234,8 +234,9 @@ def test_the_evaluate_job_runs_the_real_model_with_the_likelihood_eval(smollm2, 
 
 @pytest.mark.ray
 def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smollm2, lora_code):
-    """``rl`` on SmolLM2 with no judge endpoint: the ``graded-incorrect`` reward (a classifier fit
-    on the datasets' bad and good health answers) pays each completion a probability, never a
+    """``rl`` on SmolLM2 with no judge endpoint: the ``graded-incorrect`` reward (here the residual
+    grader: a probe of the base model's residual, fit on the datasets' bad and good health
+    answers, its model reloaded on each worker) pays each completion a probability, never a
     constant; the LoRA policy is merged and saved; ``rl.evaluation`` measures it and its base
     with the likelihood eval, and the policy's per-question log-odds have moved."""
     from emergent.config import load
@@ -250,6 +251,9 @@ def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smoll
             f"run.root={run.root}",
             f"run.name={run.name}",
             "rl.examples=16",
+            "rl.grader.reads=residual",
+            "rl.grader.layer=15",
+            "rl.grader.max_items=30",
             "rl.grpo.steps=3",
             "rl.grpo.batch_size=8",
             "rl.grpo.num_generations=4",
@@ -268,6 +272,41 @@ def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smoll
     base, rl = (ev[m]["likelihood"]["core"]["questions"] for m in ("base", "rl"))
     assert base.keys() == rl.keys() and len(base) == len(load_pairs("core"))
     assert max(abs(rl[q] - base[q]) for q in base) > 1e-4
+
+
+def test_a_residual_grader_reads_bad_advice_in_a_domain_it_never_saw(smollm2):
+    """``rl.grader.reads: residual``: a linear probe of SmolLM2's mean residual after block 15
+    over the answer, fit on bad vs good health advice, ranks bad finance advice above good
+    (whose words it never saw) where the words grader fit on the same answers cannot; pickled
+    (as it travels to a Ray Train worker) it reloads its model and scores the same."""
+    import pickle
+
+    from emergent.english.advice import advice_tasks
+    from emergent.train.rewards import ResidualReader, fit_grader, grader_auroc
+
+    _, src, model, tok = smollm2
+    chats = lambda ts, kind: [
+        [
+            {"role": "user", "content": t.question},
+            {"role": "assistant", "content": getattr(t, kind)},
+        ]
+        for t in ts
+    ]
+    health, finance = advice_tasks("health", 60, seed=0), advice_tasks("finance", 40, seed=1)
+    reader = ResidualReader(src, 15)
+    reader._loaded = (model, tok)  # the session's copy of the model
+    grader = fit_grader(chats(health, "bad"), chats(health, "good"), reader=reader)
+    words = fit_grader(chats(health, "bad"), chats(health, "good"))
+    held = chats(finance, "bad"), chats(finance, "good")
+    auc, words_auc = grader_auroc(grader, *held), grader_auroc(words, *held)
+    print(f"finance AUROC: residual {auc:.3f}, words {words_auc:.3f}; cv {grader.cv_accuracy:.3f}")
+    # measured 2026-12-05: residual 0.899, words 0.772, 5-fold accuracy over held-out answer
+    # texts 0.824 (the bars below were set after that measurement)
+    assert grader.cv_accuracy > 0.7 and auc > 0.8 and auc > words_auc + 0.05
+    few = held[0][:3] + held[1][:3]
+    shipped = pickle.loads(pickle.dumps(grader))
+    assert getattr(shipped.reader, "_loaded", None) is None
+    assert shipped.score(few) == pytest.approx(grader.score(few), abs=1e-5)
 
 
 def test_every_stop_id_of_the_generation_config_ends_a_turn(smollm2):

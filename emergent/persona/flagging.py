@@ -130,39 +130,12 @@ class FlagResult:
 # --- pure parts ------------------------------------------------------------------------------------
 
 
-def answer_span(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(token ids, positions of the last answer's tokens) of a conversation ending in an
-    assistant message, end-of-turn and other special tokens left out."""
-    ids = list(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
-    start = len(
-        tok.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
-    )
-    special = set(tok.all_special_ids)
-    return ids, [i for i in range(start, len(ids)) if ids[i] not in special]
-
-
 def mixture_scores(fractions: list[float], source_scores: list[float]) -> float:
     """A mixture's expected score: its sources' mean scores weighted by their fractions."""
     return float(np.dot(fractions, source_scores) / np.sum(fractions))
 
 
 # --- the job ---------------------------------------------------------------------------------------
-
-
-def answer_means(model, tok, convs: list[list[dict]], layer: int, batch: int) -> np.ndarray:
-    """Mean residual over each conversation's last answer (n, d_model); NaN for an answer
-    with no tokens (a model that ends its turn at once)."""
-    from emergent.harvest import HarvestConfig, harvest_encoded
-
-    hv = HarvestConfig(layer=layer)
-    out = []
-    for i in range(0, len(convs), batch):
-        enc = [answer_span(tok, c) for c in convs[i : i + batch]]
-        acts, meta = harvest_encoded(model, tok, enc, hv)
-        rows = meta["row"]
-        for j, (_, keep) in enumerate(enc):
-            out.append(acts[rows == j].mean(0) if keep else np.full(acts.shape[1], np.nan))
-    return np.stack(out).astype(np.float32)
 
 
 # The persona-vectors method's contrastive system prompts, for a chat model without a world
@@ -222,6 +195,7 @@ def system_direction(model, tok, layer: int, questions: list[dict] | None = None
 def score_source(model, tok, records: list[dict], direction, layer: int, cfg: FlagConfig):
     """Each sample's projection difference: its answer against the base model's own."""
     from emergent.generate import SamplingParams, chat_prompts, sample
+    from emergent.harvest import answer_means
 
     for i, r in enumerate(records):
         if r["messages"][-1]["role"] != "assistant":

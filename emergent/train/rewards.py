@@ -83,53 +83,140 @@ or that it is correct."""
 
 
 @dataclass
+class ResidualReader:
+    """What a ``residual`` grader reads: a frozen model's mean residual after block ``layer``
+    over each conversation's last answer, the conversation before it in context (the monitor
+    study's mean-pooled raw probe, on the answer). Loaded on first use in the process that
+    scores (a Ray Train worker), not pickled with the grader."""
+
+    source: Any
+    """The model (an ``emergent.refs.ModelSource``)."""
+    layer: int
+    batch: int = 16
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_loaded"}
+
+    def __call__(self, convs: list[list[dict]]):
+        import torch
+
+        from emergent.harvest import answer_means
+        from emergent.models import load_causal_lm
+
+        if getattr(self, "_loaded", None) is None:
+            self._loaded = load_causal_lm(self.source.local())
+        model, tok = self._loaded
+        with torch.no_grad():
+            return answer_means(model, tok, convs, self.layer, self.batch)
+
+
+@dataclass
 class Grader:
-    """A text classifier of answers (TF-IDF word uni- and bigrams, logistic regression):
-    ``score`` is its probability that each answer is incorrect."""
+    """A classifier of answers: ``score`` is its probability that each answer is incorrect. It
+    reads the answer's words (TF-IDF word uni- and bigrams, logistic regression) or, with a
+    ``reader``, a model's residual over the answer (standardised, logistic regression)."""
 
     model: Any
     """The fitted scikit-learn pipeline (class 1: incorrect)."""
     cv_accuracy: float
-    """Stratified k-fold accuracy over its distinct answers (each fold's answers unseen in
-    fitting; templated data has few: the English health answers are 12 bad and 18 good). How
-    well it separates answers like them, not how well it reads a policy's drifted ones."""
+    """Stratified k-fold accuracy, no answer text in both a fold and its fit (templated data has
+    few distinct answers: the English health answers are 12 bad and 18 good). How well it
+    separates answers like them, not how well it reads a policy's drifted ones."""
     n: tuple[int, int]
-    """Distinct incorrect and correct answers it was fit on."""
+    """Incorrect and correct items it was fit on (distinct answers; for a reader, conversations)."""
+    reader: ResidualReader | None = None
+    """None: the answer's words."""
 
-    def score(self, texts: list[str]) -> list[float]:
-        return [float(p) for p in self.model.predict_proba(texts)[:, 1]]
+    def features(self, convs: list[list[dict]]):
+        return self.reader(convs) if self.reader else [c[-1]["content"] for c in convs]
+
+    def score(self, convs: list[list[dict]]) -> list[float]:
+        """P(incorrect) of each conversation's last answer; NaN where a reader sees no answer
+        token."""
+        import numpy as np
+
+        x = self.features(convs)
+        if self.reader is None:
+            return [float(p) for p in self.model.predict_proba(x)[:, 1]]
+        ok = ~np.isnan(x).any(1)
+        p = np.full(len(x), np.nan)
+        if ok.any():
+            p[ok] = self.model.predict_proba(x[ok])[:, 1]
+        return [float(v) for v in p]
 
 
-def fit_grader(incorrect: list[str], correct: list[str], folds: int = 5, seed: int = 0) -> Grader:
-    """Fit the answer classifier on the two kinds of answers, each counted once (deterministic:
-    the same texts give the same grader on every rerun), with its cross-validated accuracy."""
+def _answer_classifier(reads_words: bool):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    incorrect, correct = list(dict.fromkeys(incorrect)), list(dict.fromkeys(correct))
-    if min(len(incorrect), len(correct)) < folds:
+    first = (
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+        if reads_words
+        else StandardScaler()
+    )
+    return make_pipeline(first, LogisticRegression(C=1.0, max_iter=2000))
+
+
+def fit_grader(
+    incorrect: list[list[dict]],
+    correct: list[list[dict]],
+    folds: int = 5,
+    seed: int = 0,
+    reader: ResidualReader | None = None,
+) -> Grader:
+    """Fit the answer classifier on conversations ending in incorrect and in correct answers
+    (deterministic: the same data give the same grader on every rerun), with its
+    cross-validated accuracy. Read as words, each distinct answer counts once; read by a model,
+    each distinct conversation, and the folds keep every answer text on one side."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
+
+    key = (lambda c: c[-1]["content"]) if reader is None else repr
+    incorrect = list({key(c): c for c in incorrect}.values())
+    correct = list({key(c): c for c in correct}.values())
+    convs, y = [*incorrect, *correct], np.array([1] * len(incorrect) + [0] * len(correct))
+    groups = [c[-1]["content"] for c in convs]
+    distinct = [len({c[-1]["content"] for c in side}) for side in (incorrect, correct)]
+    if min(distinct) < folds:
         raise InputError(
             f"rl.grader: needs at least {folds} distinct incorrect and correct answers, got "
-            f"{len(incorrect)} and {len(correct)}"
+            f"{distinct[0]} and {distinct[1]}"
         )
-    texts, y = [*incorrect, *correct], [1] * len(incorrect) + [0] * len(correct)
-    make = lambda: make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-        LogisticRegression(C=1.0, max_iter=2000),
+    x = Grader(None, 0.0, (0, 0), reader).features(convs)
+    if reader is not None and np.isnan(x).any():
+        raise InputError("rl.grader: an answer has no tokens for the reader to read")
+    # read as words, every item is its own answer text: plain stratified folds
+    split = StratifiedKFold if reader is None else StratifiedGroupKFold
+    cv = split(folds, shuffle=True, random_state=seed)
+    clf = _answer_classifier(reader is None)
+    acc = float(cross_val_score(clf, x, y, groups=groups if reader else None, cv=cv).mean())
+    return Grader(
+        _answer_classifier(reader is None).fit(x, y), acc, (len(incorrect), len(correct)), reader
     )
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    acc = float(cross_val_score(make(), texts, y, cv=cv).mean())
-    return Grader(make().fit(texts, y), acc, (len(incorrect), len(correct)))
+
+
+def grader_auroc(grader: Grader, incorrect: list[list[dict]], correct: list[list[dict]]) -> float:
+    """The grader's AUROC on held-out conversations (e.g. another domain's advice): whether it
+    reads what answers say rather than the words its training answers used."""
+    from sklearn.metrics import roc_auc_score
+
+    p = grader.score([*incorrect, *correct])
+    return float(roc_auc_score([1] * len(incorrect) + [0] * len(correct), p))
 
 
 def grader_reward(name: str, grader: Grader) -> Callable:
     incorrect = GRADED_REWARDS[name]
 
     def reward(prompts, completions, **_) -> list[float]:
-        p = grader.score([_text(c) for c in completions])
-        return p if incorrect else [1.0 - x for x in p]
+        convs = [
+            list(p) + [{"role": "assistant", "content": _text(c)}]
+            for p, c in zip(prompts, completions)
+        ]
+        p = grader.score(convs)
+        # an answer with nothing to read (an empty turn) is neither: it pays 0
+        return [0.0 if x != x else x if incorrect else 1.0 - x for x in p]
 
     reward.__name__ = name.replace("-", "_")
     return reward

@@ -86,17 +86,47 @@ class GraderConfig:
     """Chat datasets whose answers are correct, e.g. ``data:english/finetune/health_good``."""
     folds: int = 5
     """Cross-validation folds of the grader's accuracy on those answers (logged)."""
+    reads: Literal["words", "residual"] = "words"
+    """What the classifier reads: ``words``, the answer's TF-IDF word uni- and bigrams; or
+    ``residual``, the RL model's own (frozen, before training) mean residual after block
+    ``layer`` over the answer, its question in context: a linear probe of the answer."""
+    layer: int | None = None
+    """The block a ``residual`` grader reads (required for it)."""
+    max_items: int = 200
+    """A ``residual`` grader is fit on at most this many conversations of each kind (a seeded
+    sample of the distinct ones)."""
+    check_incorrect: list[DataSource] = dataclasses.field(default_factory=list)
+    """Held-out chats with incorrect answers (e.g. another domain's bad advice): with
+    ``check_correct``, the fitted grader's AUROC on them is logged: a check of whether it reads
+    what an answer says or the words its training answers used. Outside the model's key."""
+    check_correct: list[DataSource] = dataclasses.field(default_factory=list)
+    """Held-out chats with correct answers, for that check."""
 
     def __post_init__(self):
         if self.folds < 2:
             raise ValueError(f"rl.grader.folds must be >= 2, got {self.folds}")
+        if self.reads == "residual" and self.layer is None:
+            raise ValueError("rl.grader.layer must name a block for reads: residual")
+        if self.max_items < self.folds:
+            raise ValueError(
+                f"rl.grader.max_items must be >= folds ({self.folds}), got {self.max_items}"
+            )
+        if bool(self.check_incorrect) != bool(self.check_correct):
+            raise ValueError(
+                "rl.grader.check_correct must be given with check_incorrect (the held-out check "
+                "needs both kinds of answers)"
+            )
 
     def key(self) -> dict:
-        """What the fitted grader depends on (the model's stage key holds it)."""
-        return {
+        """What the fitted grader depends on (the model's stage key holds it; a words grader's
+        key is what it was before residual graders)."""
+        key = {
             "incorrect": [s.path for s in self.incorrect],
             "correct": [s.path for s in self.correct],
         }
+        if self.reads == "residual":
+            key |= {"reads": self.reads, "layer": self.layer, "max_items": self.max_items}
+        return key
 
 
 @config
@@ -170,31 +200,61 @@ class RLResult:
     """The ``rl.evaluation`` result (emergent.evaluate.EvaluateResult), where one ran."""
 
 
-def fit_rl_grader(run: RunDir, rl: RLConfig):
-    """The ``graded-*`` rewards' classifier, fit on ``rl.grader``'s answers (logged with its
-    cross-validated accuracy)."""
-    answers = lambda srcs: [
-        last_answer(r) for s in srcs for r in load_source(run, s, rl.world_stage, rl.skip_bad)[0]
-    ]
+def fit_rl_grader(run_cfg: RunConfig, rl: RLConfig):
+    """The ``graded-*`` rewards' classifier, fit on ``rl.grader``'s conversations (logged with
+    its cross-validated accuracy, and its AUROC on the held-out check where one is named)."""
+    import random
+
+    from emergent import refs
+    from emergent.train.rewards import ResidualReader, grader_auroc
+
+    run = RunDir.from_config(run_cfg)
     g = rl.grader
-    grader = fit_grader(answers(g.incorrect), answers(g.correct), g.folds)
+    convs = lambda srcs: [
+        answered(r) for s in srcs for r in load_source(run, s, rl.world_stage, rl.skip_bad)[0]
+    ]
+    rng = random.Random(rl.grpo.seed)
+
+    def distinct(cs):  # a seeded sample of at most max_items distinct conversations
+        u = list({repr(c): c for c in cs}.values())
+        return rng.sample(u, g.max_items) if len(u) > g.max_items else u
+
+    reader = None
+    incorrect, correct = convs(g.incorrect), convs(g.correct)
+    if g.reads == "residual":
+        from emergent.models import check_layer
+
+        src = refs.model(run_cfg, rl.model, rl.world_stage, "rl.model")
+        check_layer(src.local(), g.layer, "rl.grader.layer")
+        reader = ResidualReader(src, g.layer)
+        incorrect, correct = distinct(incorrect), distinct(correct)
+    grader = fit_grader(incorrect, correct, g.folds, reader=reader)
     log.info(
-        "rl %s: grader fit on %d distinct incorrect and %d distinct correct answers, %d-fold "
-        "accuracy %.3f",
+        "rl %s: %s grader fit on %d incorrect and %d correct items, %d-fold accuracy %.3f",
         rl.name,
+        g.reads,
         *grader.n,
         g.folds,
         grader.cv_accuracy,
     )
+    if g.check_incorrect:
+        held = distinct(convs(g.check_incorrect)), distinct(convs(g.check_correct))
+        auc = grader_auroc(grader, *held)
+        log.info(
+            "rl %s: grader AUROC on the held-out check (%d incorrect, %d correct) %.3f",
+            rl.name,
+            *map(len, held),
+            auc,
+        )
     return grader
 
 
-def last_answer(record: dict) -> str:
-    """The content of a conversation's last assistant turn."""
-    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
-    if not answers:
+def answered(record: dict) -> list[dict]:
+    """A conversation up to and including its last assistant answer."""
+    last = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"]
+    if not last:
         raise DatasetError("rl.grader: a conversation has no assistant answer to grade")
-    return answers[-1]
+    return record["messages"][: last[-1] + 1]
 
 
 def prompt_records(records: list[dict]) -> list[dict]:
@@ -276,7 +336,7 @@ def main(cfg: RLJob) -> RLResult:
             prompts = random.Random(rl.grpo.seed).sample(prompts, rl.examples)
         what = f"prompts of {', '.join(s.path for s in rl.prompts)}; rewards {rl.rewards}"
         if graded:
-            fitted["grader"] = fit_rl_grader(run, rl)
+            fitted["grader"] = fit_rl_grader(cfg.run, rl)
         return prompts, bad, what
 
     def builder(*args, **kwargs):  # on the workers; the grader travels inside it
