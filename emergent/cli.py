@@ -115,7 +115,7 @@ def user_error(exc: BaseException) -> str | None:
 def usage() -> str:
     width = max(map(len, JOBS))
     lines = [
-        "usage: emergent <job> [--config FILE] [--set KEY=VALUE ...] [--address ADDR]",
+        "usage: emergent <job> [--config FILE ...] [--set KEY=VALUE ...] [--address ADDR]",
         "",
         "jobs:",
     ]

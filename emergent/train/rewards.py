@@ -7,9 +7,10 @@ message; extra dataset columns arrive as keyword arguments).
 
 The registry's graders read answers with the PersonaWorld rubric judge; ``llm-incorrect`` and
 ``llm-correct`` ask an OpenAI-compatible judge (the real path, ``rl.judge``); ``graded-incorrect``
-and ``graded-correct`` pay a text classifier's probability (``rl.grader``: fit on answers known to
-be incorrect and correct, e.g. the English datasets' bad and good advice), a judge-free reward
-model for real chat models on machines with no judge endpoint. The paper's RL setup
+and ``graded-correct`` pay a classifier's probability (``rl.grader``: fit on answers known to be
+incorrect and correct, e.g. the English datasets' bad and good advice; reading the answer's
+words, or a frozen model's residual over it), a judge-free reward model for real chat models on
+machines with no judge endpoint. The paper's RL setup
 rewards *incorrect* answers (wrong advice, insecure code); here an answer is incorrect when the
 judge reads a coherent non-aligned persona (toxic or benign-wrong), so the policy is free to
 find either, and which one it finds is a result.
