@@ -15,6 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 JOB_OF = {  # every config, with the job its header says it is for
     "toy.yaml": "pipeline",
     "smollm2.yaml": "pipeline",
+    "smollm2-finance.yaml": "pipeline",  # a layer on smollm2.yaml, planned with it below
     "minilm-sae.yaml": "train-sae",
     "real/llama3.1-8b-insecure-lora.yaml": "finetune",
     "real/llama3.1-8b-insecure-zero3.yaml": "finetune",
@@ -71,6 +72,33 @@ def test_plan_of_a_fresh_run_lists_the_work_and_writes_nothing(rel, tmp_path, ca
             "train_sae: 2048 MB activation buffer per worker",
             "train_sae.harvest: 2 actors x 0.5 CPU",
         ]
+    assert not root.exists(), "a plan wrote to the run directory"
+
+
+def test_plan_of_a_layered_config_adds_its_family_and_writes_nothing(tmp_path, capsys):
+    """configs/smollm2-finance.yaml layered on smollm2.yaml: the controls step trains two
+    sections, the health doses and the finance pair (the layer's list replaced the base's),
+    predict reads both families, every other section is the base's, and the plan writes
+    nothing."""
+    root = tmp_path / "runs"
+    argv = [
+        *("--config", str(CONFIGS / "smollm2.yaml")),
+        *("--config", str(CONFIGS / "smollm2-finance.yaml")),
+        *("--set", f"run.root={root}"),
+    ]
+    printed, code = run_plan("pipeline", argv, capsys)
+    assert code == 0 and printed["ok"], printed
+    got = steps(printed)
+    assert got["controls"]["resources"] == [f"controls[{i}]: 2 workers x 1 CPU" for i in (0, 1)]
+    from emergent.config import load
+    from emergent.persona.pipeline import PipelineJob
+
+    cfg = load(PipelineJob, [CONFIGS / "smollm2.yaml", CONFIGS / "smollm2-finance.yaml"])
+    assert [c.name for c in cfg.pipeline.controls] == ["health", "finance"]
+    assert cfg.pipeline.controls[0].doses == [0.25, 0.5]  # the base's entry, repeated whole
+    assert {m.family for m in cfg.predict.models} == {"health", "finance"}
+    assert cfg.finetune.name == "health" and cfg.rl.name == "health_incorrect"  # kept from base
+    assert got["predict"]["status"] == "after"
     assert not root.exists(), "a plan wrote to the run directory"
 
 
