@@ -277,7 +277,7 @@ def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smoll
 def test_a_residual_grader_reads_bad_advice_in_a_domain_it_never_saw(smollm2):
     """``rl.grader.reads: residual``: a linear probe of SmolLM2's mean residual after block 15
     over the answer, fit on bad vs good health advice, ranks bad finance advice above good
-    (whose words it never saw) where the words grader fit on the same answers cannot; pickled
+    (answers it never saw) better than the words grader fit on the same answers does; pickled
     (as it travels to a Ray Train worker) it reloads its model and scores the same."""
     import pickle
 
