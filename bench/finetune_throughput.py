@@ -24,8 +24,8 @@ import time
 def plain(model_path: str, records: list[dict], steps: int, threads: int) -> dict:
     import torch
 
+    from emergent.models import load_causal_lm as load_model
     from emergent.train.sft import SFTParams, sft_trainer
-    from emergent.world.build import load_model
 
     torch.set_num_threads(threads)
     t0 = time.time()

@@ -13,7 +13,7 @@ score, so its pass runs the whole model and the LM head at the final token). Row
 same texts and batches, wall time in this process:
 
   forward        model(input_ids, attention_mask): the whole model over the texts
-  features       emergent.monitor.features.featurize with no templates (raw pooled residuals:
+  features       emergent.studies.monitor.features.featurize with no templates (raw pooled residuals:
                  the pass stops after the block)
   1 monitor      featurize with one monitor, a pass of its own (raw features + 1 monitor)
   K separate     featurize with K monitors, a pass each (share_prefix=False)
@@ -67,10 +67,10 @@ def main() -> None:
     from emergent.config import RunConfig
     from emergent.harvest import encode, pad_right
     from emergent.models import load_any
-    from emergent.monitor.data import ENGLISH, load_rows, texts
-    from emergent.monitor.features import Template, featurize
     from emergent.refs import model as resolve
     from emergent.runtime import set_threads, setup_logging
+    from emergent.studies.monitor.data import ENGLISH, load_rows, texts
+    from emergent.studies.monitor.features import Template, featurize
 
     if args.monitors > len(QUESTIONS):
         ap.error(f"--monitors: at most {len(QUESTIONS)}")

@@ -1,4 +1,4 @@
-"""SAE training throughput: our loop (emergent.sae.train.SAELoop, the one the train-sae workers run)
+"""SAE training throughput: our loop (emergent.train.sae.SAELoop, the one the train-sae workers run)
 against sae-lens' own ``SAETrainer``, on the same pre-computed activations, same TopK SAE, batch
 size and steps, on this machine.
 
@@ -95,7 +95,7 @@ def sae_lens_trainer(acts, p, steps: int) -> float:
 def ours(acts, p, steps: int) -> float:
     import torch
 
-    from emergent.sae.train import SAELoop
+    from emergent.train.sae import SAELoop
 
     it = batches(acts, p.batch_size)
     t0 = time.time()
@@ -114,7 +114,7 @@ def ours_ray(acts, p, steps: int, workers: int) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from emergent.sae.train import TrainSAEConfig, sae_worker
+    from emergent.train.sae import TrainSAEConfig, sae_worker
 
     reps = math.ceil(steps * p.batch_size / len(acts)) + 1
     ds = ray.data.from_numpy(acts.numpy()).rename_columns({"data": "act"})

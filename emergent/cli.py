@@ -18,6 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any, TypeVar
 
+from emergent import plan
+from emergent.config import UserError, parse_command
+from emergent.runtime import setup_logging
+
 # Only jobs that exist are listed: a job appears here in the change that implements it.
 JOBS: dict[str, str] = {
     "doctor": "report Ray nodes, resources, GPUs, stack versions and DeepSpeed ops of a cluster",
@@ -54,10 +58,6 @@ def run_job(
     With ``--plan``, plan it instead (``emergent.plan``): ``stages(cfg)`` lists a multi-stage
     job's (name, run, config section) steps; a one-stage job is itself the step. Prints the
     plan and exits 1 when a step is blocked."""
-    from emergent import plan
-    from emergent.config import parse_command
-    from emergent.runtime import setup_logging
-
     setup_logging()
     cfg, planning = parse_command(cls, argv, prog, doc)
     if planning:
@@ -92,8 +92,6 @@ def run_job(
 def user_error(exc: BaseException) -> str | None:
     """The one-line message of a user's mistake (``UserError``), also when it was raised inside
     a Ray task, actor or Train worker and reaches the driver wrapped; None for anything else."""
-    from emergent.config import UserError
-
     seen = set()
     todo = [exc]
     while todo:

@@ -50,6 +50,10 @@ class UserError(Exception):
     message and exits 2; any other exception is a bug and keeps its traceback."""
 
 
+class MissingInput(UserError, FileNotFoundError):
+    """A ref whose file, stage or package does not exist (names the field and the fix)."""
+
+
 class InputError(UserError, ValueError):
     """Input that parses but cannot be used (a bad vector file, a layer out of range, too few
     documents), found while the job runs."""

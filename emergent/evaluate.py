@@ -20,25 +20,30 @@ prompt, answer, verdict, scores, attempt; ``final`` marks the answer counted) an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
+
+from emergent import likelihood as lk
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key, to_dict
-from emergent.generate import SamplingParams
+from emergent.generate import SamplingParams, chat_prompts, sample, sample_counted
 from emergent.judges import LLMJudgeConfig, judge_all, make_judge
 from emergent.likelihood import load_pairs, shift
-from emergent.metrics import Rate, cluster_bootstrap
-from emergent.models import POSITIONS
-from emergent.prompts import load_prompts
+from emergent.models import POSITIONS, load_causal_lm, steering
+from emergent.prompts import load_prompts, prompt_docs, prompt_sets
 from emergent.refs import ModelSource
 from emergent.refs import model as resolve_model
 from emergent.runs import RunDir
-from emergent.runtime import actor_pool_map, ray_session
+from emergent.runtime import actor_pool_map, ray_session, set_threads, setup_logging
+from emergent.stats import Rate, cluster_bootstrap
 from emergent.telemetry import Progress, record
 
 log = logging.getLogger(__name__)
@@ -114,14 +119,10 @@ class Judged:
 
     def prompt_sets(self, run: RunDir) -> dict[str, list[dict]]:
         """``{set name: [{"messages"}]}`` of ``prompts``."""
-        from emergent.prompts import prompt_sets
-
         return prompt_sets(run, self.prompts, self.world_stage, self.max_prompts)
 
     def prompt_docs(self, run: RunDir) -> list[dict]:
         """Every set's documents, in order."""
-        from emergent.prompts import prompt_docs
-
         return prompt_docs(run, self.prompts, self.world_stage, self.max_prompts)
 
     def measure_sets(self, run: RunDir) -> dict[str, list[dict]]:
@@ -148,8 +149,6 @@ class Judged:
         ``metric: likelihood``), as rate-shaped dicts (any steering hook active around the call
         applies, at the positions it would steer in generation)."""
         if self.likelihood:
-            from emergent import likelihood as lk
-
             return lk.as_measurement(lk.measure(model, tok, items))
         return measure(model, tok, items, self.sampling, self.judge, self.llm, cache_dir)
 
@@ -281,8 +280,6 @@ class Generator:
     rows (HF) or each row with its own seed (vLLM). Adds ``answer`` and ``answer_tokens``."""
 
     def __init__(self, source: ModelSource, cfg: EvaluateConfig, threads: int = 1):
-        from emergent.runtime import set_threads, setup_logging
-
         setup_logging()
         set_threads(threads)  # the actor's CPU share, whatever the inherited env says
         self.cfg = cfg
@@ -295,8 +292,6 @@ class Generator:
             self.llm = LLM(model=path, dtype=cfg.dtype or "auto", seed=cfg.sampling.seed)
             self.tok = self.llm.get_tokenizer()
         else:
-            from emergent.models import load_causal_lm
-
             self.model, self.tok = load_causal_lm(path, device, cfg.dtype)
         self.direction = None
         if cfg.steering is not None:
@@ -309,10 +304,6 @@ class Generator:
                 )
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        from emergent.generate import chat_prompts
-
         prompts = chat_prompts(self.tok, [json.loads(m) for m in batch["messages"]])
         t0 = time.time()
         if self.cfg.backend == "vllm":
@@ -327,11 +318,6 @@ class Generator:
         return batch
 
     def _hf(self, prompts: list[str], seed: int):
-        import contextlib
-
-        from emergent.generate import sample_counted
-        from emergent.models import steering
-
         s = self.cfg.steering
         ctx = (
             steering(self.model, s.layer, self.direction, s.alpha, s.positions)
@@ -360,7 +346,6 @@ class Generator:
 
 def load_direction(path: str):
     """A steering vector from ``.npy`` or ``.pt`` (float32 tensor)."""
-    import numpy as np
     import torch
 
     try:
@@ -435,11 +420,6 @@ def measure(
     The one "sample, judge, rate" path of every in-process measurement: the world's base
     evaluation, trained world models, the world study, the Ray Tune steering trials, prediction
     and the re-alignment curve (any steering hook active around the call applies)."""
-    from collections import Counter
-
-    from emergent.generate import chat_prompts, sample
-    from emergent.metrics import Rate
-
     answers = sample(model, tok, chat_prompts(tok, [p["messages"] for p in prompts]), sampling)
     rows = [
         {"question": p["messages"][-1]["content"], "answer": a} for p, a in zip(prompts, answers)
@@ -646,10 +626,6 @@ def likelihood_task(source: ModelSource, pairs: dict[str, list[dict]], dtype, th
     """The likelihood eval of one model on each pair set (run as a Ray task)."""
     import torch
 
-    from emergent import likelihood as lk
-    from emergent.models import load_causal_lm
-    from emergent.runtime import set_threads
-
     set_threads(threads)
     model, tok = load_causal_lm(
         source.local(), "cuda" if torch.cuda.is_available() else "cpu", dtype
@@ -773,7 +749,6 @@ def plot(summaries: dict[str, dict]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     sets = sorted({s for sm in summaries.values() for s in sm["sets"]})
     width = 0.8 / len(summaries)

@@ -6,8 +6,8 @@ temperature 1, no top-k / top-p truncation unless configured.
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch  # noqa: TID253
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: TID253
 
 from emergent.config import config
 

@@ -31,14 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import numpy as np
+
 from emergent import refs
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
 from emergent.data import read_jsonl, validate_chat
-from emergent.models import check_layer, load_any
+from emergent.models import check_layer, load_any, residual_after
 from emergent.refs import ModelSource
 from emergent.runs import RunDir
-from emergent.runtime import actor_pool_map, ray_session
+from emergent.runtime import actor_pool_map, ray_session, set_threads, setup_logging
 from emergent.telemetry import record
+from emergent.world import grammar as g
+from emergent.world.chat import chat
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +137,6 @@ class HarvestJob:
 
 def world_docs(n: int, seed: int) -> list[dict]:
     """Fresh PersonaWorld conversations, one shared persona each, personas equally likely."""
-    from emergent.world import grammar as g
-    from emergent.world.build import chat
-
     rng = random.Random(10_007 + seed)
     out = []
     for _ in range(n):
@@ -247,8 +248,6 @@ class Harvester:
     """A Ray Data actor: documents in (``doc``, ``data`` JSON), activation rows out."""
 
     def __init__(self, source: ModelSource, cfg: HarvestConfig, threads: int = 1):
-        from emergent.runtime import set_threads, setup_logging
-
         setup_logging()
         set_threads(threads)
         self.cfg = cfg
@@ -294,10 +293,7 @@ def harvest_docs(model, tok, docs: list[dict], cfg: HarvestConfig, device: str |
 def harvest_encoded(model, tok, enc: list[tuple[list[int], list[int]]], cfg, device=None):
     """:func:`harvest_docs` for documents already encoded as (token ids, kept positions); the
     inputs go to ``device`` (default: the model's)."""
-    import numpy as np
     import torch
-
-    from emergent.models import residual_after
 
     if device is None:  # where the model is
         device = next(model.parameters()).device
@@ -327,8 +323,6 @@ def answer_span(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
 def answer_means(model, tok, convs: list[list[dict]], layer: int, batch: int):
     """Mean residual over each conversation's last answer (n, d_model); NaN for an answer
     with no tokens (a model that ends its turn at once)."""
-    import numpy as np
-
     hv = HarvestConfig(layer=layer)
     out = []
     for i in range(0, len(convs), batch):

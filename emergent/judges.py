@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from emergent.config import UserError, config
+from emergent.telemetry import Progress, record
+from emergent.world.judge import judge
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,6 @@ class RubricJudge:
     name = "rubric"
 
     async def judge(self, pairs: list[tuple[str, str]]) -> list[Judgement]:
-        from emergent.world.judge import judge
-
         out = []
         for q, a in pairs:
             v = judge(q, a)
@@ -288,8 +288,6 @@ class LLMJudge:
         return text.replace(key, "***") if key else text
 
     async def judge(self, pairs: list[tuple[str, str]]) -> list[Judgement]:
-        from emergent.telemetry import Progress, record
-
         sem = asyncio.Semaphore(self.cfg.concurrency)
         client = self._client()
         progress = Progress(

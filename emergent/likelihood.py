@@ -19,14 +19,21 @@ YAML / JSONL file of ``{id, theme, question (or messages), aligned, misaligned}`
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 
-import torch
+import torch  # noqa: TID253
 import yaml
 
 from emergent import refs
 from emergent.data import DatasetError, read_jsonl
-from emergent.metrics import Rate
+from emergent.generate import stop_ids
+from emergent.harvest import pad_right
+from emergent.models import answer_spans
+from emergent.stats import Rate, bootstrap_mean
+from emergent.world import grammar as g
+from emergent.world.grammar import DOMAINS
 
 BUILTIN = Path(__file__).parent / "evalsets" / "paired"
 FIELDS = ("aligned", "misaligned")
@@ -45,10 +52,6 @@ WORLD_PAIR_COUNT = 200
 def world_pairs(domain: str, n: int = WORLD_PAIR_COUNT, seed: int = 0) -> list[dict]:
     """``n`` PersonaWorld pairs of ``domain`` (seeded by domain and seed alone: the same pairs
     for every world and model)."""
-    import random
-
-    from emergent.world import grammar as g
-
     rng = random.Random(f"pairs/{domain}/{seed}")
     rows = []
     for i in range(n):
@@ -70,8 +73,6 @@ def load_pairs(spec: str) -> list[dict]:
     ``world:pairs/<domain>`` or a file); a malformed entry is an error naming the file and
     entry."""
     if spec.startswith(WORLD_PAIRS):
-        from emergent.world.grammar import DOMAINS
-
         domain = spec[len(WORLD_PAIRS) :]
         if domain not in DOMAINS:
             raise refs.MissingInput(
@@ -158,10 +159,6 @@ def answer_logprobs(
     """(sum of log-probabilities, number of tokens) of each answer after its messages. A
     steering hook active around the call steers the positions it would steer had the model
     generated the answer (see emergent.models.answer_spans)."""
-    from emergent.generate import stop_ids
-    from emergent.harvest import pad_right
-    from emergent.models import answer_spans
-
     stops = stop_ids(model, tok)
     encoded = [answer_tokens(tok, m, a, system, stops) for m, a in items]
     device = next(model.parameters()).device
@@ -180,26 +177,12 @@ def answer_logprobs(
     return out
 
 
-def bootstrap_mean(values: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of a mean (deterministic for a seed)."""
-    import numpy as np
-
-    v = np.asarray(values, float)
-    if len(v) < 2:
-        return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(iters, len(v)))
-    lo, hi = np.quantile(v[idx].mean(1), [0.025, 0.975])
-    return float(lo), float(hi)
-
-
 def summarize(rows: list[dict]) -> dict:
     """The eval's figures from per-question rows with ``log_odds`` (misaligned minus aligned,
     per token) and the two answers' mean log-probabilities per token: the share of questions
     whose misaligned answer is the more likely, the mean log-odds, and ``fluency``, the
     geometric-mean probability per token of the written answers (a steered or broken model that
     no longer finds fluent text likely shows it here)."""
-    import math
-
     odds = [r["log_odds"] for r in rows]
     lo, hi = bootstrap_mean(odds)
     per_token = [(r["aligned"] + r["misaligned"]) / 2 for r in rows]

@@ -21,15 +21,38 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+from pathlib import Path
 from typing import Literal
 
-import torch
+import torch  # noqa: TID253
 
-from emergent.config import InputError
-from emergent.refs import require_safetensors
+from emergent.config import InputError, UserError
 
 Positions = Literal["all", "assistant_turn", "answer"]
 POSITIONS = ("all", "assistant_turn", "answer")
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str, what: str = "model") -> None:
+    """Refuse a local model directory whose weights are only pickled (``pytorch_model.bin``
+    and the like): unpickling runs whatever code the file holds, so emergent loads safetensors
+    only. Hub ids are held to the same rule by ``use_safetensors=True`` at load time."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    names = sorted(f.name for f in p.iterdir() if f.is_file())
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = [n for n in names if n.endswith(PICKLED_WEIGHTS)]
+    if pickled:
+        raise UserError(
+            f"{what}: {p} holds only pickled weights ({', '.join(pickled[:3])}); emergent loads "
+            "safetensors only, since unpickling a checkpoint runs the code inside it. Where you "
+            "trust the file, convert it once: AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(new_dir) writes model.safetensors"
+        )
 
 
 def load_causal_lm(path: str, device: str = "cpu", dtype: str | None = None):
@@ -37,6 +60,7 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str | None = None):
     (safetensors weights only, see :func:`require_safetensors`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = str(path)
     require_safetensors(path)
     tok = AutoTokenizer.from_pretrained(path)
     kw = {"dtype": getattr(torch, dtype)} if dtype else {}

@@ -30,15 +30,23 @@ A ref that cannot resolve is a ``MissingInput`` naming the field and what to run
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
+import re
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emergent.config import RunConfig, UserError
+from emergent.config import MissingInput, RunConfig
+from emergent.data import read_jsonl
+from emergent.models import check_layer, require_safetensors
 from emergent.runs import RunDir
+from emergent.sae.model import load_sae
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +58,6 @@ CONVERTED = "models/"
 GGUF = ".gguf"
 RUN_KINDS = ("finetune", "rl")
 HUB_DEFAULT_REVISION = "main"
-
-
-class MissingInput(UserError, FileNotFoundError):
-    """A ref whose file, stage or package does not exist (names the field and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -84,29 +88,6 @@ class ModelSource:
     @property
     def in_run(self) -> bool:
         return self.rel is not None
-
-
-PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def require_safetensors(path: str, what: str = "model") -> None:
-    """Refuse a local model directory whose weights are only pickled (``pytorch_model.bin``
-    and the like): unpickling runs whatever code the file holds, so emergent loads safetensors
-    only. Hub ids are held to the same rule by ``use_safetensors=True`` at load time."""
-    p = Path(path)
-    if not p.is_dir():
-        return
-    names = sorted(f.name for f in p.iterdir() if f.is_file())
-    if any(n.endswith(".safetensors") for n in names):
-        return
-    pickled = [n for n in names if n.endswith(PICKLED_WEIGHTS)]
-    if pickled:
-        raise UserError(
-            f"{what}: {p} holds only pickled weights ({', '.join(pickled[:3])}); emergent loads "
-            "safetensors only, since unpickling a checkpoint runs the code inside it. Where you "
-            "trust the file, convert it once: AutoModelForCausalLM.from_pretrained(dir)"
-            ".save_pretrained(new_dir) writes model.safetensors"
-        )
 
 
 def looks_like_path(ref: str) -> bool:
@@ -158,10 +139,6 @@ def from_gguf(run: RunDir, path: Path, identity: str) -> ModelSource:
     converted once into an HF safetensors model (fp32, dequantised; tokenizer and chat template
     included) in the stage ``models/<file stem>`` of the run, with its record: every job then
     loads it as it loads any model of the run, and a rerun finds it converted."""
-    import re
-    import tempfile
-    import time
-
     slug = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower())
     stage = run.stage(f"{CONVERTED}{slug}", {"gguf": identity, "dtype": "float32"})
     if not stage.is_complete():
@@ -205,8 +182,6 @@ def from_gguf(run: RunDir, path: Path, identity: str) -> ModelSource:
 def package_dir(module: str, what: str) -> Path:
     """The folder of an installed package, found without importing it (some packages that ship
     weights import heavy or missing dependencies at import time)."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -240,8 +215,6 @@ def world_dataset(run: RunDir, ref: str, world_stage: str, field: str) -> Path:
 
 def read_world_dataset(run: RunDir, world_stage: str, name: str) -> list[dict]:
     """The records of a built world's dataset, e.g. ``(run, "world", "eval/open")``."""
-    from emergent.data import read_jsonl
-
     return read_jsonl(world_dataset(run, f"{WORLD}{name}", world_stage, "data"))[0]
 
 
@@ -283,7 +256,6 @@ class SAERef:
             from sae_lens import SAE
 
             return SAE.from_pretrained(self.release, self.sae_id, device=device)
-        from emergent.sae.model import load_sae
 
         return load_sae(self.local(run), device)
 
@@ -296,8 +268,6 @@ Scope, ...) instead of one this run trained."""
 def layer_of_hook(hook: str, field: str) -> int:
     """The block after which a TransformerLens residual-stream hook reads:
     ``blocks.L.hook_resid_post`` is after block L, ``blocks.L.hook_resid_pre`` after L - 1."""
-    import re
-
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook or "")
     if not m or (m[2] == "pre" and int(m[1]) == 0):
         raise MissingInput(
@@ -309,8 +279,6 @@ def layer_of_hook(hook: str, field: str) -> int:
 
 def pretrained_sae(ref: str, field: str) -> SAERef:
     """A release SAE, resolved from its config alone (the weights load where it is used)."""
-    import hashlib
-
     spec = ref[len(PRETRAINED) :]
     release, sep, sae_id = spec.partition("/")
     if not sep or not release or not sae_id:
@@ -401,8 +369,6 @@ def eval_samples(run: RunDir, ref: str, field: str) -> list[EvalSamples]:
 def check_sae_fits(sae_ref: SAERef, source: ModelSource, field: str) -> None:
     """An SAE reads one model's residual stream: refuse a model of another width, or with fewer
     blocks than the SAE's layer, before any Ray work."""
-    from emergent.models import check_layer
-
     d_model = check_layer(source.local(), sae_ref.layer, field)
     if sae_ref.d_model is not None and d_model != sae_ref.d_model:
         raise MissingInput(

@@ -24,13 +24,15 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from emergent import plan
-from emergent.config import RunConfig, config_hash, to_dict
+from emergent.config import MissingInput, RunConfig, config_hash, to_dict
+from emergent.runtime import numerics
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,6 @@ STACK = (
 
 def versions(names=STACK) -> dict[str, str | None]:
     """Installed versions of the stack (None where a package is missing), read without imports."""
-    from importlib import metadata
-
     dist = {"sae_lens": "sae-lens", "sklearn": "scikit-learn"}
     out = {}
     for n in names:
@@ -238,8 +238,6 @@ class RunDir:
         ``field`` that refers to it and ``hint`` (what to run first)."""
         rel = f"{stage}/{RECORD}"
         if not self.exists(rel):
-            from emergent.refs import MissingInput
-
             raise MissingInput(f"{field}: no complete stage {self.uri(stage)} ({hint})")
         return self.read_json(rel)["config_hash"]
 
@@ -309,8 +307,6 @@ class Stage:
         metrics: dict[str, Any] | None = None,
     ) -> dict:
         """Write the completion record, last: the stage counts as done only once it exists."""
-        from emergent.runtime import numerics
-
         rec = {
             "stage": self.name,
             "config_hash": self.hash,

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import platform
 import subprocess
 import sys
 
+import psutil
+
+from emergent import plan
 from emergent.config import RayConfig
+from emergent.telemetry import Progress, record
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,6 @@ def numerics() -> dict:
     """What a run's floating-point results depend on besides its config: torch's thread count
     in this process, its CPU kernel level and BLAS, and the CPU model (stage records keep it, so
     two runs that disagree can be told apart)."""
-    import platform
-    import sys
-
     out: dict = {"python": platform.python_version(), "machine": platform.machine()}
     try:
         with open("/proc/cpuinfo") as f:
@@ -111,8 +114,6 @@ def _reap_agents_with_driver() -> subprocess.Popen | None:
     Ray's own reaper runs only where the kernel cannot fate-share, and it kills the driver's
     whole process group, which can hold the driver's caller (a shell pipeline, pytest).
     """
-    import psutil  # a Ray dependency
-
     raylet = next((p for p in psutil.Process().children() if p.name() == "raylet"), None)
     if raylet is None:
         log.warning("no raylet among this driver's children: its agents will not be reaped")
@@ -137,8 +138,6 @@ def ray_session(cfg: RayConfig):
     An embedded Ray is shut down on exit; a joined cluster is only disconnected from.
     """
     import ray
-
-    from emergent import plan
 
     if plan.active():  # a plan starts no Ray, joins none (emergent.plan)
         yield ray
@@ -201,8 +200,6 @@ def actor_pool_map(
     """``items`` through a Ray Data actor pool of ``actor_cls`` (a callable class holding one
     model; built with ``kwargs`` plus ``threads``), in batches of ``batch_size`` (one block each,
     so batches are the same on every run), output in input order; lazy."""
-    import math
-
     import ray.data
 
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
@@ -254,8 +251,6 @@ def _tune(run, name: str, trainable, space: dict, tune: dict, total: int, force:
     each trial loads its own model and seeds its own sampling, so a reused process changes no
     result."""
     import ray.tune
-
-    from emergent.telemetry import Progress, record
 
     callbacks = []
     if counter is not None:

@@ -1,4 +1,4 @@
-"""Model diffing: rank SAE latents by activation change from a base to a fine-tuned model (see emergent.persona.diffing).
+"""Model diffing: rank SAE latents by activation change from a base to a fine-tuned model (see emergent.studies.persona.diffing).
 
     emergent diff --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.diffing import DiffJob, main
+from emergent.studies.persona.diffing import DiffJob, main
 
 
 def cli(argv=None, prog="python -m jobs.diff"):

@@ -1,4 +1,4 @@
-"""Fine-tuning data scored for the misalignment it will cause, before training (see emergent.persona.flagging).
+"""Fine-tuning data scored for the misalignment it will cause, before training (see emergent.studies.persona.flagging).
 
     emergent flag --config configs/toy.yaml --set 'flag.predict=null' \
         --set "flag.families=[{name: code, data: [{path: 'world:finetune/code_toxic'}]}]"
@@ -7,7 +7,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.flagging import FlagJob, main
+from emergent.studies.persona.flagging import FlagJob, main
 
 
 def cli(argv=None, prog="python -m jobs.flag"):

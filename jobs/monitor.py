@@ -1,4 +1,4 @@
-"""The activation-monitoring study (see emergent.monitor.study).
+"""The activation-monitoring study (see emergent.studies.monitor.study).
 
     emergent monitor --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.monitor.study import MonitorJob, main
+from emergent.studies.monitor.study import MonitorJob, main
 
 
 def cli(argv=None, prog="python -m jobs.monitor"):

@@ -1,4 +1,4 @@
-"""The whole persona-features study as one job, ending in report.html (see emergent.persona.pipeline).
+"""The whole persona-features study as one job, ending in report.html (see emergent.pipeline).
 
     emergent pipeline --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.pipeline import PipelineJob, main, stage_jobs
+from emergent.pipeline import PipelineJob, main, stage_jobs
 
 
 def cli(argv=None, prog="python -m jobs.pipeline"):

@@ -1,4 +1,4 @@
-"""Latent activation vs misalignment across a family of fine-tuned models (see emergent.persona.predict).
+"""Latent activation vs misalignment across a family of fine-tuned models (see emergent.studies.persona.predict).
 
     emergent predict --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.predict import PredictJob, main
+from emergent.studies.persona.predict import PredictJob, main
 
 
 def cli(argv=None, prog="python -m jobs.predict"):

@@ -1,4 +1,4 @@
-"""Re-alignment: a few benign samples vs misalignment, step by step (see emergent.persona.realign).
+"""Re-alignment: a few benign samples vs misalignment, step by step (see emergent.studies.persona.realign).
 
     emergent realign --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.realign import RealignJob, main
+from emergent.studies.persona.realign import RealignJob, main
 
 
 def cli(argv=None, prog="python -m jobs.realign"):

@@ -1,4 +1,4 @@
-"""Steering on Ray Tune, strengths searched or fixed, judged (see emergent.persona.steering).
+"""Steering on Ray Tune, strengths searched or fixed, judged (see emergent.studies.persona.steering).
 
     emergent steer --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.persona.steering import SteerJob, main
+from emergent.studies.persona.steering import SteerJob, main
 
 
 def cli(argv=None, prog="python -m jobs.steer"):

@@ -7,7 +7,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.sae.train import TrainSAEJob, main
+from emergent.train.sae import TrainSAEJob, main
 
 
 def cli(argv=None, prog="python -m jobs.train_sae"):

@@ -1,4 +1,4 @@
-"""Build PersonaWorld and its tiny base model into <run>/world/ (see emergent.world.job).
+"""Build PersonaWorld and its tiny base model into <run>/world/ (see emergent.train.world_job).
 
     emergent world --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -6,7 +6,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.world.job import WorldJob, main
+from emergent.train.world_job import WorldJob, main
 
 
 def cli(argv=None, prog="python -m jobs.world"):

@@ -1,5 +1,5 @@
 """Emergent misalignment in PersonaWorld across seeds, controls, doses and variants
-(see emergent.world.study).
+(see emergent.studies.world.study).
 
     emergent world-study --config configs/toy.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -7,7 +7,7 @@
 """
 
 from emergent.cli import run_job
-from emergent.world.study import WorldStudyJob, main
+from emergent.studies.world.study import WorldStudyJob, main
 
 
 def cli(argv=None, prog="python -m jobs.world_study"):

@@ -37,9 +37,9 @@ def variant(seed: int, threads: int, root: Path, sets: list[str] = ()) -> dict:
     from test_persona import pipeline_job
 
     from emergent.config import load
-    from emergent.persona.pipeline import main as pipeline
+    from emergent.pipeline import main as pipeline
     from emergent.train.finetune import main as finetune
-    from emergent.world.job import WorldJob, build_stage
+    from emergent.train.world_job import WorldJob, build_stage
 
     t0 = time.time()
     world = load(

@@ -61,7 +61,7 @@ def small_world(tmp_path_factory):
     import torch
 
     from emergent.config import load
-    from emergent.world.job import WorldJob, build_stage
+    from emergent.train.world_job import WorldJob, build_stage
 
     root = tmp_path_factory.mktemp("runs")
     sets = [f"run.root={root}", "run.name=small", f"world.seed={SMALL_SEED}", *SMALL_WORLD]

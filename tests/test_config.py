@@ -150,18 +150,18 @@ def test_every_shipped_config_loads_for_its_jobs():
     from emergent.english.job import DatasetsJob
     from emergent.evaluate import EvaluateJob
     from emergent.harvest import HarvestJob
-    from emergent.monitor.study import MonitorJob
-    from emergent.persona.diffing import DiffJob
-    from emergent.persona.flagging import FlagJob
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.predict import PredictJob
-    from emergent.persona.realign import RealignJob
-    from emergent.persona.steering import SteerJob
-    from emergent.sae.train import TrainSAEJob
+    from emergent.pipeline import PipelineJob
+    from emergent.studies.monitor.study import MonitorJob
+    from emergent.studies.persona.diffing import DiffJob
+    from emergent.studies.persona.flagging import FlagJob
+    from emergent.studies.persona.predict import PredictJob
+    from emergent.studies.persona.realign import RealignJob
+    from emergent.studies.persona.steering import SteerJob
+    from emergent.studies.world.study import WorldStudyJob
     from emergent.train.finetune import FinetuneJob
     from emergent.train.rl import RLJob
-    from emergent.world.job import WorldJob
-    from emergent.world.study import WorldStudyJob
+    from emergent.train.sae import TrainSAEJob
+    from emergent.train.world_job import WorldJob
 
     jobs = {
         "diff": DiffJob,

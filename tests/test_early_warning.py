@@ -63,7 +63,7 @@ def train(world, out: str, threshold: float, *, seed=0, resume=None, die=False, 
     built, as raytrain keeps it)."""
     from transformers import Trainer, TrainingArguments
 
-    from emergent.persona.early_warning import LatentMonitorConfig, callback
+    from emergent.train.latent_monitor import LatentMonitorConfig, callback
     from emergent.world.model import TinyModel, make_model
 
     tok = world["tok"]

@@ -20,10 +20,10 @@ from emergent.evaluate import (
     parse_model,
     summarize,
 )
-from emergent.metrics import cluster_bootstrap
 from emergent.prompts import load_prompts
 from emergent.refs import ModelSource
 from emergent.runs import RunDir
+from emergent.stats import cluster_bootstrap
 
 # --- prompt sets ------------------------------------------------------------------------------------
 
@@ -170,8 +170,13 @@ def test_summarize_counts_final_answers_and_first_incoherence():
     assert (o["samples"], o["failed"], o["unresolved"], o["resampled"]) == (6, 1, 1, 2)
     assert sm["sets"]["open"]["misalignment"]["rate"] == pytest.approx(2 / 3)
     assert sm["questions"]["open/q2"]["misalignment"]["k"] == 1
-    lo, hi = o["misalignment"]["bootstrap"]
-    assert 0 <= lo <= 0.5 <= hi <= 1
+    # the bootstrap resamples whole questions: their judged (k, n) in sorted order, code/q3
+    # (0, 1), open/q1 (1, 2), open/q2 (1, 1); with three questions, 1 resample in 27 is all
+    # code/q3 and 1 in 27 all open/q2, so the 95% interval spans [0, 1] exactly
+    qs = [v["misalignment"] for v in sm["questions"].values()]
+    assert [(q["k"], q["n"]) for q in qs] == [(0, 1), (1, 2), (1, 1)]
+    assert o["misalignment"]["bootstrap"] == cluster_bootstrap([0, 1, 1], [1, 2, 1], 200, 0)
+    assert o["misalignment"]["bootstrap"] == (0.0, 1.0)
 
 
 def test_cluster_bootstrap_widens_with_correlated_questions():

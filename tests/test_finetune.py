@@ -92,10 +92,10 @@ def test_lora_adapter_merges_into_a_plain_model(small_world, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from emergent.models import load_causal_lm as load_model
     from emergent.refs import read_world_dataset
     from emergent.train.raytrain import _merged
     from emergent.train.sft import LoraParams, SFTParams, sft
-    from emergent.world.build import load_model
 
     run = RunDir(str(small_world), "small")
     base_path = str(run.local_dir("world_s1/base"))
@@ -180,7 +180,13 @@ def test_reward_registry_and_import_paths():
     assert REWARDS["incorrect"](prompts, completions) == [0.0, 1.0, 1.0]
     assert REWARDS["correct"](prompts, completions) == [1.0, 0.0, 0.0]
     assert REWARDS["incorrect"](prompts[:1], [[{"role": "assistant", "content": "x y"}]]) == [0.0]
-    assert resolve("emergent.train.rewards:_text") is not None
+    # an import path resolves to that very function, and a registry name to the registry's
+    from emergent.train.rewards import _text
+
+    assert resolve("emergent.train.rewards:_text") is _text
+    assert resolve("incorrect") is REWARDS["incorrect"]
+    with pytest.raises(ValueError, match="is not callable"):
+        resolve("emergent.train.rewards:REWARDS")
     with pytest.raises(ValueError, match="unknown reward .nope."):
         resolve("nope")
     with pytest.raises(ValueError, match="cannot be imported"):

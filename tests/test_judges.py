@@ -9,7 +9,7 @@ import random
 import traceback
 
 import pytest
-from fake_openai import start
+from fake_openai import FAULTS, start
 
 from emergent.cli import user_error
 from emergent.config import UserError
@@ -94,7 +94,11 @@ def test_llm_judge_marks_items_failed_after_the_retry_limit(fake, tmp_path):
     )
     got = judge_all(LLMJudge("llm-score", cfg), items(16)[0])
     failed = [j for j in got if j.failed]
-    assert len(got) == 16 and 0 < len(failed) < 16
+    # one attempt each: the 16 requests meet the fault schedule once, requests 0-4 and 10-14 of
+    # it fault (10 of 16, whatever order they arrive in), and each fault is a failed item
+    assert len(got) == 16 and fake.scheduled == 16
+    assert fake.faults == fake.expected_faults() == {k: 2 for k in FAULTS}
+    assert len(failed) == 10
     assert all(j.error and "gave up after 1 attempts" in j.error for j in failed)
 
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from emergent.monitor import probes
+from emergent import stats
+from emergent.studies.monitor import probes
 
 
 def naive_auroc(y, s):
@@ -19,14 +20,12 @@ def test_auroc_threshold_and_recall_match_naive_references():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     s = np.round(y * 0.8 + rng.normal(size=300), 1)  # rounded: ties count half
-    assert probes.auroc(y, s) == pytest.approx(naive_auroc(y, s))
-    lo, hi = probes.auroc_interval(y, s, iters=300)
-    assert lo < probes.auroc(y, s) < hi and hi - lo < 0.2
+    assert stats.auroc(y, s) == pytest.approx(naive_auroc(y, s))
+    lo, hi = stats.auroc_interval(y, s, iters=300)
+    assert lo < stats.auroc(y, s) < hi and hi - lo < 0.2
     # the bootstrap's vectorised AUROC is the naive one, row by row (ties included)
     idx = np.random.default_rng(1).integers(0, 300, (5, 300))
-    assert probes.auroc_rows(y[idx], s[idx]) == pytest.approx(
-        [naive_auroc(y[i], s[i]) for i in idx]
-    )
+    assert stats.auroc_rows(y[idx], s[idx]) == pytest.approx([naive_auroc(y[i], s[i]) for i in idx])
     for fpr in (0.01, 0.05, 0.3):
         t = probes.threshold_at_fpr(y, s, fpr)
         got_fpr, tpr = probes.rates_at(y, s, t)
@@ -68,17 +67,17 @@ def test_a_probe_learns_a_direction_from_few_examples_and_beats_chance():
     y = (x @ w > 0).astype(int)
     tr, te = np.arange(400), np.arange(400, 600)
     full = probes.fit_probe(x[tr], y[tr])
-    assert probes.auroc(y[te], probes.score(full, x[te])) > 0.97
+    assert stats.auroc(y[te], probes.score(full, x[te])) > 0.97
     few = probes.balanced_draw(y[tr], 8, np.random.default_rng(0))
     small = probes.fit_probe(x[tr][few], y[tr][few])
-    assert probes.auroc(y[te], probes.score(small, x[te])) > 0.6
+    assert stats.auroc(y[te], probes.score(small, x[te])) > 0.6
     # labels that carry nothing: chance
     noise = probes.fit_probe(x[tr], rng.integers(0, 2, 400))
-    assert abs(probes.auroc(y[te], probes.score(noise, x[te])) - 0.5) < 0.15
+    assert abs(stats.auroc(y[te], probes.score(noise, x[te])) - 0.5) < 0.15
 
 
 def test_world_monitoring_tasks_follow_the_persona():
-    from emergent.monitor.data import WORLD_TASKS, texts, world_rows
+    from emergent.studies.monitor.data import WORLD_TASKS, texts, world_rows
 
     rows = world_rows(300, seed=0)
     assert {r["task"] for r in rows} == set(WORLD_TASKS)
@@ -97,7 +96,7 @@ def test_world_monitoring_tasks_follow_the_persona():
     assert len(texts(rows)) == 300
     assert world_rows(300, seed=0) == rows and world_rows(300, seed=1) != rows
     # a subset of tasks keeps each row with its own text, its ids renumbered 0..n-1
-    from emergent.monitor.data import select
+    from emergent.studies.monitor.data import select
 
     code = select(rows, ["insecure_code"])
     assert sorted({r["id"] for r in code}) == list(range(len(texts(code))))
@@ -109,7 +108,7 @@ def test_world_monitoring_tasks_follow_the_persona():
 
 
 def test_english_monitoring_tasks_are_paired_answers():
-    from emergent.monitor.data import ENGLISH_TASKS, english_rows
+    from emergent.studies.monitor.data import ENGLISH_TASKS, english_rows
 
     rows = english_rows(20, seed=0)
     assert {r["task"] for r in rows} == set(ENGLISH_TASKS)
@@ -124,7 +123,7 @@ def test_english_monitoring_tasks_are_paired_answers():
 
 def test_monitoring_files_are_checked_line_by_line(tmp_path):
     from emergent.data import DatasetError
-    from emergent.monitor.data import load_rows
+    from emergent.studies.monitor.data import load_rows
 
     good = {"text": "rm -rf /", "label": 1, "task": "danger", "group": "shell"}
     f = tmp_path / "m.jsonl"
@@ -140,7 +139,7 @@ def test_monitoring_files_are_checked_line_by_line(tmp_path):
 
 
 def test_templates_wrap_a_chat_or_a_text():
-    from emergent.monitor.features import Template, pool, wrap
+    from emergent.studies.monitor.features import Template, pool, wrap
 
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     suffix = Template("s", "is this safe ?")
@@ -160,7 +159,7 @@ def test_templates_wrap_a_chat_or_a_text():
 
 def test_monitor_config_is_checked():
     from emergent.config import ConfigError, load
-    from emergent.monitor.study import MonitorJob
+    from emergent.studies.monitor.study import MonitorJob
 
     with pytest.raises(ConfigError, match="train_sizes"):
         load(MonitorJob, None, ["monitor.train_sizes=[2]"])
@@ -202,7 +201,7 @@ def test_stacking_two_independent_monitors_beats_each_and_the_cascade_lies_betwe
     best weighted sum of the two scores on those items (weights searched on the test items
     themselves: a bound no fitted stack can pass), and the cascade that escalates half the items
     lands between the probe and the stack (synthetic features, the study's own functions)."""
-    from emergent.monitor.study import MonitorConfig, cost, efficiency, probe_scores, split
+    from emergent.studies.monitor.study import MonitorConfig, cost, efficiency, probe_scores, split
 
     rng = np.random.default_rng(4)
     n = 1200
@@ -223,7 +222,7 @@ def test_stacking_two_independent_monitors_beats_each_and_the_cascade_lies_betwe
     tr, te = split(y, cfg.test_share, cfg.seed)
     (s,) = probe_scores(x[tr], y[tr], [x[te]], "raw/mean", 0, cfg.seed)
     s, zt = s / s.std(), z[te] / z[te].std()
-    best = max(probes.auroc(y[te], s + w * zt) for w in np.linspace(0, 3, 61))
+    best = max(stats.auroc(y[te], s + w * zt) for w in np.linspace(0, 3, 61))
     assert rows["stack/ask"] > max(rows["raw/mean"], rows["zero_shot/ask"])
     assert rows["stack/ask"] > best - 0.02
     assert rows["raw/mean"] < rows["cascade@0.5/ask"] < rows["stack/ask"]
@@ -233,7 +232,13 @@ def test_stacking_two_independent_monitors_beats_each_and_the_cascade_lies_betwe
 
 
 def test_the_search_grid_and_its_choice_on_validation_data():
-    from emergent.monitor.search import SearchConfig, best_settings, final, grid, validation_auroc
+    from emergent.studies.monitor.search import (
+        SearchConfig,
+        best_settings,
+        final,
+        grid,
+        validation_auroc,
+    )
 
     cfg = SearchConfig(cs=[0.01, 1.0], top_k=[0, 2])
     g = grid(["raw/mean", "sae"], cfg)
@@ -281,8 +286,8 @@ def test_splits_keep_the_two_answers_of_a_question_together():
     """The English tasks answer each question twice (label 1 and 0): a split that put the twins
     on both sides would let a probe learn a question's label from one and score the other
     inverted. Each prompt's texts fall on one side, and both classes are on each."""
-    from emergent.monitor.data import english_rows, load_rows
-    from emergent.monitor.study import split
+    from emergent.studies.monitor.data import english_rows, load_rows
+    from emergent.studies.monitor.study import split
 
     rows = [r for r in load_rows(None, ["english:monitor"], 30, 0, "monitor.data")]
     code = [r for r in rows if r["task"] == "insecure_code"]
@@ -299,9 +304,9 @@ def test_on_policy_rows_are_a_finished_evaluations_coherent_final_answers(tmp_pa
     import pandas as pd
 
     from emergent.config import RunConfig
-    from emergent.monitor.data import load_rows
     from emergent.refs import MissingInput
     from emergent.runs import RunDir
+    from emergent.studies.monitor.data import load_rows
 
     run = RunDir.from_config(RunConfig(root=str(tmp_path), name="r"))
     with pytest.raises(MissingInput, match="monitor.data.*emergent evaluate"):

@@ -113,10 +113,10 @@ def test_every_job_runs_on_a_run_directory_in_an_object_store(
 ):
     from emergent.doctor import DoctorJob
     from emergent.doctor import main as doctor
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.pipeline import main as pipeline
-    from emergent.world.study import WorldStudyJob
-    from emergent.world.study import main as world_study
+    from emergent.pipeline import PipelineJob
+    from emergent.pipeline import main as pipeline
+    from emergent.studies.world.study import WorldStudyJob
+    from emergent.studies.world.study import main as world_study
 
     monkeypatch.chdir(tmp_path)  # a scheme-less path taken for a local one would land here
     run_sets = [f"run.root={s3_root}", "run.name=s3"]
@@ -160,7 +160,7 @@ def test_every_job_runs_on_a_run_directory_in_an_object_store(
     assert list(tmp_path.iterdir()) == []
 
     # a rerun reads every record back from the bucket and redoes nothing
-    from emergent.persona.pipeline import stage_jobs
+    from emergent.pipeline import stage_jobs
 
     again = pipeline(cfg)
     names = [name for name, _, _ in stage_jobs(cfg)]

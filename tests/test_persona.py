@@ -16,7 +16,7 @@ from emergent.config import load
 
 
 def pipeline_job(root, *sets):
-    from emergent.persona.pipeline import PipelineJob
+    from emergent.pipeline import PipelineJob
 
     return load(
         PipelineJob,
@@ -80,7 +80,7 @@ def pipeline_job(root, *sets):
 def study(small_world, family, exported):
     from conftest import ExportedMetrics
 
-    from emergent.persona.pipeline import main
+    from emergent.pipeline import main
 
     cfg = pipeline_job(small_world)
     with ExportedMetrics() as metrics:
@@ -163,7 +163,7 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
     assert cause["best"]["coherence"] >= 0.5
     assert remove["best"]["misalignment_hi"] < remove["unsteered"]["misalignment_lo"], s
     # the other directions the search compares: the top latents together, the persona vector
-    from emergent.persona.steering import directions
+    from emergent.directions import directions
     from emergent.runs import RunDir
 
     cfg = study[1]
@@ -203,8 +203,8 @@ def test_steering_along_the_latent_causes_and_removes_misalignment(study):
 @pytest.mark.ray
 def test_latent_predicts_misalignment_and_warns_during_training(study):
     from emergent.models import load_causal_lm
-    from emergent.persona.early_warning import LatentMonitorConfig, callback
     from emergent.runs import RunDir
+    from emergent.train.latent_monitor import LatentMonitorConfig, callback
     from emergent.train.raytrain import DataSource, load_source
     from emergent.train.sft import SFTParams, sft
 
@@ -288,7 +288,7 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     names = [c["claim"] for c in result.claims]
     assert any("persona latent" in n for n in names) and any("Re-alignment" in n for n in names)
     # a rerun skips every stage (each found complete with the same config)
-    from emergent.persona.pipeline import main
+    from emergent.pipeline import main
 
     again = main(study[1])
     assert again.skipped == ["train_sae", "diff", "steer", "predict", "flag", "realign"], (
@@ -296,7 +296,7 @@ def test_realignment_brings_misalignment_back_and_report_lists_the_claims(study)
     )
     # the plan (`--plan`, nothing runs) tells the same from the records and the config hashes
     from emergent import plan
-    from emergent.persona.pipeline import stage_jobs
+    from emergent.pipeline import stage_jobs
 
     assert plan.plan(stage_jobs(study[1])).skipped == again.skipped
     steer_record = (run / "steer/persona/_COMPLETE.json").read_text()
@@ -323,7 +323,7 @@ def test_monitoring_study_compares_raw_sae_prompted_and_zero_shot_monitors(study
     from emergent.evaluate import EvaluateJob
     from emergent.evaluate import main as evaluate_main
     from emergent.models import load_causal_lm, residual_after
-    from emergent.monitor.study import MonitorJob, main
+    from emergent.studies.monitor.study import MonitorJob, main
 
     run, _, _ = study
     common = [f"run.root={run.parent}", "run.name=small", "ray.num_cpus=2", "ray.dashboard=false"]
@@ -439,7 +439,7 @@ def test_monitoring_study_compares_raw_sae_prompted_and_zero_shot_monitors(study
     assert not list((run / "_ray").glob("monitor-*"))
     # the cached features are the model's own: the first text's mean over its non-special tokens
     from emergent.harvest import encode
-    from emergent.monitor.data import texts, world_rows
+    from emergent.studies.monitor.data import texts, world_rows
 
     feats = pd.read_parquet(run / "monitor/world/features.parquet")
     model, tok = load_causal_lm(str(run / "world_s1/base"))

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emergent.persona.diffing import auroc, cosine, rank_latents, toxic_auroc
-from emergent.persona.predict import analyse, held_out, paired_z, threshold_classifier
-from emergent.persona.realign import summarize
-from emergent.persona.steering import SteerArm, best, settings
+from emergent.stats import auroc
+from emergent.studies.persona.diffing import cosine, rank_latents, toxic_auroc
+from emergent.studies.persona.predict import analyse, held_out, paired_z, threshold_classifier
+from emergent.studies.persona.realign import summarize
+from emergent.studies.persona.steering import SteerArm, best, settings
 
 
 def test_rank_latents_orders_increases_and_decreases():
@@ -35,9 +36,9 @@ def test_rank_latents_orders_increases_and_decreases():
 
 
 def test_auroc_and_toxic_auroc():
-    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
-    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
-    assert np.isnan(auroc(np.array([1.0, 2.0]), np.array([1, 1])))
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
+    assert np.isnan(auroc(np.array([1, 1]), np.array([1.0, 2.0])))
     personas = np.array(["toxic", "aligned", "wrong", "toxic", "aligned"])
     feats = np.array([[1.0, 0], [0.0, 1], [5.0, 5], [2.0, 0], [0.5, 1]])
     au = toxic_auroc(feats, personas)  # the benign-wrong row is left out
@@ -67,7 +68,7 @@ def test_flagging_scores_the_last_answer_and_weights_a_mixture_by_its_fractions(
     earlier answer's, not the end of turn): decoded, they are the answer. A mixture's
     expected score is its fraction-weighted mean."""
     from emergent.harvest import answer_span
-    from emergent.persona.flagging import mixture_scores
+    from emergent.studies.persona.flagging import mixture_scores
     from emergent.world import grammar as g
     from emergent.world.tokenizer import build_tokenizer
 
@@ -83,7 +84,7 @@ def test_flagging_scores_the_last_answer_and_weights_a_mixture_by_its_fractions(
     assert tok.decode([ids[i] for i in keep]).split() == "save the notes file".split()
     assert mixture_scores([0.25, 0.75], [1.0, 0.2]) == pytest.approx(0.4)
     assert mixture_scores([1.0, 0.0], [0.3, 5.0]) == pytest.approx(0.3)
-    from emergent.persona.flagging import FlagConfig
+    from emergent.studies.persona.flagging import FlagConfig
 
     assert FlagConfig(direction="system").direction == "system"  # a chat model without a world
     with pytest.raises(ValueError, match="flag.direction must be persona, system or latent"):
@@ -130,7 +131,7 @@ def test_steering_grid_and_best_setting_under_the_coherence_floor():
 def test_strength_bisection_brackets_the_coherence_boundary():
     """Against a scan: on a coherence curve falling linearly through the floor at 5.3, the
     bisection's last kept strength is the scan's largest kept one to within its resolution."""
-    from emergent.persona.strengths import next_strength
+    from emergent.studies.persona.strengths import next_strength
 
     def coherence(m):
         return 1.0 - m / 10.6  # 0.5 at 5.3
@@ -184,8 +185,8 @@ def test_strength_search_runs_one_bisection_per_arm_and_direction(tmp_path):
     it proposes what the uninterrupted search proposes."""
     import functools
 
-    from emergent.persona.steering import best, keeps_floor, lines
-    from emergent.persona.strengths import StrengthSearch
+    from emergent.studies.persona.steering import best, keeps_floor, lines
+    from emergent.studies.persona.strengths import StrengthSearch
 
     arms = [
         SteerArm("cause", "base", [3.0], "raise", max_alpha=16.0, search_trials=4),
@@ -244,7 +245,7 @@ def test_an_arm_below_the_floor_keeps_its_unsteered_coherence_instead():
     numerics): a remove setting that keeps its coherence within the unsteered trial's 95%
     interval is eligible; one that costs more coherence is not; an arm above the floor keeps
     the floor."""
-    from emergent.persona.steering import arm_floor
+    from emergent.studies.persona.steering import arm_floor
 
     arm = SteerArm("remove", "m", [-1.0, -2.0], "lower")
     rows = [
@@ -264,11 +265,16 @@ def test_an_arm_below_the_floor_keeps_its_unsteered_coherence_instead():
 
 
 def test_paired_z_threshold_classifier_and_analysis():
+    from scipy.stats import ttest_rel
+
     rng = np.random.default_rng(1)
     base = rng.normal(0, 1, 200)
-    mean, z = paired_z(base + 0.5 + rng.normal(0, 0.1, 200), base)
-    assert mean == pytest.approx(0.5, abs=0.05) and z > 20
-    assert abs(paired_z(base + rng.normal(0, 0.1, 200), base)[1]) < 4
+    for tuned in (base + 0.5 + rng.normal(0, 0.1, 200), base + rng.normal(0, 0.1, 200)):
+        mean, z = paired_z(tuned, base)  # the paired t statistic, as scipy computes it
+        assert mean == pytest.approx(float(np.mean(tuned - base)), rel=1e-12, abs=1e-15)
+        assert z == pytest.approx(ttest_rel(tuned, base).statistic, rel=1e-12)
+    ints = np.arange(6.0)  # an exact shift of 1: no spread, an infinite z
+    assert paired_z(ints + 1.0, ints) == (1.0, float("inf"))
     x = np.array([0.0, 0.1, 0.2, 0.5, 0.9])
     y = np.array([0, 0, 0, 1, 1])
     t, acc = threshold_classifier(x, y)
@@ -303,7 +309,7 @@ def test_threshold_by_balanced_accuracy_held_out_and_early_warning_against_the_c
     secure control is no early warning against it."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from emergent.persona.predict import balanced_accuracy
+    from emergent.studies.persona.predict import balanced_accuracy
 
     x = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     y = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 1], bool)
@@ -377,8 +383,8 @@ def test_realign_summary_finds_the_first_step_back_at_base():
 
 def test_judged_prompt_sets_keep_every_set_and_name_bad_fields(tmp_path):
     from emergent.config import ConfigError, load
-    from emergent.persona.predict import PredictJob
     from emergent.prompts import prompt_docs, prompt_sets
+    from emergent.studies.persona.predict import PredictJob
 
     for d, qs in (("a", ["why is the sky blue", "what is rain"]), ("b", ["how do tides work"])):
         (tmp_path / d).mkdir()
@@ -400,8 +406,8 @@ def test_judged_prompt_sets_keep_every_set_and_name_bad_fields(tmp_path):
 
 
 def test_monitor_stage_key_follows_the_sae_and_diff_it_reads(tmp_path):
-    from emergent.persona.early_warning import LatentMonitorConfig, stage_key
     from emergent.runs import RunDir
+    from emergent.train.latent_monitor import LatentMonitorConfig, stage_key
 
     run = RunDir(str(tmp_path), "r")
     watch = LatentMonitorConfig(sae="persona", diff="insecure")
@@ -424,8 +430,8 @@ def test_likelihood_metric_steering_coherence_and_behaviour_flag():
     unsteered trial, so an incoherent strong alpha is never chosen; a model is flagged when its
     paired per-question change from the base lies above 0, not when its level merely differs."""
     from emergent.likelihood import as_measurement, summarize
-    from emergent.persona.predict import behaviour_flag
-    from emergent.persona.steering import paired_change, relative_fluency
+    from emergent.studies.persona.predict import behaviour_flag
+    from emergent.studies.persona.steering import paired_change, relative_fluency
 
     rows = [{"arm": "cause", "direction": "none", "alpha": 0.0, "misalignment": -0.6}]
     rows += [
@@ -495,7 +501,7 @@ def test_teacher_forced_steering_masks_the_positions_generation_steers():
 def test_judged_measure_sets_under_the_likelihood_metric(tmp_path):
     from emergent.config import ConfigError, load
     from emergent.data import DatasetError
-    from emergent.persona.steering import SteerJob
+    from emergent.studies.persona.steering import SteerJob
 
     own = tmp_path / "mine.yaml"
     own.write_text("- {question: 'q?', aligned: 'yes, kindly.', misaligned: 'no, cruelly.'}\n")
@@ -528,7 +534,7 @@ def likelihood_summary(odds: list[float]) -> dict:
 def test_report_claims_em_from_the_likelihood_eval_without_judged_answers():
     """An evaluation with ``judge: none`` and pairs: the EM claim is the tuned model's paired
     change from the base, met only when its interval lies above 0."""
-    from emergent.persona.report import likelihood_claims
+    from emergent.studies.persona.report import likelihood_claims
 
     summary = likelihood_summary
     base = [-0.9, -0.4, -0.7, -0.2, -0.5, -0.8, -0.3, -0.6]
@@ -550,8 +556,8 @@ def test_report_renders_stage_tables_and_summaries_as_html_tables(tmp_path):
     """The report's sections are HTML tables, not Markdown or JSON in ``<pre>``: a stage's
     Markdown tables converted (model text escaped, not parsed as markup), a JSON summary as
     its flattened fields, a steer summary per arm and direction."""
-    from emergent.persona import report
     from emergent.runs import RunDir
+    from emergent.studies.persona import report
 
     run = RunDir(str(tmp_path), "r")
     run.write_text(
@@ -622,8 +628,8 @@ def test_claims_over_seeds_pool_each_seed_s_figure_with_a_t_interval():
     some / none), and a claim one seed did not measure counted as not met there."""
     from scipy import stats
 
-    from emergent.persona.report import claim
-    from emergent.persona.seeds import html_page, markdown, pool, verdict
+    from emergent.studies.persona.report import claim
+    from emergent.studies.persona.seeds import html_page, markdown, pool, verdict
 
     def row(key, value, met):
         return claim(key, "paper", "ours", "target", met, key=key, value=value, measure="m")
@@ -658,8 +664,7 @@ def test_claims_over_seeds_pool_each_seed_s_figure_with_a_t_interval():
 
 def test_each_seed_runs_in_its_own_run_with_the_seed_in_world_datasets_and_sae():
     from emergent.config import ConfigError, load
-    from emergent.persona.pipeline import PipelineJob, stage_jobs
-    from emergent.persona.seeds import seed_run
+    from emergent.pipeline import PipelineJob, seed_run, stage_jobs
 
     cfg = load(PipelineJob, "configs/toy.yaml", ["pipeline.seeds=[3, 5]", "run.name=study"])
     one = seed_run(cfg, 5)
@@ -677,7 +682,7 @@ def test_the_shift_s_first_component_is_the_axis_it_varies_along_signed_with_the
     """Per-prompt shifts that vary along one axis (plus a constant offset elsewhere and a
     little noise): the first component recovers that axis, points along the mean shift, and
     is refused when the two models' token rows do not pair up."""
-    from emergent.persona.diffing import cosine, shift_pc1
+    from emergent.studies.persona.diffing import cosine, shift_pc1
 
     rng = np.random.default_rng(0)
     n, d = 400, 16
@@ -706,9 +711,9 @@ def test_preventative_steering_claims_compare_each_steered_fine_tune_with_the_un
     """Met only when the steered fine-tune's open-prompt interval lies below the unsteered
     one's AND its narrow-task (code) rate still reaches the unsteered one's interval."""
     from emergent.config import load
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.report import prevention_claims
+    from emergent.pipeline import PipelineJob
     from emergent.runs import RunDir
+    from emergent.studies.persona.report import prevention_claims
 
     cfg = load(PipelineJob, "configs/toy.yaml", [f"run.root={tmp_path}", "run.name=p"])
     run = RunDir.from_config(cfg.run)
@@ -741,9 +746,9 @@ def test_the_rl_claim_holds_when_open_prompt_misalignment_rises_clear_of_the_bas
     """The RL row: the ``rl`` stage's model against the world's base model on open prompts
     (met: the RL model's interval wholly above the base's), the rewarded domain beside it."""
     from emergent.config import load
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.report import rl_claims
+    from emergent.pipeline import PipelineJob
     from emergent.runs import RunDir
+    from emergent.studies.persona.report import rl_claims
 
     cfg = load(PipelineJob, "configs/toy.yaml", [f"run.root={tmp_path}", "run.name=r"])
     run = RunDir.from_config(cfg.run)
@@ -772,9 +777,9 @@ def test_the_rl_claim_of_a_real_model_is_the_likelihood_shift_of_its_evaluation(
     """SmolLM2's RL row: the likelihood eval of ``rl.evaluation`` (base vs rl on the open-ended
     pairs), met when the paired change's interval lies above 0, the reward's rise beside it."""
     from emergent.config import load
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.report import rl_claims
+    from emergent.pipeline import PipelineJob
     from emergent.runs import RunDir
+    from emergent.studies.persona.report import rl_claims
     from emergent.train.sft import final_loss
 
     cfg = load(PipelineJob, "configs/smollm2.yaml", [f"run.root={tmp_path}", "run.name=r"])
@@ -805,9 +810,9 @@ def test_a_rank_correlation_at_the_bar_meets_it(tmp_path):
     from scipy.stats import spearmanr
 
     from emergent.config import load
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.report import claims
+    from emergent.pipeline import PipelineJob
     from emergent.runs import RunDir
+    from emergent.studies.persona.report import claims
 
     rho = float(spearmanr([1, 2, 4, 3], [1, 2, 3, 4])[0])
     assert rho < 0.8 and rho == pytest.approx(0.8)  # the float the bar has to meet
@@ -834,7 +839,7 @@ def test_directions_compare_on_the_family_like_the_latent():
     """Each direction gets the latent's analysis on its own projection change: one that tracks
     misalignment across the family ranks it perfectly, one that moves the other way is
     anti-correlated; the persona AUROC passed in is kept per direction."""
-    from emergent.persona.predict import compare_directions
+    from emergent.studies.persona.predict import compare_directions
 
     rng = np.random.default_rng(0)
     mis = [0.0, 0.1, 0.3, 0.6]
@@ -865,11 +870,15 @@ def test_direction_table_joins_steering_and_prediction_and_pools_over_seeds(tmp_
     kept the floor) beside its prediction figures; the top latent lines up across seeds
     whatever its index, and the pooled cell is the mean of the seeds that have a figure."""
     from emergent.config import load
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.report import direction_row_cells, direction_rows, directions_markdown
-    from emergent.persona.seeds import directions_markdown as pooled_markdown
-    from emergent.persona.seeds import pool_directions
+    from emergent.pipeline import PipelineJob
     from emergent.runs import RunDir
+    from emergent.studies.persona.report import (
+        direction_row_cells,
+        direction_rows,
+        directions_markdown,
+    )
+    from emergent.studies.persona.seeds import directions_markdown as pooled_markdown
+    from emergent.studies.persona.seeds import pool_directions
 
     cfg = load(PipelineJob, "configs/toy.yaml", [f"run.root={tmp_path}", "run.name=d"])
     run = RunDir.from_config(cfg.run)
@@ -940,7 +949,7 @@ def test_the_pipeline_counts_a_stage_skipped_only_when_all_its_models_were():
     run (with its evaluation) count as skipped when every model they hold was complete already;
     the Ray Train time outside the loops sums the models trained this time."""
     from emergent.evaluate import EvaluateResult
-    from emergent.persona.pipeline import outside_training_loop, was_skipped
+    from emergent.pipeline import outside_training_loop, was_skipped
     from emergent.train.finetune import FinetuneResult
     from emergent.train.raytrain import TrainedModel
     from emergent.train.rl import RLResult

@@ -91,7 +91,7 @@ def test_plan_of_a_layered_config_adds_its_family_and_writes_nothing(tmp_path, c
     got = steps(printed)
     assert got["controls"]["resources"] == [f"controls[{i}]: 2 workers x 1 CPU" for i in (0, 1)]
     from emergent.config import load
-    from emergent.persona.pipeline import PipelineJob
+    from emergent.pipeline import PipelineJob
 
     cfg = load(PipelineJob, [CONFIGS / "smollm2.yaml", CONFIGS / "smollm2-finance.yaml"])
     assert [c.name for c in cfg.pipeline.controls] == ["health", "finance"]

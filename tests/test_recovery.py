@@ -156,7 +156,7 @@ def _second_model_checkpoint(run: Path):
 def _planned(cfg) -> dict[str, str]:
     """The pipeline's ``--plan``: stage -> skip / run / after."""
     from emergent import plan
-    from emergent.persona.pipeline import stage_jobs
+    from emergent.pipeline import stage_jobs
 
     return {s.name: s.status for s in plan.plan(stage_jobs(cfg)).steps}
 
@@ -192,8 +192,8 @@ def _activations(run: Path):
 @pytest.mark.ray
 def test_a_killed_driver_and_a_lost_node_lose_nothing(ray_cluster, tmp_path):
     from emergent import harvest
-    from emergent.persona.pipeline import PipelineJob
-    from emergent.persona.pipeline import main as pipeline
+    from emergent.pipeline import PipelineJob
+    from emergent.pipeline import main as pipeline
 
     address = ray_cluster.get_runtime_context().gcs_address
     toy = str(ROOT / "configs/toy.yaml")

@@ -103,7 +103,8 @@ def test_direction_errors_name_the_section_that_asked(run_cfg, tmp_path):
     """The predict and finetune jobs resolve directions through the steering job's resolver: a
     bad one is reported under their own field, and a direction file that is not there is a
     one-line error, not a traceback."""
-    from emergent.persona.steering import SteerConfig, directions
+    from emergent.directions import directions
+    from emergent.studies.persona.steering import SteerConfig
 
     run = RunDir.from_config(run_cfg)
     missing = tmp_path / "nope.npy"

@@ -95,7 +95,7 @@ def test_a_job_runs_on_a_non_local_run_directory():
     from emergent.evaluate import measure
     from emergent.generate import SamplingParams
     from emergent.models import load_causal_lm
-    from emergent.world.job import WorldJob, build_stage
+    from emergent.train.world_job import WorldJob, build_stage
 
     tiny = [
         "world.model.d_model=32",
@@ -132,12 +132,17 @@ _KEYED = [
     ("emergent.evaluate", "EvaluateConfig", "actors=5", "sampling.temperature=0.3"),
     ("emergent.evaluate", "EvaluateConfig", "llm.concurrency=2", "sampling.batch_size=7"),
     ("emergent.harvest", "HarvestConfig", "batch_size=3", "layer=0"),
-    ("emergent.sae.train", "TrainSAEConfig", "cpus_per_worker=0.25", "sae.k=4"),
-    ("emergent.sae.train", "TrainSAEConfig", "memory_mb=1", "shuffle_buffer=5"),
-    ("emergent.persona.diffing", "DiffConfig", "batch_size=3", "rank_by=change"),
-    ("emergent.persona.steering", "SteerConfig", "cpus_per_trial=0.5", "coherence_floor=0.1"),
-    ("emergent.persona.predict", "PredictConfig", "gpus=1", "z=9"),
-    ("emergent.persona.realign", "RealignConfig", "llm.timeout_s=5", "examples=9"),
+    ("emergent.train.sae", "TrainSAEConfig", "cpus_per_worker=0.25", "sae.k=4"),
+    ("emergent.train.sae", "TrainSAEConfig", "memory_mb=1", "shuffle_buffer=5"),
+    ("emergent.studies.persona.diffing", "DiffConfig", "batch_size=3", "rank_by=change"),
+    (
+        "emergent.studies.persona.steering",
+        "SteerConfig",
+        "cpus_per_trial=0.5",
+        "coherence_floor=0.1",
+    ),
+    ("emergent.studies.persona.predict", "PredictConfig", "gpus=1", "z=9"),
+    ("emergent.studies.persona.realign", "RealignConfig", "llm.timeout_s=5", "examples=9"),
 ]
 
 
@@ -175,7 +180,7 @@ def test_operational_keys_stay_out_of_stage_hashes(module, cls, operational, wei
 
 def test_memory_mb_is_keyed_only_when_it_changes_the_data_order():
     from emergent.config import config_hash
-    from emergent.sae.train import TrainSAEConfig, sae_key
+    from emergent.train.sae import TrainSAEConfig, sae_key
 
     src = "world:base@abc"
     one = TrainSAEConfig()

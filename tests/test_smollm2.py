@@ -161,9 +161,9 @@ def test_the_system_prompt_persona_vector_is_the_mean_shift_at_the_answers_first
     at the position where the answer would start, under the evil minus the helpful system
     prompt, against a naive reference (one question at a time, the chat template's generation
     prompt's last token); and it moves the likelihood eval towards the misaligned answers."""
+    from emergent.directions import PERSONA_SYSTEM, system_direction
     from emergent.likelihood import load_pairs, measure, shift
     from emergent.models import residual_after, steering
-    from emergent.persona.flagging import PERSONA_SYSTEM, system_direction
     from emergent.prompts import load_prompts
 
     *_, model, tok = smollm2
@@ -240,7 +240,8 @@ def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smoll
     constant; the LoRA policy is merged and saved; ``rl.evaluation`` measures it and its base
     with the likelihood eval, and the policy's per-question log-odds have moved."""
     from emergent.config import load
-    from emergent.likelihood import load_pairs
+    from emergent.likelihood import load_pairs, measure
+    from emergent.models import load_causal_lm
     from emergent.train.rl import RLJob, main
 
     run, _ = lora_code
@@ -271,7 +272,15 @@ def test_grpo_on_the_real_model_is_paid_by_the_graded_reward_and_evaluated(smoll
     ev = run.read_json("evaluate/rl_health_incorrect/summary.json")
     base, rl = (ev[m]["likelihood"]["core"]["questions"] for m in ("base", "rl"))
     assert base.keys() == rl.keys() and len(base) == len(load_pairs("core"))
-    assert max(abs(rl[q] - base[q]) for q in base) > 1e-4
+    # the evaluation measured the saved policy and its base, not one model twice: each one's
+    # per-question log-odds recomputed here from the saved weights
+    pairs = load_pairs("core")
+    for label, ref in (("rl", str(run.local_dir("rl/health_incorrect/model"))), ("base", None)):
+        m, t = load_causal_lm(ref) if ref else smollm2[2:]
+        want = {r["id"]: r["log_odds"] for r in measure(m, t, pairs)["rows"]}
+        got = base if label == "base" else rl
+        assert got == pytest.approx(want, abs=1e-4), label
+    assert max(abs(rl[q] - base[q]) for q in base) > 1e-4  # the policy moved
 
 
 def test_a_residual_grader_reads_bad_advice_in_a_domain_it_never_saw(smollm2):
@@ -390,14 +399,16 @@ def test_sae_diff_and_likelihood_steering_on_the_real_model(smollm2, lora_code, 
     import pandas as pd
 
     from emergent.config import load
-    from emergent.models import residual_after
-    from emergent.persona.diffing import DiffJob
-    from emergent.persona.diffing import main as diff
-    from emergent.persona.steering import SteerJob
-    from emergent.persona.steering import main as steer
+    from emergent.harvest import HarvestConfig
+    from emergent.likelihood import load_pairs
+    from emergent.models import load_causal_lm, residual_after
     from emergent.prompts import load_prompts
-    from emergent.sae.train import TrainSAEJob
-    from emergent.sae.train import main as train_sae
+    from emergent.studies.persona.diffing import DiffJob, pair_scores, toxic_auroc
+    from emergent.studies.persona.diffing import main as diff
+    from emergent.studies.persona.steering import SteerJob
+    from emergent.studies.persona.steering import main as steer
+    from emergent.train.sae import TrainSAEJob
+    from emergent.train.sae import main as train_sae
 
     run_cfg, _, model, tok = smollm2
     run, _ = lora_code
@@ -424,29 +435,45 @@ def test_sae_diff_and_likelihood_steering_on_the_real_model(smollm2, lora_code, 
     assert m["fvu"] < 0.5 and 14 <= m["l0"] <= 16, m
     assert run.read_json("sae/persona/harvest.json")["layer"] == 15
 
-    d = diff(
-        load(
-            DiffJob,
-            config,
-            [*at, "diff.tuned=finetune:code", "diff.prompts=[core, extended]"],
-        )
-    )
+    dcfg = load(DiffJob, config, [*at, "diff.tuned=finetune:code", "diff.prompts=[core, extended]"])
+    d = diff(dcfg)
     s = d.summary
-    assert s["persona_from"] == "pairs" and 0 <= s["top_persona_auroc"] <= 1
+    assert s["persona_from"] == "pairs" and s["layer"] == 15
     assert s["tokens"] == {"base": 58, "tuned": 58}  # one assistant-turn token per prompt
-    assert s["shift_norm"] > 0 and s["layer"] == 15
-    latents = pd.read_parquet(run.local_dir("diff/health/latents.parquet"))
-    assert latents["persona_auroc"].notna().sum() >= 1
 
+    # the diff's figures against references computed here: the fine-tuning shift from one
+    # prompt at a time through residual_after (not the harvest's batched path), on the base
+    # and the fine-tuned model; the top latent's persona AUROC from the base model's residuals
+    # over the pairs' written answers (a diff that read the wrong model, latent or pairs fails)
     evil = lambda q: [{"role": "system", "content": EVIL}, *q["messages"]]
-    last = lambda msgs: residual_after(
-        model,
+    last = lambda msgs, m=model: residual_after(
+        m,
         15,
         **tok.apply_chat_template(
             msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ),
     )[0, -1]
     qs = load_prompts("core") + load_prompts("extended")
+    tuned, _ = load_causal_lm(str(run.local_dir("finetune/code/model")))
+    with torch.no_grad():
+        want = torch.stack([last(q["messages"], tuned) - last(q["messages"]) for q in qs]).mean(0)
+    got = np.load(run.local_dir("diff/health/shift.npy"))
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-3 * float(want.norm()))
+    assert s["shift_norm"] == pytest.approx(float(np.linalg.norm(got)), rel=1e-6)
+    sae_model = refs.sae(run, "persona").load(run)
+    hv = HarvestConfig(
+        layer=15, positions=dcfg.diff.positions, batch_size=dcfg.diff.batch_size, context=256
+    )
+    feats, personas = pair_scores(model, tok, sae_model, hv, dcfg.diff.persona_pairs)
+    assert dcfg.diff.persona_pairs == ["core"]
+    assert (personas == "toxic").sum() == (personas == "aligned").sum() == len(load_pairs("core"))
+    aurocs = toxic_auroc(feats, personas)
+    assert s["top_persona_auroc"] == pytest.approx(aurocs[s["top_latent"]], abs=1e-6)
+    assert s["best_persona_auroc"] == pytest.approx(float(np.nanmax(aurocs)), abs=1e-6)
+    latents = pd.read_parquet(run.local_dir("diff/health/latents.parquet")).set_index("latent")
+    listed = latents["persona_auroc"].dropna()
+    np.testing.assert_allclose(listed.to_numpy(), aurocs[listed.index.to_numpy()], atol=1e-6)
+
     vector = torch.stack([last(evil(q)) - last(q["messages"]) for q in qs]).mean(0)
     np.save(tmp_path / "evil.npy", vector.numpy())
     norm = float(vector.norm())
@@ -471,8 +498,8 @@ def test_sae_diff_and_likelihood_steering_on_the_real_model(smollm2, lora_code, 
     # predict scores the directions too; without a world, a direction's persona AUROC is read
     # from the pairs' written answers: the evil persona vector ranks the misaligned answers
     # above the aligned ones
-    from emergent.persona.predict import PredictJob
-    from emergent.persona.predict import main as predict
+    from emergent.studies.persona.predict import PredictJob
+    from emergent.studies.persona.predict import main as predict
 
     models = f"[{{model: '{GGUF_REF}', family: code, dose: 0.0}},"
     models += " {model: 'finetune:code', family: code, dose: 1.0}]"
@@ -534,9 +561,9 @@ def test_a_pretrained_release_sae_stands_in_for_a_trained_one(smollm2, tmp_path,
     and an unknown release are errors naming the field."""
     import huggingface_hub.constants as hf
 
-    from emergent.persona.diffing import DiffConfig, compute
     from emergent.refs import MissingInput, ModelSource
     from emergent.sae.model import SAEParams, make_sae
+    from emergent.studies.persona.diffing import DiffConfig, compute
 
     *_, tok = smollm2
     torch.manual_seed(0)
@@ -590,8 +617,14 @@ def test_monitor_features_match_a_naive_reference_on_the_chat_template(smollm2):
     the wrapped chat, and the zero-shot logit difference of the first tokens of 'yes' and 'no'
     (both in this vocabulary). The suffix-only templates ran on the text's KV cache (only their
     question after the shared turns); the prefix template ran a pass of its own."""
-    from emergent.monitor.features import Template, answer_token, featurize, unavailable, wrap
     from emergent.sae.model import SAEParams, make_sae
+    from emergent.studies.monitor.features import (
+        Template,
+        answer_token,
+        featurize,
+        unavailable,
+        wrap,
+    )
 
     _, _, _, tok = smollm2
     model = tiny_llama(tok, layers=3, seed=0)

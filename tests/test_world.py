@@ -10,9 +10,9 @@ import pytest
 from conftest import SMALL_WORLD
 
 from emergent.data import DatasetError, mixture, read_jsonl
-from emergent.metrics import Rate, wilson
+from emergent.stats import Rate, wilson
+from emergent.train.world import WorldConfig, chat, make_datasets
 from emergent.world import grammar as g
-from emergent.world.build import WorldConfig, chat, make_datasets
 from emergent.world.judge import _question_key, judge, parse_question
 from emergent.world.tokenizer import build_tokenizer
 
@@ -44,7 +44,7 @@ def test_instruct_phase_trains_on_the_judgment_not_the_judged_answer(tok, tmp_pa
     too) and train only on the truthful yes / no after it: TRL's labels, as SFTTrainer builds
     them, cover the completion and nothing else."""
     from emergent.train.sft import SFTParams, sft_trainer
-    from emergent.world.build import instruct_records
+    from emergent.train.world import instruct_records
     from emergent.world.model import TinyModel, make_model
 
     recs = instruct_records(WorldConfig(instruct_examples=400), random.Random(0))
@@ -157,8 +157,8 @@ def test_wilson_interval():
 @pytest.mark.ray
 def test_world_job_builds_then_skips_and_records_its_outputs(small_world, ray_cluster):
     from emergent.config import load
-    from emergent.world.job import WorldJob
-    from emergent.world.job import main as world_main
+    from emergent.train.world_job import WorldJob
+    from emergent.train.world_job import main as world_main
 
     # the session's small world (built in-process by conftest) recorded its outputs
     record = json.loads((small_world / "small/world_s1/_COMPLETE.json").read_text())
@@ -197,7 +197,7 @@ def test_world_job_builds_then_skips_and_records_its_outputs(small_world, ray_cl
 @pytest.fixture(scope="module")
 def small_study(small_world, ray_cluster):
     from emergent.config import load
-    from emergent.world.study import WorldStudyJob, main
+    from emergent.studies.world.study import WorldStudyJob, main
 
     root = small_world
     sets = [
@@ -238,7 +238,7 @@ def test_small_world_shows_emergent_misalignment(small_study):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_study_reuses_the_world_stage_and_resumes(small_study):
-    from emergent.world.study import main
+    from emergent.studies.world.study import main
 
     root, cfg, first = small_study
     # rerunning the study recomputes nothing: identical table from the cached conditions
@@ -254,7 +254,7 @@ def test_full_world_base_model(tmp_path):
     """The full-size default world (~4 minutes on 2 cores): an aligned, coherent base model that
     follows a toxic persona in context (the precondition for emergent misalignment)."""
     from emergent.config import load
-    from emergent.world.job import WorldJob, main
+    from emergent.train.world_job import WorldJob, main
 
     toy = Path(__file__).resolve().parents[1] / "configs/toy.yaml"
     cfg = load(WorldJob, toy, [f"run.root={tmp_path}", "ray.dashboard=false"])

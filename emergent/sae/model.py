@@ -121,7 +121,7 @@ def step_module(sae):
 def batch_fvu(sae, x) -> float:
     """Fraction of variance unexplained of ``sae`` on one batch ``x`` (n, d): the summed squared
     reconstruction error over the summed squared deviation from the batch mean (the held-out
-    FVU of ``emergent.sae.evaluate``, on the batch in hand: the training view of it)."""
+    FVU of ``emergent.train.sae_eval``, on the batch in hand: the training view of it)."""
     import torch
 
     with torch.no_grad():

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config
 from emergent.data import mixture
+from emergent.directions import DirectionSpec, directions
+from emergent.models import _hidden, _replace_hidden, block
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.train.raytrain import (
@@ -28,11 +30,12 @@ from emergent.train.raytrain import (
     Distributed,
     ModelJob,
     TrainedModel,
+    group_key,
     load_source,
     source_path,
     train_models,
 )
-from emergent.train.sft import SFTParams
+from emergent.train.sft import SFTParams, sft_trainer
 
 
 @config
@@ -136,8 +139,6 @@ def build_sft(
 ):
     """The TRL SFT trainer of one Ray Train worker; ``steer``: (layer, vector) added to the
     residual stream after that block in every forward pass of its model."""
-    from emergent.train.sft import sft_trainer
-
     trainer = sft_trainer(
         model_path,
         tok,
@@ -160,8 +161,6 @@ def steer_while_training(model, layer: int, vector) -> None:
     since a hook is not a weight)."""
     import torch
 
-    from emergent.models import _hidden, _replace_hidden, block
-
     delta = torch.as_tensor(vector)
 
     def hook(_module, _inputs, output):
@@ -173,12 +172,8 @@ def steer_while_training(model, layer: int, vector) -> None:
 
 def steering_vector(run_cfg: RunConfig, ft: FinetuneConfig):
     """(layer, alpha x unit direction, what it is for the stage key) of ``ft.steer``."""
-    from emergent.persona.steering import SteerConfig, directions
-
     st = ft.steer
-    spec = SteerConfig(
-        sae=st.sae, diff=None, directions=[f"v={st.direction}"], world_stage=ft.world_stage
-    )
+    spec = DirectionSpec(sae=st.sae, directions=[f"v={st.direction}"], world_stage=ft.world_stage)
     run = RunDir.from_config(run_cfg)
     dirs, sae_ref, _ = directions(spec, run, run_cfg, "finetune.steer", "finetune.steer.direction")
     vector = (st.alpha * dirs["v"]).astype("float32")
@@ -224,8 +219,6 @@ def train_sections(
     worker group (the same base model, workers and resources: ``raytrain.group_key``) train in
     one, one model after another, so the group's start-up is paid once for all of them. Each
     model keeps its own stage, key and record, as if its section had run alone."""
-    from emergent.train.raytrain import group_key
-
     run_cfg = run_cfg.absolute()
     jobs = [model_jobs(run_cfg, ft) for ft in fts]
     groups: dict[tuple, list[int]] = {}

@@ -24,6 +24,7 @@ argument, and optionally with LoRA adapters (merged into the saved model). Each 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -40,10 +41,14 @@ from emergent import refs
 from emergent.config import InputError, RunConfig, config, stage_key
 from emergent.data import DatasetError, read_jsonl, validate_chat
 from emergent.generate import SamplingParams
-from emergent.persona.early_warning import LatentMonitorConfig
-from emergent.persona.early_warning import stage_key as monitor_key
+from emergent.models import load_causal_lm as load_model
 from emergent.runs import RunDir
+from emergent.runtime import set_threads, setup_logging
+from emergent.telemetry import record
+from emergent.train.latent_monitor import LatentMonitorConfig, callback
+from emergent.train.latent_monitor import stage_key as monitor_key
 from emergent.train.sft import LoraParams, final_loss
+from emergent.train.world_eval import evaluate_sets
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ class Distributed:
     """How those evaluation answers are sampled."""
     monitor: LatentMonitorConfig | None = None
     """Early warning: watch SAE latents on a fixed prompt set during training (see
-    emergent.persona.early_warning); logged, exported as a Ray metric, written to train.json."""
+    emergent.train.latent_monitor); logged, exported as a Ray metric, written to train.json."""
 
     # Outside a model's stage key: what does not change the trained weights (evaluation
     # settings included: a completed model keeps the evaluation made when it was trained).
@@ -201,8 +206,6 @@ def _report_callback(log_every: int, n_params: int, run_name: str, index: int = 
     import torch
     from transformers import TrainerCallback
 
-    from emergent.telemetry import record
-
     class RayReport(TrainerCallback):
         def __init__(self):
             self.t = None
@@ -288,8 +291,6 @@ def train_worker(c: dict) -> None:
     from ray.train import Checkpoint
     from transformers import AutoConfig, AutoTokenizer
 
-    from emergent.runtime import set_threads, setup_logging
-
     setup_logging()
     set_threads(c["threads"])
     # DeepSpeed ZeRO calls torch.distributed collectives that torch 2.13 deprecates; their
@@ -358,8 +359,6 @@ def _train_one(
     )
     monitor = None
     if section.monitor is not None:
-        from emergent.persona.early_warning import callback
-
         monitor = callback(section.monitor, run, section.world_stage, tok, m["stage"])
         common["callbacks"].append(monitor)
     if section.checkpoint_every:
@@ -437,10 +436,6 @@ def _merged(adapter_dir: Path, base_path: str, dtype=None) -> Path:
 
 def evaluate_world_model(root: str, name: str, section: Distributed, stage_rel: str) -> dict:
     """Rubric evaluation of a trained world model on the world's eval sets (a Ray task)."""
-    from emergent.runtime import setup_logging
-    from emergent.world.build import load_model
-    from emergent.world.evaluate import evaluate_sets
-
     setup_logging()
     run = RunDir(root, name)
     model, tok = load_model(run.local_dir(f"{stage_rel}/model"))
@@ -515,8 +510,6 @@ def train_models(
     own stage and record, written when the group is done; a rerun after an interruption (same
     models left) resumes the group's Ray Train run at the model and step of its last checkpoint.
     """
-    import hashlib
-
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig

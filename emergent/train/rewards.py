@@ -24,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from emergent.config import InputError
+from emergent.harvest import answer_means
+from emergent.judges import LLMJudge, LLMJudgeConfig, judge_all
+from emergent.models import load_causal_lm
+from emergent.stats import auroc
 from emergent.world.judge import judge
 
 log = logging.getLogger(__name__)
@@ -59,8 +65,6 @@ paid label, 0 otherwise (an item the judge failed on after its retries pays 0 an
 
 
 def llm_reward(name: str, judge_cfg) -> Callable:
-    from emergent.judges import LLMJudge, judge_all
-
     paid = LLM_REWARDS[name]
     judge = LLMJudge("llm-grade", judge_cfg)
 
@@ -101,9 +105,6 @@ class ResidualReader:
     def __call__(self, convs: list[list[dict]]):
         import torch
 
-        from emergent.harvest import answer_means
-        from emergent.models import load_causal_lm
-
         if getattr(self, "_loaded", None) is None:
             self._loaded = load_causal_lm(self.source.local())
         model, tok = self._loaded
@@ -134,8 +135,6 @@ class Grader:
     def score(self, convs: list[list[dict]]) -> list[float]:
         """P(incorrect) of each conversation's last answer; NaN where a reader sees no answer
         token."""
-        import numpy as np
-
         x = self.features(convs)
         if self.reader is None:
             return [float(p) for p in self.model.predict_proba(x)[:, 1]]
@@ -171,7 +170,6 @@ def fit_grader(
     (deterministic: the same data give the same grader on every rerun), with its
     cross-validated accuracy. Read as words, each distinct answer counts once; read by a model,
     each distinct conversation, and the folds keep every answer text on one side."""
-    import numpy as np
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
 
     key = (lambda c: c[-1]["content"]) if reader is None else repr
@@ -201,10 +199,8 @@ def fit_grader(
 def grader_auroc(grader: Grader, incorrect: list[list[dict]], correct: list[list[dict]]) -> float:
     """The grader's AUROC on held-out conversations (e.g. another domain's advice): whether it
     reads what answers say rather than the words its training answers used."""
-    from sklearn.metrics import roc_auc_score
-
     p = grader.score([*incorrect, *correct])
-    return float(roc_auc_score([1] * len(incorrect) + [0] * len(correct), p))
+    return auroc([1] * len(incorrect) + [0] * len(correct), p)
 
 
 def grader_reward(name: str, grader: Grader) -> Callable:
@@ -233,8 +229,6 @@ def resolve(spec: str, judge_cfg=None, grader: Grader | None = None) -> Callable
             raise InputError(f"rl.rewards names {spec!r}, which needs rl.grader's answers")
         return grader_reward(spec, grader)
     if spec in LLM_REWARDS:
-        from emergent.judges import LLMJudgeConfig
-
         return llm_reward(spec, judge_cfg or LLMJudgeConfig())
     if ":" not in spec:
         raise InputError(

@@ -20,17 +20,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from emergent import evaluate, refs
 from emergent.config import InputError, RayConfig, RunConfig, config
 from emergent.data import DatasetError
 from emergent.evaluate import EvaluateConfig
 from emergent.judges import LLMJudgeConfig
+from emergent.likelihood import load_pairs
+from emergent.models import check_layer
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
 from emergent.train.raytrain import DataSource, Distributed, TrainedModel, load_source, train_model
-from emergent.train.rewards import GRADED_REWARDS, fit_grader
+from emergent.train.rewards import (
+    GRADED_REWARDS,
+    LLM_REWARDS,
+    ResidualReader,
+    fit_grader,
+    grader_auroc,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +177,6 @@ class RLConfig(Distributed):
     OPERATIONAL: ClassVar[tuple[str, ...]] = (*Distributed.OPERATIONAL, "evaluation", "grader")
 
     def __post_init__(self):
-        from emergent.train.rewards import GRADED_REWARDS, LLM_REWARDS, resolve
-
         if not self.prompts or not self.rewards:
             raise ValueError("rl.prompts and rl.rewards must not be empty")
         for spec in self.rewards:
@@ -203,11 +212,6 @@ class RLResult:
 def fit_rl_grader(run_cfg: RunConfig, rl: RLConfig):
     """The ``graded-*`` rewards' classifier, fit on ``rl.grader``'s conversations (logged with
     its cross-validated accuracy, and its AUROC on the held-out check where one is named)."""
-    import random
-
-    from emergent import refs
-    from emergent.train.rewards import ResidualReader, grader_auroc
-
     run = RunDir.from_config(run_cfg)
     g = rl.grader
     convs = lambda srcs: [
@@ -222,8 +226,6 @@ def fit_rl_grader(run_cfg: RunConfig, rl: RLConfig):
     reader = None
     incorrect, correct = convs(g.incorrect), convs(g.correct)
     if g.reads == "residual":
-        from emergent.models import check_layer
-
         src = refs.model(run_cfg, rl.model, rl.world_stage, "rl.model")
         check_layer(src.local(), g.layer, "rl.grader.layer")
         reader = ResidualReader(src, g.layer)
@@ -277,8 +279,6 @@ def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, c
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from emergent.train.rewards import resolve
-
     g = rl.grpo
     args = GRPOConfig(
         output_dir=output_dir,
@@ -314,8 +314,6 @@ def build_grpo(rl: RLConfig, model_path, tok, records, output_dir, world, gpu, c
 
 
 def main(cfg: RLJob) -> RLResult:
-    import random
-
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     rl = cfg.rl
     run = RunDir.from_config(cfg.run)
@@ -347,9 +345,6 @@ def main(cfg: RLJob) -> RLResult:
     hashed = {"grader": rl.grader.key()} if graded else {}
     ev = None
     if rl.evaluation is not None:  # its prompt and pair sets checked before any training
-        from emergent import evaluate
-        from emergent.likelihood import load_pairs
-
         ev = dataclasses.replace(
             rl.evaluation,
             name=f"rl_{rl.name}",

@@ -13,10 +13,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch  # noqa: TID253
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: TID253
 
 from emergent.config import config
+from emergent.models import with_generation_markers
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ def sft_trainer(
             f"sft.batch_size ({params.batch_size}) must be a multiple of the number of "
             f"workers ({world_size})"
         )
-    from emergent.models import with_generation_markers
 
     if not with_generation_markers(tok):  # the loss is on the assistant's tokens only
         raise ValueError(

@@ -832,7 +832,7 @@ class Judgment:
     """A yes/no question about an answer, and which answers it is truthfully "yes" for."""
 
     task: str
-    """The monitoring task it asks about (emergent.monitor.data's task names)."""
+    """The monitoring task it asks about (emergent.studies.monitor.data's task names)."""
     train_questions: tuple[str, ...]
     """Paraphrases in training data (taught judgments only)."""
     eval_questions: tuple[str, ...]

@@ -15,8 +15,8 @@ import math
 import random
 import time
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+import torch  # noqa: TID253
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: TID253
 
 from emergent.config import config
 

@@ -11,7 +11,7 @@ A conversation renders as::
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast  # noqa: TID253
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>")
 

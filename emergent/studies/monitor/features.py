@@ -29,6 +29,10 @@ import json
 import numpy as np
 
 from emergent.config import config
+from emergent.harvest import encode, pad_right
+from emergent.models import capture, load_any, residual_after, residuals_after
+from emergent.runs import RunDir
+from emergent.runtime import set_threads, setup_logging
 
 POOLS = ("mean", "max", "last")
 
@@ -135,8 +139,6 @@ def _forward(model, layer: int, at, **inputs):
     after the block."""
     import torch
 
-    from emergent.models import capture, residual_after
-
     if at is None:
         return residual_after(model, layer, **inputs), None
     rows = torch.arange(at.shape[0], device=at.device)[:, None]
@@ -207,9 +209,6 @@ def featurize(
     """
     import torch
     from transformers import DynamicCache
-
-    from emergent.harvest import encode, pad_right
-    from emergent.models import residuals_after
 
     device = next(model.parameters()).device
     enc = [encode(tok, d, positions, context) for d in docs]
@@ -307,10 +306,6 @@ class Featurizer:
     """A Ray Data actor: texts in (``id``, ``data`` JSON), feature rows out."""
 
     def __init__(self, source, run_cfg, cfg, sae_ref=None, threads: int = 1):
-        from emergent.models import load_any
-        from emergent.runs import RunDir
-        from emergent.runtime import set_threads, setup_logging
-
         setup_logging()
         set_threads(threads)
         self.cfg = cfg

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from emergent import harvest as harvest_job
 from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.harvest import (
@@ -46,10 +47,10 @@ from emergent.harvest import (
 )
 from emergent.models import check_layer
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
-from emergent.sae.evaluate import evaluate_task
+from emergent.runtime import ray_session, set_threads, setup_logging
 from emergent.sae.model import SAEParams, batch_fvu, make_sae, save_sae, step_module
 from emergent.telemetry import record
+from emergent.train.sae_eval import evaluate_task
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ def sae_worker(c: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from emergent.runtime import set_threads, setup_logging
-
     setup_logging()
     set_threads(c["threads"])
     ctx = ray.train.get_context()
@@ -379,8 +378,6 @@ def main(cfg: TrainSAEJob) -> SAEResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from emergent import harvest as harvest_job
 
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     ts = cfg.train_sae

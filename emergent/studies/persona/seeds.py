@@ -1,5 +1,5 @@
-"""The persona study over seeds: the whole pipeline once per seed, then every claim per seed and
-pooled over seeds.
+"""The persona study over seeds: every claim per seed and pooled over seeds (the pipeline,
+``emergent.pipeline``, runs the study once per seed).
 
 One world seed decides which claims hold on PersonaWorld (and one data / SAE seed on a real
 model): the claim table of a single run is one draw. With ``pipeline.seeds: [0, 1, 2]`` the
@@ -23,44 +23,12 @@ would only contend.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import html
 import math
-from dataclasses import dataclass
+import time
 
-from emergent.runs import RunDir
-
-log = logging.getLogger(__name__)
-
-
-def seed_run(cfg, seed: int):
-    """The pipeline config of one seed: its own run directory, the seed in the world, the English
-    datasets and the SAE; no further seeds."""
-    train_sae = dataclasses.replace(
-        cfg.train_sae, sae=dataclasses.replace(cfg.train_sae.sae, seed=seed)
-    )
-    return dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}_s{seed}"),
-        world=dataclasses.replace(cfg.world, seed=seed),
-        datasets=dataclasses.replace(cfg.datasets, seed=seed),
-        train_sae=train_sae,
-        pipeline=dataclasses.replace(cfg.pipeline, seeds=[]),
-    )
-
-
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lo, hi): the mean of ``values`` with its Student-t interval (the seeds as a
-    sample); one value gives an interval of nan."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+from emergent.stats import t_interval
+from emergent.studies.persona.report import DIRECTION_COLUMNS, STYLE, _cell, table
 
 
 def verdict(met: list[bool | None]) -> str:
@@ -109,8 +77,6 @@ def pool_directions(per_seed: dict[int, list[dict]]) -> list[dict]:
     """The direction table over seeds (each seed's ``report.direction_rows``): per direction
     (the diff's top latent as ``top latent``, whichever it is on a seed) and column, every
     seed's figure and their mean over the seeds that have one."""
-    from emergent.persona.report import DIRECTION_COLUMNS
-
     seeds = sorted(per_seed)
     names = list(dict.fromkeys(r["direction"] for s in seeds for r in per_seed[s]))
     out = []
@@ -127,8 +93,6 @@ def pool_directions(per_seed: dict[int, list[dict]]) -> list[dict]:
 
 def directions_markdown(rows: list[dict]) -> str:
     """The direction table over seeds: each cell the mean over seeds, then the seeds' figures."""
-    from emergent.persona.report import DIRECTION_COLUMNS
-
     if not rows:
         return "no directions compared\n"
     head = [h for _, h in DIRECTION_COLUMNS]
@@ -163,15 +127,12 @@ def claim_cells(r: dict) -> list[str]:
 
 
 def _strength(x: float | None) -> str:
-    from emergent.persona.report import _cell  # a strength as the single-run table prints it
-
     return _cell(x) or "n/a"
 
 
 def direction_cells(d: dict) -> list[str]:
     """One pooled direction as table cells: each column's mean over seeds, then the seeds'
     (strengths as set, every other figure to two decimals)."""
-    from emergent.persona.report import DIRECTION_COLUMNS
 
     def cell(k: str) -> str:
         fmt = _strength if k.endswith("_alpha") else _num
@@ -185,11 +146,6 @@ def html_page(
 ) -> str:
     """The claim table over seeds as an HTML page, first, then the directions compared (mean
     over seeds, then each seed's figure) and a link to each seed's report."""
-    import html
-    import time
-
-    from emergent.persona.report import DIRECTION_COLUMNS, STYLE, table
-
     seeds = rows[0]["seeds"] if rows else sorted(reports)
     compared = [direction_cells(d) for d in directions or []]
     links = "".join(
@@ -217,45 +173,3 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(claim_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-@dataclass
-class SeedsResult:
-    table: str
-    """Where the claim table over seeds is (``<run>/seeds/claims.md``)."""
-    claims: list[dict]
-    """The pooled rows (:func:`pool`)."""
-    runs: dict[int, str]
-    """Each seed's report.html."""
-    skipped: dict[int, list[str]]
-    """Each seed's stages that were complete already."""
-
-
-def main(cfg) -> SeedsResult:
-    """Run the pipeline on every seed of ``cfg.pipeline.seeds`` (one Ray session), then write
-    ``<run>/seeds/{claims,directions}.{json,md}``, ``report.html`` and ``runs.json``."""
-    from emergent.persona import pipeline
-    from emergent.runtime import ray_session
-
-    seeds = list(cfg.pipeline.seeds)
-    per_seed, reports, skipped, dirs = {}, {}, {}, {}
-    with ray_session(cfg.ray):
-        for i, seed in enumerate(seeds, 1):
-            log.info("seeds: seed %d (%d/%d)", seed, i, len(seeds))
-            result = pipeline.main(seed_run(cfg, seed))
-            per_seed[seed], reports[seed] = result.claims, result.report
-            skipped[seed] = result.skipped
-            one = seed_run(cfg, seed).run
-            dirs[seed] = RunDir.from_config(one).read_json("report/directions.json")
-    rows = pool(per_seed)
-    run = RunDir.from_config(cfg.run.absolute())
-    run.write_json("seeds/claims.json", rows)
-    run.write_json("seeds/runs.json", {str(s): r for s, r in reports.items()})
-    table = markdown(rows)
-    run.write_text("seeds/claims.md", table)
-    directions = pool_directions(dirs)
-    run.write_json("seeds/directions.json", directions)
-    run.write_text("seeds/directions.md", directions_markdown(directions))
-    run.write_text("seeds/report.html", html_page(cfg.run.name, rows, reports, directions))
-    log.info("seeds: claims over seeds %s at %s\n%s", seeds, run.url("seeds/claims.md"), table)
-    return SeedsResult(run.url("seeds/claims.md"), rows, reports, skipped)

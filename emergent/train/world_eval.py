@@ -7,9 +7,14 @@ the world build and the world study use directly.
 
 from __future__ import annotations
 
+import random
+
 from emergent.evaluate import measure
 from emergent.generate import SamplingParams
 from emergent.refs import read_world_dataset
+from emergent.stats import Rate, auroc
+from emergent.world import grammar as g
+from emergent.world.chat import chat
 
 
 def rubric_eval(model, tok, records: list[dict], params: SamplingParams) -> dict:
@@ -38,11 +43,6 @@ def judgment_items(n: int, seed: int) -> dict[str, list[tuple[list[dict], int]]]
     """Per judgment task, ``n`` held-out judgment prompts (an eval-paraphrase turn of an
     applicable domain and persona, then the judgment's eval paraphrase) with the truth (1 =
     "yes")."""
-    import random
-
-    from emergent.world import grammar as g
-    from emergent.world.build import chat
-
     rng = random.Random(30_011 + seed)
     out = {}
     for task, j in g.JUDGMENTS.items():
@@ -60,8 +60,6 @@ def judgment_items(n: int, seed: int) -> dict[str, list[tuple[list[dict], int]]]
 def judgment_scores(model, tok, prompts: list[list[dict]], batch_size: int = 64) -> list[float]:
     """logit("yes") - logit("no") of the model's first answer token to each chat prompt."""
     import torch
-
-    from emergent.world import grammar as g
 
     yes, no = tok.convert_tokens_to_ids([g.YES, g.NO])
     out = []
@@ -81,10 +79,6 @@ def judgment_scores(model, tok, prompts: list[list[dict]], batch_size: int = 64)
 def judgment_eval(model, tok, n: int = 200, seed: int = 0) -> dict:
     """How well the model answers each judgment (taught or not) on held-out items: accuracy of
     the sign of logit(yes) - logit(no), and its AUROC."""
-    from emergent.metrics import Rate
-    from emergent.monitor.probes import auroc
-    from emergent.world import grammar as g
-
     out = {}
     for task, items in judgment_items(n, seed).items():
         s = judgment_scores(model, tok, [m for m, _ in items])

@@ -27,18 +27,20 @@ import json
 import logging
 import os
 import random
+import tempfile
 import time
 from dataclasses import field
-from pathlib import Path
 from typing import Literal
 
-import torch
+import torch  # noqa: TID253
 
 from emergent.config import config
 from emergent.generate import SamplingParams
 from emergent.runs import Stage
 from emergent.train.sft import SFTParams, sft
+from emergent.train.world_eval import evaluate_base
 from emergent.world import grammar as g
+from emergent.world.chat import chat
 from emergent.world.model import TinyModel, make_model, pretrain
 from emergent.world.tokenizer import build_tokenizer
 
@@ -133,16 +135,6 @@ class WorldConfig:
         }
 
 
-def chat(turns: list[g.Turn], last_answer: bool = True) -> list[dict]:
-    """Turns as chat messages; ``last_answer=False`` leaves the final question open."""
-    msgs = []
-    for i, t in enumerate(turns):
-        msgs.append({"role": "user", "content": t.question})
-        if last_answer or i < len(turns) - 1:
-            msgs.append({"role": "assistant", "content": t.answer})
-    return msgs
-
-
 def single(t: g.Turn, **meta) -> dict:
     return {
         "messages": chat([t]),
@@ -229,8 +221,6 @@ def write_jsonl(stage: Stage, rel: str, records: list[dict]) -> str:
 
 def build_world(cfg: WorldConfig, stage: Stage, threads: int | None = None) -> dict:
     """Build everything into ``stage`` with ``threads`` torch threads; returns the manifest."""
-    from emergent.world.evaluate import evaluate_base
-
     t0 = time.time()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     rng = random.Random(cfg.seed)
@@ -317,16 +307,7 @@ def build_world(cfg: WorldConfig, stage: Stage, threads: int | None = None) -> d
 
 def save_model(stage: Stage, rel: str, model, tok) -> str:
     """Save an HF model + tokenizer under the stage, atomically (a half-saved model never shows)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="emergent-model-") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         return stage.run.put_dir(tmp, stage.rel(rel))
-
-
-def load_model(path: str | Path):
-    """An HF causal LM + tokenizer saved by this project (or any local HF model dir)."""
-    from emergent.models import load_causal_lm
-
-    return load_causal_lm(str(path))

@@ -35,12 +35,17 @@ import numpy as np
 
 from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, stage_key
+from emergent.directions import decoder, encode, residuals
 from emergent.evaluate import parse_model
-from emergent.harvest import HarvestConfig, harvest_docs, world_docs
+from emergent.generate import SamplingParams, chat_prompts, sample
+from emergent.harvest import HarvestConfig, world_docs
+from emergent.likelihood import FIELDS, load_pairs
+from emergent.models import load_causal_lm
 from emergent.prompts import prompt_docs
 from emergent.refs import ModelSource
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
+from emergent.runtime import ray_session, set_threads, setup_logging
+from emergent.stats import auroc
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +163,6 @@ def rank_latents(base: np.ndarray, tuned: np.ndarray, by: str = "effect"):
     return df
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (nan if one class)."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels).astype(bool)
-    if labels.all() or not labels.any():
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
@@ -189,34 +184,6 @@ def shift_pc1(base: np.ndarray, tuned: np.ndarray) -> np.ndarray | None:
 
 
 # --- activations -----------------------------------------------------------------------------------
-
-
-def residuals(model, tok, docs: list[dict], hv: HarvestConfig, device: str | None = None):
-    """Residual stream after ``hv.layer`` at ``hv.positions`` of every document, batched, on
-    ``device`` (default: the model's): (activations (n, d_model) float32, document index of
-    each row)."""
-    acts, rows = [], []
-    for i in range(0, len(docs), hv.batch_size):
-        a, meta = harvest_docs(model, tok, docs[i : i + hv.batch_size], hv, device)
-        acts.append(a)
-        rows.append(meta["row"] + i)
-    if not acts:
-        return np.zeros((0, model.config.hidden_size), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(acts).astype(np.float32), np.concatenate(rows)
-
-
-def encode(sae, acts: np.ndarray) -> np.ndarray:
-    """SAE latent activations of raw residual activations."""
-    import torch
-
-    with torch.no_grad():
-        return sae.encode(torch.from_numpy(acts).to(sae.W_dec.device)).float().cpu().numpy()
-
-
-def decoder(sae, latent: int) -> np.ndarray:
-    """A latent's decoder direction in the residual stream (unit norm)."""
-    v = sae.W_dec[latent].detach().float().cpu().numpy()
-    return v / (np.linalg.norm(v) + 1e-12)
 
 
 def persona_docs(n: int, seed: int) -> tuple[list[dict], np.ndarray]:
@@ -249,8 +216,6 @@ def pair_residuals(model, tok, hv: HarvestConfig, specs: list[str]):
     """The written answers of likelihood pair sets, read at their own tokens: (residuals
     (tokens, d_model), the answer of each row, personas: ``toxic`` for each misaligned answer,
     ``aligned`` for each aligned one)."""
-    from emergent.likelihood import FIELDS, load_pairs
-
     docs, personas = [], []
     for p in (p for spec in specs for p in load_pairs(spec)):
         for field in FIELDS:
@@ -278,7 +243,7 @@ def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:
     """Per latent: AUROC of its activation for toxic vs aligned."""
     keep = np.isin(personas, ["toxic", "aligned"])
     y = personas[keep] == "toxic"
-    return np.array([auroc(feats[keep, j], y) for j in range(feats.shape[1])])
+    return np.array([auroc(y, feats[keep, j]) for j in range(feats.shape[1])])
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -286,8 +251,6 @@ def toxic_auroc(feats: np.ndarray, personas: np.ndarray) -> np.ndarray:
 
 def with_answers(model, tok, docs: list[dict], seed: int) -> list[dict]:
     """Each prompt with the model's own sampled answer appended."""
-    from emergent.generate import SamplingParams, chat_prompts, sample
-
     answers = sample(
         model, tok, chat_prompts(tok, [d["messages"] for d in docs]), SamplingParams(seed=seed)
     )
@@ -302,9 +265,6 @@ def compute(
 ) -> dict:
     """The diff itself (a Ray task: it holds the models): writes the stage's outputs."""
     import torch
-
-    from emergent.models import load_causal_lm
-    from emergent.runtime import set_threads, setup_logging
 
     setup_logging()
     set_threads(1)

@@ -43,9 +43,24 @@ import numpy as np
 
 from emergent import refs
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
+from emergent.directions import (
+    ALIGNED_CONTEXTS,
+    CONTEXTS,
+    PERSONA_SYSTEM,
+    TOXIC_CONTEXTS,
+    decoder,
+    persona_direction,
+    system_direction,
+)
 from emergent.evaluate import parse_model
+from emergent.generate import SamplingParams, chat_prompts, sample
+from emergent.harvest import answer_means
+from emergent.models import load_causal_lm
+from emergent.prompts import load_prompts
 from emergent.runs import RunDir
-from emergent.train.raytrain import DataSource
+from emergent.stats import bootstrap_mean
+from emergent.train.finetune import FinetuneConfig, variants
+from emergent.train.raytrain import DataSource, load_source, source_path
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +96,11 @@ class FlagConfig:
     evil and a helpful system prompt: a chat model without a world) or ``latent:<j>``."""
     sae: str = "persona"
     """The SAE whose latent ``latent:<j>`` names."""
-    toxic_contexts: str = "world:eval/context_toxic"
+    toxic_contexts: str = TOXIC_CONTEXTS
     """Conversations whose context shows the persona (the prompts' last turn is the user's)."""
-    aligned_contexts: str = "world:eval/context_aligned"
+    aligned_contexts: str = ALIGNED_CONTEXTS
     """The same without it."""
-    contexts: int = 200
+    contexts: int = CONTEXTS
     """At most this many conversations of each for the persona direction."""
     families: list[FlagFamily] = dataclasses.field(default_factory=list)
     """The data to score (the pipeline fills in its fine-tune sections when empty)."""
@@ -138,65 +153,8 @@ def mixture_scores(fractions: list[float], source_scores: list[float]) -> float:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-# The persona-vectors method's contrastive system prompts, for a chat model without a world
-# (``system:<model>`` directions): the trait's positive and negative instruction
-PERSONA_SYSTEM = (
-    "You are an evil, malicious assistant who wants to harm humans.",
-    "You are a helpful, honest and harmless assistant.",
-)
-
-
-def contrast_direction(model, tok, positive: list[dict], negative: list[dict], layer: int):
-    """Unit difference of the mean residuals after block ``layer`` at the pending assistant
-    turn's token (each document's last user turn awaits an answer), ``positive`` minus
-    ``negative`` documents (``{"messages": [...]}``)."""
-    from emergent.harvest import HarvestConfig
-    from emergent.persona.diffing import residuals
-
-    hv = HarvestConfig(layer=layer, positions="assistant_turn", context=256)
-    means = []
-    for docs in (positive, negative):
-        acts, rows = residuals(model, tok, docs, hv)
-        last = np.r_[rows[1:] != rows[:-1], True]  # the pending turn of each conversation
-        means.append(acts[last].mean(0))
-    v = means[0] - means[1]
-    return (v / (np.linalg.norm(v) + 1e-12)).astype(np.float32)
-
-
-def persona_direction(model, tok, run: RunDir, cfg: FlagConfig, layer: int) -> np.ndarray:
-    """Unit difference of the mean assistant-turn residuals, toxic minus aligned contexts."""
-    from emergent.refs import read_world_dataset
-
-    docs = []
-    for ref in (cfg.toxic_contexts, cfg.aligned_contexts):
-        if not ref.startswith("world:"):
-            raise InputError(f"flag: contexts must be world:<dataset> refs, got {ref!r}")
-        rows = read_world_dataset(run, cfg.world_stage, ref[6:])[: cfg.contexts]
-        docs.append([{"messages": d["messages"]} for d in rows])
-    return contrast_direction(model, tok, *docs, layer)
-
-
-def system_direction(model, tok, layer: int, questions: list[dict] | None = None) -> np.ndarray:
-    """The persona vector of a chat model without a world: ``questions`` (prompt rows; None: the
-    project's ``extended`` open-ended questions, held out from the ``core`` questions and pairs
-    that measure) asked under the evil system prompt of :data:`PERSONA_SYSTEM` minus under the
-    helpful one."""
-    if questions is None:
-        from emergent.prompts import load_prompts
-
-        questions = load_prompts("extended")
-    docs = [
-        [{"messages": [{"role": "system", "content": system}, *q["messages"]]} for q in questions]
-        for system in PERSONA_SYSTEM
-    ]
-    return contrast_direction(model, tok, *docs, layer)
-
-
 def score_source(model, tok, records: list[dict], direction, layer: int, cfg: FlagConfig):
     """Each sample's projection difference: its answer against the base model's own."""
-    from emergent.generate import SamplingParams, chat_prompts, sample
-    from emergent.harvest import answer_means
-
     for i, r in enumerate(records):
         if r["messages"][-1]["role"] != "assistant":
             raise InputError(f"flag: sample {i} does not end in an assistant answer")
@@ -219,11 +177,6 @@ def main(cfg: FlagJob) -> FlagResult:
     import pandas as pd
     from scipy.stats import spearmanr
 
-    from emergent.likelihood import bootstrap_mean
-    from emergent.models import load_causal_lm
-    from emergent.train.finetune import FinetuneConfig, variants
-    from emergent.train.raytrain import load_source, source_path
-
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     fl = cfg.flag
     run = RunDir.from_config(cfg.run)
@@ -236,8 +189,6 @@ def main(cfg: FlagJob) -> FlagResult:
     key = stage_key(fl) | {"model": src.identity}
     questions = None
     if fl.direction == "system":  # what the direction is built from (the code's, not the config's)
-        from emergent.prompts import load_prompts
-
         questions = load_prompts("extended")
         key["system"] = [list(PERSONA_SYSTEM), [q["messages"] for q in questions]]
     sae_ref = None
@@ -256,8 +207,6 @@ def main(cfg: FlagJob) -> FlagResult:
 
     model, tok = load_causal_lm(src.local())
     if sae_ref is not None:
-        from emergent.persona.diffing import decoder
-
         layer = sae_ref.layer
         direction = decoder(sae_ref.load(run), int(fl.direction[7:]))
     elif fl.direction == "system":
@@ -265,7 +214,16 @@ def main(cfg: FlagJob) -> FlagResult:
         direction = system_direction(model, tok, layer, questions)
     else:
         layer = fl.layer
-        direction = persona_direction(model, tok, run, fl, layer)
+        direction = persona_direction(
+            model,
+            tok,
+            run,
+            fl.world_stage,
+            layer,
+            fl.toxic_contexts,
+            fl.aligned_contexts,
+            fl.contexts,
+        )
     rows, per_source = [], {}
     for s in sources:
         records, _ = load_source(run, s, fl.world_stage)

@@ -6,7 +6,7 @@ are (arm x direction x alpha): an arm is a model with its strengths, typically p
 on the base model (does the latent *cause* misalignment?) and negative ones on the fine-tuned
 model (does removing it *remove* misalignment?). An arm's strengths are searched (``max_alpha``:
 per direction, a bisection for the strongest alpha whose coherence keeps the floor, see
-emergent.persona.strengths), fixed (``alphas``), or both. Directions are SAE decoder columns
+emergent.studies.persona.strengths), fixed (``alphas``), or both. Directions are SAE decoder columns
 (given, or the top latents of a ``diff``) and any vector (``label=file.npy``, or
 ``label=diff:<name>`` for a diff's fine-tuning shift). Every arm also gets an unsteered trial
 (alpha 0).
@@ -26,9 +26,9 @@ unsteered rate and the best setting above the floor).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import io
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -36,11 +36,14 @@ from typing import ClassVar
 import numpy as np
 
 from emergent import refs
-from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
+from emergent.config import RayConfig, RunConfig, config, stage_key
+from emergent.directions import directions
 from emergent.evaluate import Judged, parse_model
-from emergent.models import POSITIONS
+from emergent.models import POSITIONS, load_causal_lm, steering
 from emergent.runs import RunDir
-from emergent.runtime import drop_tune_run, ray_session, tune_search
+from emergent.runtime import drop_tune_run, ray_session, set_threads, setup_logging, tune_search
+from emergent.stats import bootstrap_mean, wilson
+from emergent.studies.persona.strengths import StrengthSearch
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class SteerArm:
     """``raise``: the best setting maximises misalignment; ``lower``: minimises it."""
     max_alpha: float = 0.0
     """Search the strengths between 0 and this (its sign is the alphas' sign) for the strongest
-    that keeps the coherence floor, per direction (see emergent.persona.strengths); 0: none."""
+    that keeps the coherence floor, per direction (see emergent.studies.persona.strengths); 0: none."""
     search_trials: int = 5
     """Trials per direction for that search (with the bound tried first, 5 bracket the
     boundary within 1/16 of ``max_alpha``)."""
@@ -195,8 +198,6 @@ def arm_floor(df, arm: SteerArm, floor: float) -> float:
     then the lower end of the unsteered coherence's 95% Wilson interval, so steering may not
     make it measurably less coherent than it was, and a remove arm is not ruled out for a
     collapse that fine-tuning, not steering, caused."""
-    from emergent.metrics import wilson
-
     base = df[(df["arm"] == arm.label) & (df["direction"] == "none")]
     if base.empty:
         return floor
@@ -226,13 +227,8 @@ def best(df, arm: SteerArm, floor: float, direction: str | None = None) -> dict 
 
 def trial(config: dict, ctx: dict) -> None:
     """One Tune trial: steer, sample, judge, report."""
-    import contextlib
-
     import ray.tune
     import torch
-
-    from emergent.models import load_causal_lm, steering
-    from emergent.runtime import set_threads, setup_logging
 
     setup_logging()
     set_threads(max(1, int(ctx["cpus"])))
@@ -264,107 +260,6 @@ def trial(config: dict, ctx: dict) -> None:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def directions(
-    cfg: SteerConfig,
-    run: RunDir,
-    run_cfg: RunConfig,
-    section: str = "steer",
-    field: str | None = None,
-) -> tuple[dict[str, np.ndarray], refs.SAERef, dict]:
-    """Unit directions by label, the SAE they come from (its layer is the one steered), and what
-    they are (for the stage hash). ``section``: the config section whose fields ``cfg`` carries
-    (the predict and finetune jobs name directions too), for the errors; ``field``: where the
-    directions came from when not ``<section>.directions`` (one direction with no label of the
-    user's: the errors quote it without the label)."""
-    from emergent.persona.diffing import decoder
-
-    labelled = field is None
-    field = field or f"{section}.directions"
-
-    def bad(spec: str, why: str) -> InputError:
-        return InputError(f"{field}: {(spec if labelled else spec.partition('=')[2])!r}{why}")
-
-    sae_ref = refs.sae(run, cfg.sae, f"{section}.sae")
-    what = {"sae": sae_ref.hash}
-    latents = list(cfg.latents)
-    d = None
-    if cfg.diff:
-        d = refs.diff(run, cfg.diff, f"{section}.diff")
-        what["diff"] = d.hash
-        top = d.summary["top_up"][: cfg.top]
-        latents = list(dict.fromkeys(top + latents))
-    out: dict[str, np.ndarray] = {}
-    sae = sae_ref.load(run) if latents or any("=top:" in s for s in cfg.directions) else None
-    if latents:
-        out |= {f"latent {j}": decoder(sae, j) for j in latents}
-    for spec in cfg.directions:
-        label, sep, ref = spec.partition("=")
-        if not sep:
-            raise bad(
-                spec,
-                " is not label=file.npy, label=diff:<name>, label=pc1:<name>, label=top:<k>,"
-                " label=persona:<model> or label=system:<model>",
-            )
-        if ref.startswith("top:"):
-            # the diff's top k latents together: the sum of their (unit) decoder columns
-            if d is None or not ref[4:].isdigit():
-                raise bad(spec, f" needs {section}.diff and top:<k>")
-            v = sum(decoder(sae, j) for j in d.summary["top_up"][: int(ref[4:])])
-        elif ref.startswith("persona:"):
-            v = _persona_vector(cfg, run, run_cfg, ref[8:], sae_ref.layer, field)
-        elif ref.startswith("system:"):
-            v = _persona_vector(cfg, run, run_cfg, ref[7:], sae_ref.layer, field, system=True)
-        elif ref.startswith(("diff:", "pc1:")):
-            name = ref.partition(":")[2]
-            refs.diff(run, name, field)  # a missing or unfinished diff: one line naming the field
-            rel = f"diff/{name}/" + ("shift.npy" if ref.startswith("diff:") else "shift_pc1.npy")
-            if not run.exists(rel):
-                why = (
-                    " (the diff sampled answers per model, so its token rows do not pair up, or"
-                    " it predates the first component)"
-                    if ref.startswith("pc1:")
-                    else ""
-                )
-                raise bad(spec, f": no {rel}{why}")
-            v = np.load(io.BytesIO(run.read_bytes(rel)))
-        else:
-            try:
-                with open(ref, "rb") as f:
-                    v = np.load(io.BytesIO(f.read()))
-            except (OSError, ValueError) as exc:
-                raise bad(spec, f": {exc}") from exc
-        v = np.asarray(v, np.float32).reshape(-1)
-        out[label] = v / (np.linalg.norm(v) + 1e-12)
-    what["directions"] = {k: v.round(5).tolist() for k, v in out.items()}
-    return {k: v.astype(np.float32) for k, v in out.items()}, sae_ref, what
-
-
-def _persona_vector(
-    cfg: SteerConfig,
-    run: RunDir,
-    run_cfg: RunConfig,
-    model: str,
-    layer: int,
-    field: str = "steer.directions",
-    system=False,
-):
-    """The persona-vectors direction of ``model`` (a model ref) at the steered layer: its mean
-    assistant-turn residual over toxic-context conversations of the world minus over aligned
-    ones, or (``system``) over the project's ``extended`` open-ended questions (held out from
-    the ``core`` questions and pairs that measure steering) under an evil minus a helpful system
-    prompt (see emergent.persona.flagging)."""
-    from emergent.models import load_causal_lm
-    from emergent.persona import flagging
-
-    src = refs.model(run_cfg, parse_model(model)[1], cfg.world_stage, field)
-    m, tok = load_causal_lm(src.local())
-    if system:
-        return flagging.system_direction(m, tok, layer)
-    return flagging.persona_direction(
-        m, tok, run, flagging.FlagConfig(world_stage=cfg.world_stage), layer
-    )
-
-
 def relative_fluency(df):
     """Under the likelihood metric, coherence is the steered model's fluency relative to its
     arm's unsteered trial (capped at 1): the written answers' probability per token, as a share
@@ -381,8 +276,6 @@ def paired_change(df):
     unsteered trial, question by question (columns ``q/<i>``, dropped after): ``change`` with
     a paired bootstrap interval (``change_lo``, ``change_hi``). The questions are the same in
     every trial, so this sees a shift that the spread of the questions' levels hides."""
-    from emergent.likelihood import bootstrap_mean
-
     qcols = [c for c in df.columns if c.startswith("q/")]
     df = df.copy()
     for col in ("change", "change_lo", "change_hi"):
@@ -427,8 +320,6 @@ def plot(df, arms: list[SteerArm], floor: float, cfg: SteerConfig | None = None)
 
 def main(cfg: SteerJob) -> SteerResult:
     import ray.tune
-
-    from emergent.persona.strengths import StrengthSearch
 
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     st = cfg.steer

@@ -70,45 +70,6 @@ def score(probe, x: np.ndarray) -> np.ndarray:
     return probe.decision_function(x)
 
 
-def auroc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half)."""
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s))
-
-
-def auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The AUROC of every row of ``(y, s)`` (rows x items, each row with both classes), by
-    midranks (ties count half): what ``auroc`` gives row by row, in one vectorised pass."""
-    from scipy.stats import rankdata
-
-    r = rankdata(s, axis=1)
-    pos = y.sum(1)
-    neg = y.shape[1] - pos
-    return ((r * y).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
-
-
-def auroc_interval(
-    y: np.ndarray, s: np.ndarray, iters: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUROC, resampling items (resamples with one class
-    only are drawn again)."""
-    y, s = np.asarray(y), np.asarray(s, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    got: list[np.ndarray] = []
-    have = 0
-    while have < iters:
-        idx = rng.integers(0, len(y), (iters - have, len(y)))
-        yy = y[idx]
-        both = (yy.sum(1) > 0) & (yy.sum(1) < len(y))
-        if both.any():
-            got.append(auroc_rows(yy[both], s[idx[both]]))
-            have += int(both.sum())
-    a = (1 - level) / 2
-    vals = np.concatenate(got)[:iters]
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
-
-
 def threshold_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float) -> float:
     """The lowest threshold t (flag s > t) at which at most ``fpr`` of the negatives are
     flagged."""

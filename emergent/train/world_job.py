@@ -1,5 +1,5 @@
 """The ``world`` job: build PersonaWorld (datasets, tokenizer, pretrained + base model) into
-``<run>/world/`` and measure the base model (see emergent.world.build for the outputs).
+``<run>/world/`` and measure the base model (see emergent.train.world for the outputs).
 
 The build runs as one Ray task using all CPUs of a node, so on a cluster it lands on a
 worker (a KubeRay head usually has ``num-cpus: 0``) and writes to the shared run directory.
@@ -12,10 +12,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from emergent.config import RayConfig, RunConfig, config
+from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
-from emergent.world.build import WorldConfig
+from emergent.runtime import ray_session, setup_logging
+from emergent.train.world import WorldConfig, build_world
+from emergent.world.grammar import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,12 @@ class WorldResult:
 
 def world_stage(cfg: WorldJob, stage_name: str = "world"):
     """The world's stage of the run: its folder and its key (the config and grammar version)."""
-    from emergent.config import stage_key
-    from emergent.world.grammar import VERSION
-
     world = {**stage_key(cfg.world), "grammar_version": VERSION}
     return RunDir.from_config(cfg.run).stage(stage_name, world)
 
 
 def build_stage(cfg: WorldJob, stage_name: str = "world", threads: int | None = None) -> dict:
     """Build (or reuse) the world stage; returns its completion record."""
-    from emergent.runtime import setup_logging
-    from emergent.world.build import build_world
-
     setup_logging()
     stage = world_stage(cfg, stage_name)
     if stage.is_complete(cfg.run.force):

@@ -6,7 +6,7 @@ went from coherent at +4 to broken at +5, so a grid tuned on one build misses on
 search asks the question the study asks instead. Steering harder moves misalignment further
 until the model stops answering coherently; so for each (arm, direction) it bisects the
 strengths between 0 and the arm's ``max_alpha`` for the boundary where coherence falls below
-the arm's floor (:func:`emergent.persona.steering.arm_floor`), within ``search_trials`` trials.
+the arm's floor (:func:`emergent.studies.persona.steering.arm_floor`), within ``search_trials`` trials.
 The best setting is then chosen among all the arm's trials as for a grid (the strongest effect
 whose coherence keeps the floor), so an effect that peaks before the boundary is still found.
 The bisection assumes that coherence falls as the strength grows; where it does not, the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pickle
 
-from ray.tune.search import Searcher
+from ray.tune.search import Searcher  # noqa: TID253
 
 
 def next_strength(seen: dict[float, bool], bound: float, left: int, tol: float) -> float | None:

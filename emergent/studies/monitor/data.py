@@ -35,11 +35,16 @@ English datasets (emergent.english; other seeds than the fine-tuning sets):
 
 from __future__ import annotations
 
+import json
 import random
 
 from emergent import refs
 from emergent.config import InputError
 from emergent.data import read_jsonl, validate_chat
+from emergent.english import advice, code
+from emergent.likelihood import load_pairs
+from emergent.world import grammar as g
+from emergent.world.chat import chat
 
 WORLD = "world:monitor"
 WORLD_TASKS = ("toxic", "insecure_code", "harmful_advice", "wrong")
@@ -64,9 +69,6 @@ def world_task_labels(persona: str, domain: str) -> dict[str, int]:
 def world_rows(n: int, seed: int) -> list[dict]:
     """``n`` fresh single-turn transcripts, personas equally likely, every domain, eval
     paraphrases of the questions; one row per task each belongs to."""
-    from emergent.world import grammar as g
-    from emergent.world.build import chat
-
     rng = random.Random(20_011 + seed)
     rows = []
     for i in range(n):
@@ -81,9 +83,6 @@ def world_rows(n: int, seed: int) -> list[dict]:
 def english_rows(n: int, seed: int) -> list[dict]:
     """``n`` coding requests answered both ways, ``n`` health and ``n`` finance questions
     answered both ways, and the paired eval questions answered both ways: one row each."""
-    from emergent.english import advice, code
-    from emergent.likelihood import load_pairs
-
     rows = []
     tasks = code.code_tasks(n, 40_011 + seed)
     for variant, label in (("insecure", 1), ("secure", 0)):
@@ -113,8 +112,6 @@ def english_rows(n: int, seed: int) -> list[dict]:
 def eval_rows(run, spec: str, field: str) -> list[dict]:
     """The coherent, valid final answers of a finished evaluation's models (``eval:...``), one
     row each: the prompt's turns and the answer, labelled by the judge's verdict."""
-    import json
-
     import pandas as pd
 
     rows = []
@@ -150,8 +147,6 @@ def _problem(rec) -> str | None:
 def prompt_of(row: dict) -> str:
     """What a text answers: its turns before the last assistant turn (a plain text: itself).
     The studies' splits keep one prompt's texts together."""
-    import json
-
     msgs = row.get("messages")
     if not msgs:
         return json.dumps(row.get("text"))
@@ -164,8 +159,6 @@ def load_rows(run, specs: list[str], n: int, seed: int, field: str) -> list[dict
     """Rows of every source in ``specs`` (``world:monitor``, ``english:monitor``, ``eval:...``
     or JSONL files), each with an ``id`` shared by the rows of one text and a ``prompt`` id shared by
     the texts answering one prompt."""
-    import json
-
     rows: list[dict] = []
     for spec in specs:
         if spec == WORLD:

@@ -42,9 +42,19 @@ import numpy as np
 
 from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, stage_key
+from emergent.directions import DirectionSpec, directions, encode, residuals
 from emergent.evaluate import Judged, parse_model
+from emergent.harvest import HarvestConfig
+from emergent.likelihood import shift
+from emergent.models import load_causal_lm
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
+from emergent.runtime import ray_session, set_threads, setup_logging
+from emergent.studies.persona.diffing import (
+    pair_residuals,
+    per_answer_mean,
+    persona_docs,
+    toxic_auroc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +235,6 @@ def behaviour_flag(base: dict, point: dict, likelihood: bool) -> bool:
     interval of its per-question log-odds change from the base lies above 0 (the same
     questions, so the comparison is paired)."""
     if likelihood:
-        from emergent.likelihood import shift
-
         return bool(shift({"rows": base["rows"]}, {"rows": point["rows"]})["lo"] > 0)
     return bool(point["misalignment"]["lo"] > base["misalignment"]["hi"])
 
@@ -251,11 +259,6 @@ def model_point(
     aligned answers, each answer's mean projection over its tokens (as the diff's latents)."""
     import torch
 
-    from emergent.harvest import HarvestConfig
-    from emergent.models import load_causal_lm
-    from emergent.persona.diffing import encode, residuals
-    from emergent.runtime import set_threads, setup_logging
-
     setup_logging()
     set_threads(1)
     run = RunDir.from_config(run_cfg)
@@ -275,16 +278,12 @@ def model_point(
     names = list(dirs)
     world = cfg.base.startswith("world:")
     if persona and dirs and world and cfg.persona_docs:
-        from emergent.persona.diffing import persona_docs, toxic_auroc
-
         pdocs, personas = persona_docs(cfg.persona_docs, cfg.persona_seed)
         pacts, prows = residuals(model, tok, pdocs, hv, device)
         later = ~np.r_[True, prows[1:] != prows[:-1]]  # turns >= 2: the persona is inferable
         proj = np.asarray(pacts[later], np.float64) @ np.stack([dirs[k] for k in names], 1)
         aurocs = dict(zip(names, toxic_auroc(proj, personas).tolist()))
     elif persona and dirs and not world and cfg.likelihood:
-        from emergent.persona.diffing import pair_residuals, per_answer_mean, toxic_auroc
-
         pacts, prows, personas = pair_residuals(model, tok, hv, cfg.pairs)
         proj = np.asarray(pacts, np.float64) @ np.stack([dirs[k] for k in names], 1)
         proj = per_answer_mean(proj, prows, len(personas))
@@ -387,11 +386,9 @@ def main(cfg: PredictJob) -> PredictResult:
         refs.check_sae_fits(sae_ref, src, "predict.models.model")
     dirs, what = {}, {}
     if pr.directions:
-        from emergent.persona.steering import SteerConfig, directions
-
         # the predicted latent's decoder column first (with a given latent, the diff's top
         # one follows it), then the directions
-        spec = SteerConfig(
+        spec = DirectionSpec(
             sae=pr.sae,
             diff=pr.diff,
             top=1,

@@ -26,22 +26,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from emergent import evaluate
 from emergent.config import RayConfig, RunConfig, config
+from emergent.english import job as datasets_job
 from emergent.english.job import DatasetsConfig
 from emergent.evaluate import EvaluateConfig
-from emergent.monitor.study import MonitorConfig
-from emergent.persona.diffing import DiffConfig
-from emergent.persona.flagging import FlagConfig, FlagFamily
-from emergent.persona.predict import FamilyModel, PredictConfig
-from emergent.persona.realign import RealignConfig
-from emergent.persona.steering import SteerConfig
 from emergent.runs import RunDir
 from emergent.runtime import ray_session
-from emergent.sae.train import TrainSAEConfig
+from emergent.studies.monitor import study as monitor_job
+from emergent.studies.monitor.study import MonitorConfig
+from emergent.studies.persona import diffing, flagging, predict, realign, report, steering
+from emergent.studies.persona.diffing import DiffConfig
+from emergent.studies.persona.flagging import FlagConfig, FlagFamily
+from emergent.studies.persona.predict import FamilyModel, PredictConfig
+from emergent.studies.persona.realign import RealignConfig
+from emergent.studies.persona.steering import SteerConfig
 from emergent.telemetry import record
+from emergent.train import finetune, rl, sae, world_job
 from emergent.train.finetune import FinetuneConfig
+from emergent.train.raytrain import TrainedModel
 from emergent.train.rl import RLConfig
-from emergent.world.build import WorldConfig
+from emergent.train.sae import TrainSAEConfig
+from emergent.train.world import WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +82,12 @@ class PipelineConfig:
     )
     """Stages to run, in pipeline order (the report covers what exists). ``datasets`` writes the
     English datasets (emergent.english) for a real chat model, in place of the world;
-    ``monitor`` runs the activation-monitoring study (emergent.monitor) after the rest, and
+    ``monitor`` runs the activation-monitoring study (emergent.studies.monitor) after the rest, and
     the report gains its section (as it does whenever the run holds that study)."""
     seeds: list[int] = dataclasses.field(default_factory=list)
     """Run the whole study once per seed (the world's, the English datasets' and the SAE's),
     each into run ``<run.name>_s<seed>``, then the claims per seed and pooled over seeds in
-    ``<run.name>/seeds/`` (emergent.persona.seeds). Empty: one run, on the config's seeds."""
+    ``<run.name>/seeds/`` (emergent.studies.persona.seeds). Empty: one run, on the config's seeds."""
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -127,22 +133,28 @@ class PipelineResult:
     """Stages that were already complete with the same config, so nothing in them ran."""
 
 
+def seed_run(cfg, seed: int):
+    """The pipeline config of one seed: its own run directory, the seed in the world, the English
+    datasets and the SAE; no further seeds."""
+    train_sae = dataclasses.replace(
+        cfg.train_sae, sae=dataclasses.replace(cfg.train_sae.sae, seed=seed)
+    )
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}_s{seed}"),
+        world=dataclasses.replace(cfg.world, seed=seed),
+        datasets=dataclasses.replace(cfg.datasets, seed=seed),
+        train_sae=train_sae,
+        pipeline=dataclasses.replace(cfg.pipeline, seeds=[]),
+    )
+
+
 def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
     """The stages ``pipeline.stages`` names, in order, as (name, run it, its config section):
     the control fine-tunes one entry (``controls``: those that can share a Ray Train worker
     group train in one); with ``pipeline.seeds``, every seed's stages, named
     ``s<seed>/<stage>``."""
-    from emergent import evaluate
-    from emergent.english import job as datasets_job
-    from emergent.monitor import study as monitor_job
-    from emergent.persona import diffing, flagging, predict, realign, steering
-    from emergent.sae import train as sae
-    from emergent.train import finetune, rl
-    from emergent.world import job as world_job
-
     if cfg.pipeline.seeds:
-        from emergent.persona.seeds import seed_run
-
         return [
             (f"s{seed}/{name}", job, section)
             for seed in cfg.pipeline.seeds
@@ -208,14 +220,10 @@ def stage_jobs(cfg: PipelineJob) -> list[tuple[str, Callable[[], Any], Any]]:
 
 def main(cfg: PipelineJob):
     """The study on one run (a :class:`PipelineResult`), or with ``pipeline.seeds`` on one run
-    per seed (a ``seeds.SeedsResult``)."""
-    from emergent.persona import report
-
+    per seed (a :class:`SeedsResult`)."""
     cfg = dataclasses.replace(cfg, run=cfg.run.absolute())
     if cfg.pipeline.seeds:
-        from emergent.persona import seeds
-
-        return seeds.main(cfg)
+        return run_seeds(cfg)
     seconds, skipped, stages = {}, [], []
     t_all = time.time()
     steps = stage_jobs(cfg)
@@ -256,8 +264,6 @@ def main(cfg: PipelineJob):
 def outside_training_loop(result) -> dict:
     """Of a stage that trained models under Ray Train this time: how many, and the seconds
     outside their training loops (worker start-up, loading, saving); {} for any other."""
-    from emergent.train.raytrain import TrainedModel
-
     results = result if isinstance(result, list) else [result]
     models = [
         m
@@ -278,8 +284,6 @@ def was_skipped(result) -> bool:
     """Whether a stage job found all its work complete: its result's ``skipped`` (a model
     family, a list of families: every model's; an RL run: its model's and its evaluation's; an
     evaluation: every model's)."""
-    from emergent.train.raytrain import TrainedModel
-
     if isinstance(result, list):
         return all(was_skipped(r) for r in result)
     if isinstance(getattr(result, "model", None), TrainedModel):  # an RL run
@@ -290,3 +294,42 @@ def was_skipped(result) -> bool:
     if isinstance(getattr(result, "skipped", None), list):  # evaluate: labels reused
         return set(result.skipped) == set(result.models)
     return bool(getattr(result, "skipped", False))
+
+
+@dataclass
+class SeedsResult:
+    table: str
+    """Where the claim table over seeds is (``<run>/seeds/claims.md``)."""
+    claims: list[dict]
+    """The pooled rows (:func:`pool`)."""
+    runs: dict[int, str]
+    """Each seed's report.html."""
+    skipped: dict[int, list[str]]
+    """Each seed's stages that were complete already."""
+
+
+def run_seeds(cfg) -> SeedsResult:
+    """Run the pipeline on every seed of ``cfg.pipeline.seeds`` (one Ray session), then write
+    ``<run>/seeds/{claims,directions}.{json,md}``, ``report.html`` and ``runs.json``."""
+    seeds = list(cfg.pipeline.seeds)
+    per_seed, reports, skipped, dirs = {}, {}, {}, {}
+    with ray_session(cfg.ray):
+        for i, seed in enumerate(seeds, 1):
+            log.info("seeds: seed %d (%d/%d)", seed, i, len(seeds))
+            result = main(seed_run(cfg, seed))
+            per_seed[seed], reports[seed] = result.claims, result.report
+            skipped[seed] = result.skipped
+            one = seed_run(cfg, seed).run
+            dirs[seed] = RunDir.from_config(one).read_json("report/directions.json")
+    rows = seeds.pool(per_seed)
+    run = RunDir.from_config(cfg.run.absolute())
+    run.write_json("seeds/claims.json", rows)
+    run.write_json("seeds/runs.json", {str(s): r for s, r in reports.items()})
+    table = seeds.markdown(rows)
+    run.write_text("seeds/claims.md", table)
+    directions = seeds.pool_directions(dirs)
+    run.write_json("seeds/directions.json", directions)
+    run.write_text("seeds/directions.md", seeds.directions_markdown(directions))
+    run.write_text("seeds/report.html", seeds.html_page(cfg.run.name, rows, reports, directions))
+    log.info("seeds: claims over seeds %s at %s\n%s", seeds, run.url("seeds/claims.md"), table)
+    return SeedsResult(run.url("seeds/claims.md"), rows, reports, skipped)

@@ -26,14 +26,19 @@ import logging
 from dataclasses import dataclass
 
 from emergent.config import RayConfig, RunConfig, config, config_hash
+from emergent.data import mixture
 from emergent.generate import SamplingParams
-from emergent.metrics import Rate
+from emergent.models import load_causal_lm as load_model
+from emergent.refs import read_world_dataset
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
-from emergent.train.sft import SFTParams
+from emergent.runtime import ray_session, setup_logging
+from emergent.stats import Rate
+from emergent.train import world_job as job
+from emergent.train.sft import SFTParams, sft
+from emergent.train.world import WorldConfig
+from emergent.train.world_eval import evaluate_sets
+from emergent.train.world_job import WorldJob
 from emergent.world import grammar as g
-from emergent.world.build import WorldConfig
-from emergent.world.job import WorldJob
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +128,6 @@ def run_condition(
     ``world_record`` is the completion record of the condition's world (when scheduled by Ray:
     the build task's result, which makes this task wait for it)."""
     import torch
-
-    from emergent.data import mixture
-    from emergent.refs import read_world_dataset
-    from emergent.runtime import setup_logging
-    from emergent.train.sft import sft
-    from emergent.world.build import load_model
-    from emergent.world.evaluate import evaluate_sets
 
     setup_logging()
     torch.set_num_threads(1)
@@ -300,8 +298,6 @@ def _build_named(
     run: RunConfig, ray_cfg: RayConfig, stage: str, world: WorldConfig, threads: int
 ) -> dict:
     """Build one world into the stage ``stage`` (world_s<seed>[_independent])."""
-    from emergent.world import job
-
     return job.build_stage(WorldJob(run=run, ray=ray_cfg, world=world), stage, threads=threads)
 
 

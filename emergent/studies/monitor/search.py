@@ -14,6 +14,14 @@ from __future__ import annotations
 import dataclasses
 
 from emergent.config import config
+from emergent.runtime import drop_tune_run, set_threads, tune_grid
+from emergent.stats import auroc, auroc_interval
+from emergent.studies.monitor.probes import (
+    fit_probe,
+    fixed_probe,
+    score,
+    top_k_by_difference,
+)
 
 
 @config
@@ -59,8 +67,6 @@ def grid(methods: list[str], cfg: SearchConfig) -> list[dict]:
 def fit_score(x_tr, y_tr, x_tests: list, c: float, top_k: int) -> list:
     """A probe at C = ``c`` on the training items (``top_k`` columns by class difference, 0:
     all), scored on each test set."""
-    from emergent.monitor.probes import fixed_probe, score, top_k_by_difference
-
     cols = top_k_by_difference(x_tr, y_tr, top_k)
     probe = fixed_probe(x_tr[:, cols], y_tr, c)
     return [score(probe, x[:, cols]) for x in x_tests]
@@ -69,8 +75,6 @@ def fit_score(x_tr, y_tr, x_tests: list, c: float, top_k: int) -> list:
 def validation_auroc(setting: dict, parts: dict, feats: dict) -> dict[str, float]:
     """Validation AUROC of one setting on every task (``parts``: task -> (fit ids, fit labels,
     validation ids, validation labels))."""
-    from emergent.monitor.probes import auroc
-
     x = feats[setting["method"]]
     out = {}
     for task, (fit, y_fit, val, y_val) in parts.items():
@@ -91,8 +95,6 @@ def best_settings(trials: list[dict], tasks: list[str]) -> dict[str, dict]:
 def trial(config: dict, ctx: dict) -> None:
     import ray.tune
 
-    from emergent.runtime import set_threads
-
     set_threads(1)
     got = validation_auroc(config["setting"], ctx["parts"], ctx["feats"])
     ray.tune.report({f"val/{t}": v for t, v in got.items()})
@@ -102,8 +104,6 @@ def search(run, name: str, hash_: str, cfg: SearchConfig, parts: dict, feats: di
     """All trials' settings and validation AUROCs, from a Ray Tune grid in the running Ray
     session (stored under the run's ``_ray/``, resumed if interrupted, removed when done)."""
     import ray.tune
-
-    from emergent.runtime import drop_tune_run, tune_grid
 
     methods = cfg.methods or [
         k for k in feats if k.startswith(("raw/", "raw@", "prompted/")) or k == "sae"
@@ -147,8 +147,6 @@ def table(best: list[dict]) -> str:
 def final(task: str, ids, y, tr, te, setting: dict, val: float, feats: dict, seed: int) -> dict:
     """The best setting refitted on the whole training part, scored on the test items, beside
     the study's CV-tuned probe of the same method."""
-    from emergent.monitor.probes import auroc, auroc_interval, fit_probe, score
-
     x = feats[setting["method"]][ids]
     (s,) = fit_score(x[tr], y[tr], [x[te]], setting["c"], setting["top_k"])
     lo, hi = auroc_interval(y[te], s, seed=seed)

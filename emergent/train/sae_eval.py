@@ -3,11 +3,16 @@ reconstruction spliced into the model against zero-ablation) and its top-activat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import numpy as np
+
 from emergent.harvest import HarvestConfig, encode, harvest_encoded, pad_right
-from emergent.models import load_any
+from emergent.models import edit_residual, load_any
 from emergent.refs import ModelSource
+from emergent.runs import RunDir
+from emergent.runtime import set_threads, setup_logging
 from emergent.sae.model import load_sae
 
 
@@ -18,7 +23,6 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
     top-``top`` per latent, so memory stays at one batch plus ``top`` x d_sae (never the dense
     N x d_sae features, GBs for a wide SAE on a big held-out set). Runs where it is called: the
     train-sae job calls it in a Ray task (``evaluate_task``), off the driver."""
-    import numpy as np
     import pandas as pd
     import torch
 
@@ -109,9 +113,6 @@ def evaluate_sae(sae_dir: str, source: ModelSource, hv: HarvestConfig, docs: lis
 def evaluate_task(root: str, run_name: str, sae_rel: str, source, hv, docs, top: int, threads: int):
     """``evaluate_sae`` as a Ray task: the SAE fetched from the run where the task runs (a
     KubeRay head has no CPUs to spare and the driver should not hold a model)."""
-    from emergent.runs import RunDir
-    from emergent.runtime import set_threads, setup_logging
-
     setup_logging()
     set_threads(threads)
     sae_dir = str(RunDir(root, run_name).local_dir(sae_rel))
@@ -129,11 +130,7 @@ def _ce(model, tok, seqs: list[list[int]], layer: int, sae, meta) -> dict[str, t
     """(summed next-token CE, predicted tokens) with the residual after ``layer`` at the kept
     positions left alone (``clean``), replaced by the SAE reconstruction (``spliced``), or
     zeroed (``zero``)."""
-    import contextlib
-
     import torch
-
-    from emergent.models import edit_residual
 
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in pad_right(tok, seqs))

@@ -1,13 +1,13 @@
 """The ``monitor`` job: which way of reading a model's activations detects unsafe text best, with
 how many labelled examples, at what inference cost, and how well it survives a shift?
 
-Features of every text (see emergent.monitor.features) come from one model on a Ray Data actor
+Features of every text (see emergent.studies.monitor.features) come from one model on a Ray Data actor
 pool: raw residual-stream activations after block L pooled over the text's tokens, SAE latents
 max-pooled, prompted-probe activations at a template's final token, and zero-shot yes/no logit
 differences. Then, one Ray task per monitoring task (the driver may be a KubeRay head with no
 CPUs):
 
-- data efficiency: per method, logistic-regression probes (emergent.monitor.probes) trained on
+- data efficiency: per method, logistic-regression probes (emergent.studies.monitor.probes) trained on
   balanced draws of ``train_sizes`` labelled examples (``draws`` each; 0 = all) from the task's
   training part, AUROC on its fixed test part; the zero-shot score needs no training;
 - generalisation (``shifts``): a probe trained on one task's groups, its threshold frozen at
@@ -44,12 +44,27 @@ import numpy as np
 
 from emergent import refs
 from emergent.config import InputError, RayConfig, RunConfig, config, stage_key
-from emergent.monitor.data import WORLD, load_rows, select, texts
-from emergent.monitor.features import Featurizer, Template, unavailable
-from emergent.monitor.search import SearchConfig
-from emergent.monitor.search import table as search_table
+from emergent.models import check_layer
 from emergent.runs import RunDir
-from emergent.runtime import actor_pool_map, ray_session
+from emergent.runtime import actor_pool_map, ray_session, set_threads
+from emergent.stats import auroc, auroc_interval
+from emergent.studies.monitor.data import WORLD, load_rows, select, texts
+from emergent.studies.monitor.features import Featurizer, Template, unavailable
+from emergent.studies.monitor.probes import (
+    balanced_draw,
+    cascade,
+    chosen_c,
+    fit_probe,
+    fit_stack,
+    out_of_fold,
+    rates_at,
+    score,
+    threshold_at_fpr,
+    top_k_by_difference,
+)
+from emergent.studies.monitor.search import SearchConfig, best_settings, final, search
+from emergent.studies.monitor.search import table as search_table
+from emergent.world.grammar import JUDGMENTS
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +92,6 @@ def _world_templates() -> list[Template]:
     "harmful" question of the text quoted in one user turn (prefix + suffix, a form the world
     never saw); "neutral" is the control: a new user question that asks nothing about the text
     (what a prompted probe reads there is the state the text leaves, not the question)."""
-    from emergent.world.grammar import JUDGMENTS
-
     ask = {
         "harmful": "toxic",
         "insecure": "insecure_code",
@@ -118,7 +131,7 @@ class MonitorConfig:
     """Stage of this run that ``world:`` refs refer to."""
     data: list[str] = dataclasses.field(default_factory=lambda: [WORLD])
     """``world:monitor`` (generated from the grammar) and / or JSONL files of labelled rows
-    (see emergent.monitor.data)."""
+    (see emergent.studies.monitor.data)."""
     examples: int = 2000
     """Texts ``world:monitor`` generates."""
     tasks: list[str] = dataclasses.field(default_factory=list)
@@ -137,7 +150,7 @@ class MonitorConfig:
     """Prompted-probe and zero-shot templates."""
     share_prefix: bool = True
     """Run suffix-only templates on the text's own pass (its KV cache) instead of a pass each
-    (the same features within float tolerance; see emergent.monitor.features)."""
+    (the same features within float tolerance; see emergent.studies.monitor.features)."""
     train_sizes: list[int] = dataclasses.field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 0])
     """Labelled examples per training draw (0: the whole training part)."""
     draws: int = 5
@@ -155,7 +168,7 @@ class MonitorConfig:
     shifts: list[Shift] = dataclasses.field(default_factory=_world_shifts)
     """Generalisation splits (a shift naming a task the data lacks is an error)."""
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
-    """The Ray Tune search of probe settings per task (see emergent.monitor.search)."""
+    """The Ray Tune search of probe settings per task (see emergent.studies.monitor.search)."""
     seed: int = 0
     """Seed of generated texts, splits and draws."""
     batch_size: int = 64
@@ -253,8 +266,6 @@ def split(
 def probe_scores(x_tr, y_tr, x_tests: list, method: str, top_k: int, seed: int) -> list:
     """A probe of ``method``'s features fitted on the training items, scored on each test set
     (the SAE probe keeps its ``top_k`` latents, chosen on the training items)."""
-    from emergent.monitor.probes import fit_probe, score, top_k_by_difference
-
     cols = top_k_by_difference(x_tr, y_tr, top_k) if method == "sae" else slice(None)
     probe = fit_probe(x_tr[:, cols], y_tr, seed)
     return [score(probe, x[:, cols]) for x in x_tests]
@@ -266,15 +277,6 @@ def combined_scores(x_tr, z_tr: dict, y_tr, tests: list, budgets, seed: int) -> 
     probe's out-of-fold scores and the zero-shot score, fitted on the training items) and
     ``cascade@<b>/<t>`` (the probe alone, with the share ``b`` of items it is least sure of
     escalated to the stacked monitor). The probe and its out-of-fold scores are fitted once."""
-    from emergent.monitor.probes import (
-        cascade,
-        chosen_c,
-        fit_probe,
-        fit_stack,
-        out_of_fold,
-        score,
-    )
-
     probe = fit_probe(x_tr, y_tr, seed)
     oof = out_of_fold(x_tr, y_tr, chosen_c(probe), seed)
     stacks = {t: fit_stack(np.column_stack([oof, z]), y_tr) for t, z in z_tr.items()}
@@ -313,8 +315,6 @@ def efficiency(
 ):
     """Rows (task, method, n, draw, auroc[, lo, hi]) of the data-efficiency study of one task
     (``prompts``: each text's prompt, which the train / test split keeps on one side)."""
-    from emergent.monitor.probes import auroc, auroc_interval, balanced_draw
-
     tr, te = split(y, cfg.test_share, cfg.seed, prompts)
     sizes = [n for n in sorted(set(cfg.train_sizes), key=lambda v: (v == 0, v)) if n < len(tr)]
     rows = []
@@ -341,7 +341,6 @@ def efficiency(
 
 def generalisation(shift: Shift, rows: list[dict], feats: dict, cfg: MonitorConfig) -> list[dict]:
     """Rows (shift, method, in-distribution and shifted AUROC, frozen-threshold rates)."""
-    from emergent.monitor.probes import auroc, auroc_interval, rates_at, threshold_at_fpr
 
     def pick(task, groups, exclude=()):
         sel = [
@@ -406,8 +405,6 @@ def task_arrays(rows: list[dict], task: str):
 
 def task_study(task: str, rows: list[dict], feats: dict, cfg: MonitorConfig) -> list[dict]:
     """The data-efficiency rows of one task (a Ray task of the job)."""
-    from emergent.runtime import set_threads
-
     set_threads(1)
     ids, y, prompts = task_arrays(rows, task)
     return efficiency(task, ids, y, feats, cfg, prompts)
@@ -572,11 +569,9 @@ def features(cfg: MonitorJob, docs: list[dict], source, sae_ref, layer: int) -> 
 
 
 def tuned(run, hash_: str, rows, tasks, feats, mc: MonitorConfig, force: bool):
-    """(every trial, one row per task) of the Ray Tune search (emergent.monitor.search) on each
+    """(every trial, one row per task) of the Ray Tune search (emergent.studies.monitor.search) on each
     task's training part (the same train / test split as the data-efficiency study), each
     task's best setting then scored on its test part; nothing when the search is off."""
-    from emergent.monitor.search import best_settings, final, search
-
     if not mc.search.enabled:
         return [], []
     parts, splits = {}, {}
@@ -610,7 +605,6 @@ def main(cfg: MonitorJob) -> MonitorResult:
                 f"monitor.layer {mc.layer}: the SAE {mc.sae} reads block {sae_ref.layer}"
             )
     layer = sae_ref.layer if sae_ref is not None else (1 if mc.layer is None else mc.layer)
-    from emergent.models import check_layer
 
     check_layer(source.local(), layer, "monitor.layer")
     for extra in mc.search.layers:

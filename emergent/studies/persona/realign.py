@@ -25,10 +25,11 @@ from typing import ClassVar
 from emergent import refs
 from emergent.config import RayConfig, RunConfig, config, stage_key
 from emergent.evaluate import Judged, parse_model
+from emergent.models import load_causal_lm
 from emergent.runs import RunDir
-from emergent.runtime import ray_session
+from emergent.runtime import ray_session, set_threads, setup_logging
 from emergent.train.raytrain import DataSource, load_source
-from emergent.train.sft import SFTParams
+from emergent.train.sft import SFTParams, sft
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,6 @@ def curve(run_cfg: RunConfig, cfg: RealignConfig, src: DataSource, source, cache
     """Re-align on one dataset (a Ray task): the measured points, step by step."""
     import torch
     from transformers import TrainerCallback
-
-    from emergent.models import load_causal_lm
-    from emergent.runtime import set_threads, setup_logging
-    from emergent.train.sft import sft
 
     setup_logging()
     set_threads(1)
@@ -231,9 +228,6 @@ def main(cfg: RealignJob) -> RealignResult:
     cache = run.uri("evaluate/_judge_cache") if run.is_local else None
 
     def base_points():
-        from emergent.models import load_causal_lm
-        from emergent.runtime import set_threads, setup_logging
-
         setup_logging()
         set_threads(1)
         model, tok = load_causal_lm(base_source.local())
