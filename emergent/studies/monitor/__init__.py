@@ -1,5 +1,5 @@
-"""The activation-monitoring study (to come): labelled monitoring datasets, feature extractors
-through the harvest machinery (pooled raw activations, prompted-probe activations at the final
-token of a task template, max-pooled SAE latents, zero-shot yes/no logit differences), linear
-probes and their Ray Tune sweeps, combined monitors (stacked, cascades), and the study's report
-(AUROC tables, data-efficiency and generalisation curves)."""
+"""The activation-monitoring study: labelled monitoring datasets (``data``), feature extractors
+through the harvest machinery (``features``: pooled raw activations, prompted-probe activations
+at a task template's final token, max-pooled SAE latents, zero-shot yes/no logit differences),
+linear probes and combined monitors (``probes``), their Ray Tune search (``search``), and the
+study job with its tables and plots (``study``). README.md: claim -> stage -> code."""

@@ -1,5 +1,6 @@
 """The persona-features study: model diffing with an SAE (``diffing``), steering along latents
-and directions on Ray Tune (``steering``), prediction of misalignment across a fine-tuned family
-(``predict``), the training-time early-warning latent monitor (``early_warning``), re-alignment
-with a few benign samples (``realign``), and the study's pipeline and report (``pipeline``,
-``report``)."""
+and directions on Ray Tune (``steering``, ``strengths``), prediction of misalignment across a
+fine-tuned family (``predict``), data flagging before training (``flagging``), re-alignment with
+a few benign samples (``realign``), and the claim table and report (``report``, ``seeds`` for
+the table over seeds). The training-time latent monitor is ``emergent.train.latent_monitor``;
+the pipeline that runs the study is ``emergent.pipeline``. README.md: claim -> stage -> code."""
