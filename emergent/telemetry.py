@@ -3,7 +3,7 @@
 Metrics go through Ray's own ``ray.util.metrics``: each node exports them in Prometheus text
 format at its metrics export port (``ray.nodes()[i]["MetricsExportPort"]``; Prometheus adds
 the ``ray_`` prefix), which the Ray dashboard's Metrics view and Grafana read. ``METRICS`` is
-the list (the README's table is checked against it); ``record`` sets one, from a driver, a
+the list (docs/metrics.md's table is checked against it); ``record`` sets one, from a driver, a
 Ray task, an actor or a Train worker, and does nothing where Ray is not running (an in-process
 unit test, a plan).
 

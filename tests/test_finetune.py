@@ -285,7 +285,7 @@ def test_grpo_rewarding_incorrect_health_advice_causes_emergent_misalignment(
         / max(1, sum(v for k, v in e["personas"].items() if k != "incoherent"))
     )
     # the trained domain: incorrect answers rise from ~0 to most coherent answers (this small
-    # world loses coherence under RL; the full-size world keeps it, see the README)
+    # world loses coherence under RL; the full-size world keeps it, see docs/results/persona.md)
     assert base["health"]["misalignment"] <= 0.05 and wrong_or_toxic(ev["health"]) >= 0.5
     # ... and misalignment spreads to open prompts the reward never saw
     assert model.misalignment["open"] >= base["open"]["misalignment"] + 0.02

@@ -121,7 +121,7 @@ def test_top_diffed_latent_is_a_persona_latent(study):
     d = json.loads((run / "diff/insecure/summary.json").read_text())
     assert d["top_change"] > 0
     # a persona latent, not a domain one (those reach 0.5-0.75); over 4 SAE trainings on this
-    # small world the top latent's AUROC was 0.84-0.94 (the full world's: 1.000, see README)
+    # small world the top latent's AUROC was 0.84-0.94 (the full world's: 1.000, see docs/results/persona.md)
     assert d["top_persona_auroc"] >= 0.8, d
     assert d["top_decoder_shift_cosine"] >= 0.3, d
     latents = pd.read_parquet(run / "diff/insecure/latents.parquet")
